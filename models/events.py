@@ -1,0 +1,138 @@
+"""The event contract: decoding and validation of one raw Kafka message value.
+
+Producers publish JSON objects (see README, "Events in"). ``decode`` turns raw bytes into an
+``Event`` or raises ``InvalidEvent`` with a short, log-safe reason (it never echoes the payload,
+which may hold personal data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import orjson
+
+DEFAULT_TYPE_WEIGHTS: Mapping[str, float] = {"view": 1.0, "click": 2.0, "purchase": 4.0}
+MAX_ID_CHARS = 128
+# A timestamp outside [1970, 2300) is almost certainly seconds-vs-ms confusion or garbage.
+_MIN_TS_MS = 0
+_MAX_TS_MS = 10_413_792_000_000
+
+
+class InvalidEvent(ValueError):
+    """A message that breaks the event contract; ``reason`` is safe to log and to put in the DLQ."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One validated interaction. ``ts`` is event time in milliseconds since the epoch."""
+
+    user_id: str
+    item_id: str
+    type: str
+    ts: int
+    event_id: str | None = None
+    props: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"user_id": self.user_id, "item_id": self.item_id, "type": self.type, "ts": self.ts}
+        if self.event_id is not None:
+            d["event_id"] = self.event_id
+        if self.props is not None:
+            d["props"] = self.props
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class EventSchema:
+    """What counts as valid: the accepted types and the size limits (all configurable)."""
+
+    types: frozenset[str] = frozenset(DEFAULT_TYPE_WEIGHTS)
+    max_bytes: int = 16_384
+    max_props_bytes: int = 4_096
+
+    def decode(self, raw: bytes | None) -> Event:
+        """Validate one message value; raise ``InvalidEvent`` with the first rule it breaks."""
+        if raw is None or len(raw) == 0:
+            raise InvalidEvent("empty message")
+        if len(raw) > self.max_bytes:
+            raise InvalidEvent(f"oversize message: {len(raw)} bytes > {self.max_bytes}")
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise InvalidEvent("not valid UTF-8 JSON") from None
+        if not isinstance(obj, dict):
+            raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
+        return self.from_obj(obj)
+
+    def from_obj(self, obj: Mapping[str, Any]) -> Event:
+        """Validate an already-parsed JSON object (the replay tool and tests use this too)."""
+        user_id = _id(obj, "user_id")
+        item_id = _id(obj, "item_id")
+        etype = obj.get("type")
+        if not isinstance(etype, str):
+            raise InvalidEvent("missing or non-string field: type")
+        if etype not in self.types:
+            raise InvalidEvent(f"unknown event type: {etype[:32]!r}")
+        ts = parse_ts(obj.get("ts"))
+        event_id = obj.get("event_id")
+        if event_id is not None:
+            if not isinstance(event_id, (str, int)) or isinstance(event_id, bool):
+                raise InvalidEvent("event_id must be a string")
+            event_id = str(event_id)
+            if not 1 <= len(event_id) <= MAX_ID_CHARS:
+                raise InvalidEvent(f"event_id must be 1-{MAX_ID_CHARS} chars")
+        props = obj.get("props")
+        if props is not None:
+            if not isinstance(props, dict):
+                raise InvalidEvent("props must be an object")
+            if len(orjson.dumps(props)) > self.max_props_bytes:
+                raise InvalidEvent(f"props larger than {self.max_props_bytes} bytes")
+        return Event(user_id, item_id, etype, ts, event_id, props)
+
+
+def _id(obj: Mapping[str, Any], field: str) -> str:
+    v = obj.get(field)
+    if isinstance(v, str):
+        s = v
+    elif isinstance(v, int) and not isinstance(v, bool):
+        s = str(v)
+    elif v is None:
+        raise InvalidEvent(f"missing field: {field}")
+    else:
+        raise InvalidEvent(f"{field} must be a string or an integer, got {type(v).__name__}")
+    if not 1 <= len(s) <= MAX_ID_CHARS:
+        raise InvalidEvent(f"{field} must be 1-{MAX_ID_CHARS} chars, got {len(s)}")
+    return s
+
+
+def parse_ts(v: object) -> int:
+    """Event time in ms: an integer of milliseconds, or an ISO-8601 string (naive means UTC).
+
+    >>> parse_ts(1700000000000)
+    1700000000000
+    >>> parse_ts("2023-11-14T22:13:20Z")
+    1700000000000
+    """
+    if isinstance(v, int) and not isinstance(v, bool):
+        ts = v
+    elif isinstance(v, str):
+        try:
+            dt = datetime.fromisoformat(v)
+        except ValueError:
+            raise InvalidEvent("ts is not an ISO-8601 timestamp") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        ts = int(round(dt.timestamp() * 1000))
+    elif v is None:
+        raise InvalidEvent("missing field: ts")
+    else:
+        raise InvalidEvent(f"ts must be integer milliseconds or an ISO-8601 string, got {type(v).__name__}")
+    if not _MIN_TS_MS <= ts < _MAX_TS_MS:
+        raise InvalidEvent("ts out of range (expects milliseconds since the epoch)")
+    return ts

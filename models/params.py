@@ -1,0 +1,47 @@
+"""Model hyper-parameters, one frozen value shared by the worker, the evaluator and the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from models.events import DEFAULT_TYPE_WEIGHTS
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Every knob of the incremental models. Times are in hours of *event* time."""
+
+    type_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS))
+    half_life_h: float = 24.0 * 14  # item-level decay: popularity and co-occurrence
+    user_half_life_h: float = 24.0 * 3  # how fast a user's older history loses weight
+    history_len: int = 50  # recent items kept per user
+    pair_window: int = 20  # a new event pairs with this many of the user's recent items
+    neighbours: int = 100  # co-occurrence entries kept per item (pruned back from 2x)
+    sim_list_len: int = 30  # neighbours per item: the sim:{item} lists, and candidates per source
+    dim: int = 64  # item/user vector dimension (random-indexing sketch)
+    n_recs: int = 20  # length of a user's list
+    epsilon: float = 0.1  # per-slot exploration probability
+    explore_pool: int = 100  # exploration draws from this many non-top candidates
+    seed: int = 0
+    sources: int = 10  # recent history items that seed co-occurrence candidates
+    vector_candidates: int = 50  # items taken from the user-vector search
+    vector_pool: int = 20_000  # the user-vector search covers the most popular items only
+    trending_len: int = 50
+    w_cooc: float = 1.0
+    w_vec: float = 0.2
+    w_pop: float = 0.05
+    max_users: int = 1_000_000  # per partition; least recently active users are evicted beyond it
+    max_seen: int = 10_000  # per user; the oldest seen items are forgotten beyond it
+    dedupe_window: int = 100_000  # recent event_ids remembered per partition
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError("epsilon must be in [0, 1]")
+        if self.half_life_h <= 0 or self.user_half_life_h <= 0:
+            raise ValueError("half-lives must be positive")
+        for name in ("history_len", "pair_window", "neighbours", "dim", "n_recs", "sources"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if any(w <= 0 for w in self.type_weights.values()):
+            raise ValueError("event type weights must be positive")

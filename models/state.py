@@ -1,0 +1,326 @@
+"""Partition-local incremental state: users, item popularity, co-occurrence and item vectors.
+
+One ``PartitionState`` holds everything learned from the events of one Kafka partition. It is a
+plain picklable value: the worker snapshots it together with the offset it reflects, and a restore
+is ``pickle.loads``. Updates depend only on the events and their order (event time drives every
+decay), so replaying the same log gives the same state.
+
+Decay uses *forward decay* (Cormode et al., 2009): an event at time ``t`` adds
+``w * exp(lam * (t - landmark))``. Every stored weight is then the decayed sum scaled by one common
+factor, so comparisons between items need no per-read decay, increments commute, and old counts
+fade relative to new ones. The landmark moves forward (``_rebase``) before the scale can overflow.
+
+Item vectors are a random-indexing sketch of co-occurrence: every item has a fixed random
+Gaussian *index* vector (seeded from its id), and its *context* vector accumulates the index
+vectors of the items it co-occurs with, weighted like the counts. The cosine of two context
+vectors estimates the cosine of the two items' full (unpruned) co-occurrence rows. A user vector
+is the type-weighted, recency-decayed sum of the normalised context vectors of the user's history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict, deque
+from itertools import chain
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.events import Event
+from models.params import ModelParams
+
+_REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
+_MS_PER_H = 3_600_000.0
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit hash that is the same in every process (``hash()`` of str is salted)."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+class UserState:
+    """A user's bounded recent history ``(item, ts, weight)``, seen items, and event count."""
+
+    __slots__ = ("history", "win_items", "win_sw", "seen", "n_events", "last_ts", "vec")
+
+    def __init__(self, history_len: int) -> None:
+        self.history: deque[tuple[int, int, float]] = deque(maxlen=history_len)
+        # the pairing window, kept as two flat lists because the hot loop zips over them
+        self.win_items: list[int] = []
+        self.win_sw: list[float] = []
+        self.seen: dict[int, None] = {}  # insertion-ordered set, so the oldest can be forgotten
+        self.n_events = 0  # also the list version: monotonic, and the same on every replay
+        self.last_ts = 0
+        self.vec: np.ndarray | None = None
+
+    def __getstate__(self) -> tuple[object, ...]:
+        return (list(self.history), self.history.maxlen, self.win_items, self.win_sw, self.seen, self.n_events,
+                self.last_ts, self.vec)
+
+    def __setstate__(self, s: tuple[object, ...]) -> None:
+        hist, maxlen, self.win_items, self.win_sw, self.seen, self.n_events, self.last_ts, self.vec = s  # type: ignore[assignment]
+        self.history = deque(hist, maxlen=maxlen)  # type: ignore[call-overload]
+
+
+@dataclass
+class BatchEffect:
+    """What a batch changed: users in first-touch order and items whose co-occurrence moved."""
+
+    users: list[str] = field(default_factory=list)
+    items: set[int] = field(default_factory=set)
+    applied: int = 0
+    duplicates: int = 0
+
+
+class PartitionState:
+    """All model state for one partition; ``apply`` folds a batch of events in."""
+
+    def __init__(self, params: ModelParams) -> None:
+        self.params = params
+        self.lam = math.log(2.0) / (params.half_life_h * _MS_PER_H)
+        self.landmark: int | None = None
+        self.item_ids: list[str] = []
+        self.item_index: dict[str, int] = {}
+        self.pop = np.zeros(0, dtype=np.float64)
+        self.index_vecs = np.zeros((0, params.dim), dtype=np.float32)
+        self.context = np.zeros((0, params.dim), dtype=np.float32)
+        self.cooc: list[dict[int, float]] = []
+        self.users: OrderedDict[str, UserState] = OrderedDict()
+        self.recent_event_ids: dict[str, None] = {}
+        self.sim_cache: dict[int, list[tuple[int, float]]] = {}
+        self.max_ts = 0
+        self.events_applied = 0
+
+    # -- items ---------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def _item(self, item_id: str) -> int:
+        idx = self.item_index.get(item_id)
+        if idx is not None:
+            return idx
+        idx = len(self.item_ids)
+        if idx >= len(self.pop):
+            self._grow(max(1024, 2 * len(self.pop)))
+        self.item_ids.append(item_id)
+        self.item_index[item_id] = idx
+        self.cooc.append({})
+        rng = np.random.default_rng(stable_hash(self.params.seed, "item", item_id))
+        self.index_vecs[idx] = rng.standard_normal(self.params.dim).astype(np.float32) / math.sqrt(self.params.dim)
+        return idx
+
+    def _grow(self, cap: int) -> None:
+        n, d = len(self.pop), self.params.dim
+        pop = np.zeros(cap, dtype=np.float64)
+        pop[:n] = self.pop
+        iv = np.zeros((cap, d), dtype=np.float32)
+        iv[:n] = self.index_vecs
+        cv = np.zeros((cap, d), dtype=np.float32)
+        cv[:n] = self.context
+        self.pop, self.index_vecs, self.context = pop, iv, cv
+
+    # -- decay ---------------------------------------------------------------------------------
+    def _scale(self, ts: int) -> float:
+        if self.landmark is None:
+            self.landmark = ts
+        x = self.lam * (ts - self.landmark)
+        if x > _REBASE_AT:
+            self._rebase(ts)
+            x = 0.0
+        return math.exp(x)
+
+    def _rebase(self, ts: int) -> None:
+        """Move the landmark to ``ts``: rescale every stored weight by the same factor."""
+        assert self.landmark is not None
+        f = math.exp(-self.lam * (ts - self.landmark))
+        self.landmark = ts
+        self.pop *= f
+        self.context *= np.float32(f)
+        for row in self.cooc:
+            for k in row:
+                row[k] *= f
+
+    def decayed_pop(self) -> np.ndarray:
+        """Popularity at the newest event time, in type-weighted events."""
+        n = self.n_items
+        if self.landmark is None:
+            return self.pop[:n].copy()
+        return self.pop[:n] * math.exp(-self.lam * (self.max_ts - self.landmark))
+
+    # -- updates -------------------------------------------------------------------------------
+    def apply(self, events: Iterable[Event]) -> BatchEffect:
+        """Fold events in, in order. Duplicate ``event_id``s are skipped.
+
+        A new event of item i pairs with each of the user's last ``pair_window`` items j and adds
+        ``scale(t) * sqrt(w_i * w_j)`` to both ``cooc[i][j]`` and ``cooc[j][i]``.
+        """
+        p = self.params
+        tw = p.type_weights
+        window = p.pair_window
+        cap, keep = 2 * p.neighbours, p.neighbours
+        cooc = self.cooc
+        pop = self.pop
+        ev_i: list[int] = []
+        ev_gsw: list[float] = []
+        ev_js: list[list[int]] = []
+        ev_sws: list[list[float]] = []
+        eff = BatchEffect()
+        items = eff.items
+        touched: dict[str, None] = {}
+        users = self.users
+        seen_ids = self.recent_event_ids
+        for ev in events:
+            if ev.event_id is not None:
+                if ev.event_id in seen_ids:
+                    eff.duplicates += 1
+                    continue
+                seen_ids[ev.event_id] = None
+                if len(seen_ids) > p.dedupe_window:
+                    del seen_ids[next(iter(seen_ids))]
+            w = tw[ev.type]
+            sw = math.sqrt(w)
+            i = self._item(ev.item_id)
+            if self.pop is not pop:
+                pop = self.pop  # the arrays grew
+            g = self._scale(ev.ts)
+            pop[i] += w * g
+            u = users.get(ev.user_id)
+            if u is None:
+                u = users[ev.user_id] = UserState(p.history_len)
+                if len(users) > p.max_users:
+                    users.popitem(last=False)
+            else:
+                users.move_to_end(ev.user_id)
+            wi, ws = u.win_items, u.win_sw
+            if wi:
+                row_i = cooc[i]
+                gsw = g * sw
+                for j, swj in zip(wi, ws):
+                    if j == i:
+                        continue
+                    inc = gsw * swj
+                    row_i[j] = row_i.get(j, 0.0) + inc
+                    row_j = cooc[j]
+                    row_j[i] = row_j.get(i, 0.0) + inc
+                    if len(row_j) > cap:
+                        _prune(row_j, keep)
+                if len(row_i) > cap:
+                    _prune(row_i, keep)
+                ev_i.append(i)
+                ev_gsw.append(gsw)
+                ev_js.append(wi[:])
+                ev_sws.append(ws[:])
+                items.update(wi)
+                items.add(i)
+            wi.append(i)
+            ws.append(sw)
+            if len(wi) > window:
+                del wi[0], ws[0]
+            u.history.append((i, ev.ts, w))
+            u.seen[i] = None
+            if len(u.seen) > p.max_seen:
+                del u.seen[next(iter(u.seen))]
+            u.n_events += 1
+            if ev.ts > u.last_ts:
+                u.last_ts = ev.ts
+            if ev.ts > self.max_ts:
+                self.max_ts = ev.ts
+            touched[ev.user_id] = None
+            eff.applied += 1
+        self.events_applied += eff.applied
+        for i in items:
+            self.sim_cache.pop(i, None)
+        if ev_i:
+            self._update_context(ev_i, ev_gsw, ev_js, ev_sws)
+        eff.users = [uid for uid in touched if uid in users]
+        return eff
+
+    def _update_context(
+        self, ev_i: list[int], ev_gsw: list[float], ev_js: list[list[int]], ev_sws: list[list[float]]
+    ) -> None:
+        """context[i] += inc * index[j] and context[j] += inc * index[i] for every new pair, batched."""
+        n = self.n_items
+        lens = np.fromiter(map(len, ev_js), dtype=np.int64, count=len(ev_js))
+        rows = np.repeat(np.asarray(ev_i, dtype=np.int64), lens)
+        cols = np.fromiter(chain.from_iterable(ev_js), dtype=np.int64, count=int(lens.sum()))
+        vals = np.repeat(np.asarray(ev_gsw), lens) * np.fromiter(
+            chain.from_iterable(ev_sws), dtype=np.float64, count=int(lens.sum())
+        )
+        keep = rows != cols
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        m = sp.csr_matrix((np.concatenate([vals, vals]), (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
+                          shape=(n, n))
+        self.context[:n] += (m @ self.index_vecs[:n].astype(np.float64)).astype(np.float32)
+
+    # -- reads ---------------------------------------------------------------------------------
+    def sim_top(self, i: int) -> list[tuple[int, float]]:
+        """Item ``i``'s neighbours by cosine-normalised co-occurrence, best first (cached).
+
+        ``c_ij / sqrt(pop_i * pop_j)`` is scale-free, so the forward-decay factor cancels. The
+        cache entry is dropped whenever row ``i`` changes; it is part of the state (and of the
+        snapshot) so that a restored worker ranks exactly as an uninterrupted one.
+        """
+        hit = self.sim_cache.get(i)
+        if hit is None:
+            hit = self.sim_cache[i] = self.compute_sim(i)
+        return hit
+
+    def compute_sim(self, i: int) -> list[tuple[int, float]]:
+        """``sim_top`` without the cache, for publishing lists at wall-clock times."""
+        row = self.cooc[i]
+        if not row or self.pop[i] <= 0:
+            return []
+        keys = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
+        vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
+        s = vals / np.sqrt(np.maximum(self.pop[i] * self.pop[keys], 1e-300))
+        top = _top_k(s, self.params.sim_list_len)
+        return list(zip(keys[top].tolist(), s[top].tolist()))
+
+    def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
+        """Recompute and store the vectors of ``user_ids``; returns them as rows (unit length)."""
+        d = self.params.dim
+        out = np.zeros((len(user_ids), d), dtype=np.float32)
+        if not user_ids or self.n_items == 0:
+            return out
+        ctx = self.context[: self.n_items]
+        norms = np.linalg.norm(ctx, axis=1)
+        norms[norms == 0] = 1.0
+        decay = math.log(2.0) / (self.params.user_half_life_h * _MS_PER_H)
+        idx: list[int] = []
+        wts: list[float] = []
+        owner: list[int] = []
+        for r, uid in enumerate(user_ids):
+            u = self.users[uid]
+            for j, ts, w in u.history:
+                idx.append(j)
+                wts.append(w * math.exp(-decay * (u.last_ts - ts)) / norms[j])
+                owner.append(r)
+        m = sp.csr_matrix((wts, (owner, idx)), shape=(len(user_ids), self.n_items))
+        vecs = np.asarray(m @ ctx.astype(np.float64), dtype=np.float32)
+        vn = np.linalg.norm(vecs, axis=1, keepdims=True)
+        vn[vn == 0] = 1.0
+        vecs /= vn
+        for r, uid in enumerate(user_ids):
+            self.users[uid].vec = vecs[r]
+        return vecs
+
+
+def _top_k(s: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k largest values, best first; ties keep the lower position."""
+    order = np.argsort(-s, kind="stable")
+    return order[:k]
+
+
+def _prune(row: dict[int, float], keep: int) -> None:
+    """Keep the ``keep`` heaviest entries; a stable sort, so ties keep insertion order and the
+    same events always prune the same way."""
+    keys = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
+    vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
+    top = np.argsort(-vals, kind="stable")[:keep]
+    row.clear()
+    row.update(zip(keys[top].tolist(), vals[top].tolist()))

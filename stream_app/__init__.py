@@ -1,0 +1,1 @@
+"""The running system: faust app, pipeline, Kafka and Redis adapters, CLI."""

@@ -1,0 +1,129 @@
+"""The ``streamrec`` command line (typer). Settings come from STREAMREC_* and --config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import orjson
+import typer
+
+from stream_app.config import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="streamrec: a streaming recommender.")
+datasets_app = typer.Typer(no_args_is_help=True, help="Obtain public datasets (cached outside the repo).")
+app.add_typer(datasets_app, name="datasets")
+
+
+def _settings(config: Optional[Path]) -> Settings:
+    if config is not None:
+        os.environ["STREAMREC_CONFIG"] = str(config)
+    return Settings()
+
+
+ConfigOpt = typer.Option(None, "--config", help="TOML settings file (environment variables win).")
+
+
+@app.command()
+def worker(config: Optional[Path] = ConfigOpt) -> None:
+    """Run a stream worker until SIGTERM/SIGINT."""
+    from stream_app.app import run_worker
+
+    s = _settings(config)
+    run_worker(s)
+
+
+@app.command()
+def replay(
+    path: Path = typer.Argument(..., exists=True, dir_okay=True, help="JSONL, CSV or an ml-100k directory"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl | csv | ml-100k"),
+    rate: Optional[float] = typer.Option(None, help="events per second"),
+    speed: Optional[float] = typer.Option(None, help="multiple of real time"),
+    partitions: Optional[int] = typer.Option(None, help="create the topic with this many partitions if missing"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Publish a recorded log to the events topic in event-time order, keyed by user."""
+    from rich.progress import Progress
+
+    from stream_app.datasets import read_log
+    from stream_app.kafka_io import ensure_topics, producer_config
+    from stream_app.replay import replay as do_replay
+
+    s = _settings(config)
+    events = read_log(path, fmt)
+    ensure_topics(s, partitions)
+    with Progress() as bar:
+        task = bar.add_task(f"replay -> {s.events_topic}", total=len(events))
+        summary = do_replay(producer_config(s), s.events_topic, events, rate=rate, speed=speed,
+                            progress=lambda k: bar.update(task, completed=k))
+    typer.echo(str(summary))
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(name: str = typer.Argument(..., help="ml-100k"), config: Optional[Path] = ConfigOpt) -> None:
+    """Download a dataset into the cache directory and convert it to the event contract."""
+    from stream_app.datasets import fetch_ml100k
+
+    if name != "ml-100k":
+        typer.echo(f"unknown dataset {name!r}; available: ml-100k", err=True)
+        raise typer.Exit(2)
+    path = fetch_ml100k(_settings(config).data_dir)
+    typer.echo(str(path))
+
+
+@app.command()
+def recs(user_id: str, config: Optional[Path] = ConfigOpt) -> None:
+    """Print a user's list as a reader sees it (falls back to trending)."""
+    import redis
+
+    from stream_app.redis_store import RedisStore
+
+    s = _settings(config)
+    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
+    doc = store.get_rec(user_id)
+    if doc is None:
+        raw = store.r.get(store.key("trending"))
+        doc = {"user_id": user_id, "fallback": "trending", "items": orjson.loads(raw) if raw else []}
+    typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+
+
+@app.command()
+def demo(
+    events: int = typer.Option(50_000, help="synthetic events (ignored when ml-100k is cached)"),
+    ml100k: bool = typer.Option(True, help="use MovieLens-100K when it has been fetched"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Start a local broker and Redis where none is configured, run a worker, replay, show lists."""
+    from stream_app.demo import run_demo
+
+    run_demo(_settings(config), events, ml100k)
+
+
+@app.command()
+def bench(
+    events: int = typer.Option(0, help="events to preload (0: all of ml-100k, or 100k synthetic)"),
+    rate: int = typer.Option(2000, help="events/s for the freshness run"),
+    seconds: float = typer.Option(20.0, help="length of the freshness run"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
+    from stream_app.bench import run_bench
+
+    res = run_bench(_settings(config), events, rate, seconds)
+    if json_out:
+        json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""One settings object, read from ``STREAMREC_*`` environment variables and an optional TOML file.
+
+Precedence: environment, then the TOML file named by ``STREAMREC_CONFIG`` (or ``--config``), then
+the defaults below. Every field is documented in the README's configuration table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from models.events import DEFAULT_TYPE_WEIGHTS, EventSchema
+from models.params import ModelParams
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="forbid", frozen=True)
+
+    # contracts (names fixed by ARCHITECTURE.md)
+    kafka_bootstrap_servers: str = "localhost:9092"
+    redis_url: str = "redis://localhost:6379/0"
+    redis_prefix: str = "streamrec:"
+    events_topic: str = "events"
+    group_id: str = "streamrec"
+    dlq_topic: str = ""  # empty: "<events_topic>.dlq"
+    items_topic: str = "items"
+    # pipeline
+    batch_size: int = Field(2000, ge=1, description="events per micro-batch and per partition")
+    poll_timeout_ms: int = Field(20, ge=1)
+    fetch_wait_max_ms: int = Field(5, ge=0)
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    snapshot_interval_s: float = Field(10.0, gt=0)
+    sim_publish_interval_s: float = Field(1.0, gt=0)
+    max_event_bytes: int = Field(16_384, ge=256)
+    topic_partitions: int = Field(4, ge=1, description="used when the worker has to create the events topic")
+    model_version: str = "cf-1"
+    log_level: str = "INFO"
+    # models
+    event_types: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS))
+    n_recs: int = Field(20, ge=1)
+    epsilon: float = Field(0.1, ge=0.0, le=1.0)
+    seed: int = 0
+    half_life_hours: float = Field(24.0 * 14, gt=0)
+    user_half_life_hours: float = Field(24.0 * 3, gt=0)
+    history_len: int = Field(50, ge=1)
+    pair_window: int = Field(20, ge=1)
+    neighbours: int = Field(100, ge=1)
+    max_users: int = Field(1_000_000, ge=1)
+    max_seen: int = Field(10_000, ge=1)
+    # data
+    data_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamrec"
+
+    @field_validator("event_types")
+    @classmethod
+    def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(w <= 0 for w in v.values()):
+            raise ValueError("event_types needs at least one type, each with a positive weight")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("STREAMREC_CONFIG")
+        if path:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"STREAMREC_CONFIG points at {path}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # derived values -------------------------------------------------------------------------
+    @property
+    def dlq(self) -> str:
+        return self.dlq_topic or f"{self.events_topic}.dlq"
+
+    def schema(self) -> EventSchema:
+        return EventSchema(types=frozenset(self.event_types), max_bytes=self.max_event_bytes)
+
+    def params(self) -> ModelParams:
+        return ModelParams(
+            type_weights=dict(self.event_types), half_life_h=self.half_life_hours,
+            user_half_life_h=self.user_half_life_hours, history_len=self.history_len, pair_window=self.pair_window,
+            neighbours=self.neighbours, n_recs=self.n_recs, epsilon=self.epsilon, seed=self.seed,
+            max_users=self.max_users, max_seen=self.max_seen,
+        )
+
+    def safe_view(self) -> dict[str, Any]:
+        """Settings fit for a log line: credentials in URLs are masked."""
+        d = self.model_dump(mode="json")
+        for k in ("redis_url", "kafka_bootstrap_servers"):
+            d[k] = _mask(d[k])
+        return d
+
+
+def _mask(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
