@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream_app.config import Settings
@@ -93,3 +94,31 @@ class DeadLetters:
             self.pending = 0
             if self.failed:
                 raise RuntimeError(f"{self.failed} dead letters failed; not committing")
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int, timeout: float = 20.0) -> dict[int, int]:
+    """The true end offset (high watermark) of each partition.
+
+    Tansu 0.6's ListOffsets answers with the base offset of the last record *batch* plus one, so
+    a plain ``get_watermark_offsets`` under-reports the end of a topic written in large batches.
+    Fetch responses carry the right high watermark, so we fetch from that last batch and read it.
+    """
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-probe", "enable.auto.commit": False,
+                  "fetch.wait.max.ms": 10})
+    try:
+        listed = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in range(partitions)}
+        out = {p: 0 for p, hi in listed.items() if hi <= 0}
+        todo = {p: hi for p, hi in listed.items() if hi > 0}
+        if todo:
+            c.assign([TopicPartition(topic, p, hi - 1) for p, hi in todo.items()])
+            deadline = time.monotonic() + timeout
+            while todo and time.monotonic() < deadline:
+                for m in c.consume(100, 0.2):
+                    if m.error() is None and m.partition() in todo:
+                        del todo[m.partition()]
+                        out[m.partition()] = c.get_watermark_offsets(TopicPartition(topic, m.partition()), cached=True)[1]
+            if todo:
+                raise RuntimeError(f"could not read the end offsets of {topic} partitions {sorted(todo)}")
+        return out
+    finally:
+        c.close()

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+import pytest
+import redis
+
+from stream_app.config import Settings
+from stream_app.datasets import fetch_ml100k
+from stream_app.embedded import tansu
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    with tansu() as addr:
+        yield addr
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = os.environ.get("STREAMREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    redis.Redis.from_url(url).ping()
+    return url
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> list[dict[str, Any]]:
+    path = fetch_ml100k(Settings().data_dir)
+    events = [orjson.loads(line) for line in path.open("rb")]
+    events.sort(key=lambda e: e["ts"])
+    return events
+
+
+@pytest.fixture
+def run_id(redis_url: str) -> Iterator[str]:
+    rid = uuid.uuid4().hex[:10]
+    yield rid
+    r = redis.Redis.from_url(redis_url)
+    for k in r.scan_iter(f"t{rid}:*", count=1000):
+        r.delete(k)
+
+
+@pytest.fixture
+def worker_env(broker: str, redis_url: str, run_id: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    env.update({
+        "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": broker,
+        "STREAMREC_REDIS_URL": redis_url,
+        "STREAMREC_REDIS_PREFIX": f"t{run_id}:",
+        "STREAMREC_EVENTS_TOPIC": f"events-{run_id}",
+        "STREAMREC_ITEMS_TOPIC": f"items-{run_id}",
+        "STREAMREC_GROUP_ID": f"g-{run_id}",
+        "STREAMREC_SESSION_TIMEOUT_MS": "6000",
+    })
+    return env
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    keys = {k[len("STREAMREC_"):].lower(): v for k, v in env.items() if k.startswith("STREAMREC_")}
+    return Settings(**keys)
+
+
+@pytest.fixture
+def log_path(tmp_path: Path) -> Path:
+    return tmp_path / "worker.log"

@@ -1,0 +1,34 @@
+import pytest
+
+from stream_app.config import Settings
+
+
+def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "REDIS_PREFIX", "EVENTS_TOPIC", "GROUP_ID", "CONFIG"):
+        monkeypatch.delenv(f"STREAMREC_{k}", raising=False)
+    s = Settings()
+    assert (s.kafka_bootstrap_servers, s.redis_url, s.redis_prefix, s.events_topic, s.group_id) == (
+        "localhost:9092", "redis://localhost:6379/0", "streamrec:", "events", "streamrec")
+    assert s.dlq == "events.dlq"
+
+
+def test_environment_beats_toml(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text('epsilon = 0.3\nevents_topic = "clicks"\n[event_types]\nview = 1.0\nlike = 2.5\n')
+    monkeypatch.setenv("STREAMREC_CONFIG", str(f))
+    monkeypatch.setenv("STREAMREC_EPSILON", "0.05")
+    s = Settings()
+    assert s.epsilon == 0.05 and s.events_topic == "clicks" and s.dlq == "clicks.dlq"
+    assert s.schema().types == frozenset({"view", "like"})
+    assert s.params().type_weights == {"view": 1.0, "like": 2.5}
+
+
+def test_bad_values_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_EPSILON", "1.5")
+    with pytest.raises(ValueError, match="epsilon"):
+        Settings()
+
+
+def test_secrets_are_masked_for_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMREC_REDIS_URL", "redis://user:hunter2@cache:6379/0")
+    assert "hunter2" not in str(Settings().safe_view())

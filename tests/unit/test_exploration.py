@@ -1,0 +1,37 @@
+from models.exploration import epsilon_greedy
+
+
+def test_no_exploration_keeps_the_ranking() -> None:
+    slots = epsilon_greedy([1, 2, 3], [8, 9], 3, 0.0, 0, "u", 1)
+    assert [(s.item, s.explore, s.p) for s in slots] == [(1, False, 1.0), (2, False, 1.0), (3, False, 1.0)]
+
+
+def test_full_exploration_draws_from_the_pool_with_its_probability() -> None:
+    slots = epsilon_greedy([1, 2], [7, 8, 9, 10], 2, 1.0, 0, "u", 1)
+    assert all(s.explore for s in slots)
+    assert slots[0].p == 1.0 / 4 and slots[1].p == 1.0 / 3
+    assert {s.item for s in slots} <= {7, 8, 9, 10}
+
+
+def test_seeded_by_user_and_version() -> None:
+    ranked, pool = list(range(20)), list(range(100, 200))
+    a = epsilon_greedy(ranked, pool, 20, 0.3, 5, "u", 3)
+    assert a == epsilon_greedy(ranked, pool, 20, 0.3, 5, "u", 3)
+    assert a != epsilon_greedy(ranked, pool, 20, 0.3, 5, "u", 4)
+
+
+def test_exploration_rate_matches_epsilon() -> None:
+    ranked, pool = list(range(10)), list(range(100, 1000))
+    n = explored = 0
+    for v in range(2000):
+        for s in epsilon_greedy(ranked, pool, 10, 0.2, 0, "u", v):
+            n += 1
+            explored += s.explore
+    assert 0.18 < explored / n < 0.22
+
+
+def test_no_duplicates_when_pool_overlaps_ranking() -> None:
+    for v in range(200):
+        slots = epsilon_greedy([1, 2, 3, 4], [3, 4, 5], 4, 0.5, 0, "u", v)
+        items = [s.item for s in slots]
+        assert len(items) == len(set(items)) == 4

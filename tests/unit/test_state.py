@@ -1,0 +1,157 @@
+import math
+import pickle
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.engine import step
+from models.events import Event
+from models.params import ModelParams
+from models.state import PartitionState
+from tests.unit.strategies import event_logs
+
+P = ModelParams(neighbours=3, pair_window=4, history_len=6, n_recs=5, sim_list_len=4, explore_pool=5, dim=8)
+
+
+def run(events: list[Event], batch: int, params: ModelParams = P) -> tuple[PartitionState, dict]:
+    state = PartitionState(params)
+    lists = {}
+    for k in range(0, len(events), batch):
+        for rl in step(state, events[k:k + batch]).lists:
+            lists[rl.user_id] = rl
+    return state, lists
+
+
+def fingerprint(s: PartitionState) -> tuple:
+    return (
+        s.item_ids, [sorted(r.items()) for r in s.cooc], s.pop[: s.n_items].tolist(),
+        s.context[: s.n_items].tolist(),
+        {u: (list(st.history), list(st.seen), st.n_events, None if st.vec is None else st.vec.tolist())
+         for u, st in s.users.items()},
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_logs(), st.integers(1, 40))
+def test_counts_never_negative_and_rows_bounded(events: list[Event], batch: int) -> None:
+    state, _ = run(events, batch)
+    assert (state.pop[: state.n_items] >= 0).all()
+    for row in state.cooc:
+        assert all(v > 0 for v in row.values())
+        assert len(row) <= 2 * P.neighbours
+    for u in state.users.values():
+        assert len(u.history) <= P.history_len
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_logs(), st.integers(1, 40))
+def test_lists_never_contain_seen_items_or_duplicates(events: list[Event], batch: int) -> None:
+    state, lists = run(events, batch)
+    for uid, rl in lists.items():
+        ids = [it.item_id for it in rl.items]
+        seen = {state.item_ids[i] for i in state.users[uid].seen}
+        assert not set(ids) & seen
+        assert len(ids) == len(set(ids)) <= P.n_recs
+        assert all(0 < it.p <= 1 for it in rl.items)
+
+
+@settings(max_examples=40, deadline=None)
+@given(event_logs(), st.integers(1, 40))
+def test_same_log_same_state_and_lists(events: list[Event], batch: int) -> None:
+    a, la = run(events, batch)
+    b, lb = run(events, batch)
+    assert fingerprint(a) == fingerprint(b)
+    assert la == lb
+
+
+@settings(max_examples=30, deadline=None)
+@given(event_logs(), st.integers(1, 20), st.data())
+def test_snapshot_restore_continues_identically(events: list[Event], batch: int, data: st.DataObject) -> None:
+    """A pickled state restored mid-log ends where an uninterrupted run ends (exactly-once effects)."""
+    cut = data.draw(st.integers(0, len(events) // batch)) * batch
+    whole, lists_whole = run(events, batch)
+    first = PartitionState(P)
+    for k in range(0, cut, batch):
+        step(first, events[k:k + batch])
+    restored = pickle.loads(pickle.dumps(first))
+    lists_after = {}
+    for k in range(cut, len(events), batch):
+        for rl in step(restored, events[k:k + batch]).lists:
+            lists_after[rl.user_id] = rl
+    assert fingerprint(restored) == fingerprint(whole)
+    for uid, rl in lists_after.items():
+        assert lists_whole[uid] == rl
+
+
+def ev(u: str, i: str, t: int, typ: str = "view", eid: str | None = None) -> Event:
+    return Event(u, i, typ, 1_700_000_000_000 + t * 1000, eid)
+
+
+def test_cooccurrence_is_symmetric_and_type_weighted() -> None:
+    s = PartitionState(ModelParams())
+    s.apply([ev("u", "a", 0, "view"), ev("u", "b", 1, "purchase"), ev("v", "a", 2, "view"), ev("v", "c", 3, "view")])
+    a, b, c = (s.item_index[x] for x in "abc")
+    assert s.cooc[a][b] == s.cooc[b][a]
+    # sqrt(1 * 4) = 2 for view-purchase against 1 for view-view, at nearly the same time
+    assert math.isclose(s.cooc[a][b] / s.cooc[a][c], 2.0, rel_tol=1e-3)
+
+
+def test_time_decay_favours_recent_pairs() -> None:
+    p = ModelParams(half_life_h=24.0)
+    s = PartitionState(p)
+    day = 24 * 3600
+    s.apply([ev("u", "a", 0), ev("u", "b", 1), ev("v", "a", 2 * day), ev("v", "c", 2 * day + 1)])
+    a, b, c = (s.item_index[x] for x in "abc")
+    assert math.isclose(s.cooc[a][c] / s.cooc[a][b], 4.0, rel_tol=1e-3)  # two half-lives later
+
+
+def test_rebase_keeps_ratios() -> None:
+    p = ModelParams(half_life_h=1.0)
+    s = PartitionState(p)
+    s.apply([ev("u", "a", 0), ev("u", "b", 1)])
+    before = s.cooc[0][1] / s.pop[0]
+    s.apply([ev("w", "z", 3600 * 100)])  # 100 half-lives: forces a landmark move
+    assert s.landmark == 1_700_000_000_000 + 3600 * 100 * 1000
+    assert math.isclose(s.cooc[0][1] / s.pop[0], before, rel_tol=1e-9)
+
+
+def test_duplicate_event_ids_are_applied_once() -> None:
+    s = PartitionState(ModelParams())
+    eff = s.apply([ev("u", "a", 0, eid="x"), ev("u", "a", 0, eid="x"), ev("u", "b", 1, eid="y")])
+    assert eff.applied == 2 and eff.duplicates == 1
+    assert s.users["u"].n_events == 2
+
+
+def test_user_cap_evicts_least_recently_active() -> None:
+    s = PartitionState(ModelParams(max_users=2))
+    s.apply([ev("a", "i", 0), ev("b", "i", 1), ev("a", "j", 2), ev("c", "i", 3)])
+    assert list(s.users) == ["a", "c"]
+
+
+def test_similar_items_come_first() -> None:
+    s = PartitionState(ModelParams(epsilon=0.0))
+    log = []
+    for k in range(30):
+        log += [ev(f"u{k}", "a", 10 * k), ev(f"u{k}", "b", 10 * k + 1)]
+        log += [ev(f"w{k}", "x", 10 * k + 2), ev(f"w{k}", "y", 10 * k + 3)]
+    step(s, log)
+    out = step(s, [ev("new", "a", 1000)])
+    (rl,) = out.lists
+    assert rl.items[0].item_id == "b"
+    assert rl.items[0].reason == "similar to a"
+    assert rl.version == 1 and rl.event_ts == 1_700_000_000_000 + 1_000_000
+
+
+def test_user_vectors_are_unit_length() -> None:
+    s = PartitionState(ModelParams())
+    s.apply([ev("u", "a", 0), ev("u", "b", 1), ev("v", "a", 2)])
+    v = s.user_vectors(["u", "v"])
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_blocked_items_are_not_recommended() -> None:
+    s = PartitionState(ModelParams(epsilon=0.0))
+    step(s, [ev("u", "a", 0), ev("u", "b", 1), ev("v", "a", 2)])
+    out = step(s, [ev("w", "a", 3)], blocked={"b"})
+    assert all(it.item_id != "b" for it in out.lists[0].items)
