@@ -7,9 +7,10 @@ which may hold personal data).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -127,7 +128,7 @@ def parse_ts(v: object) -> int:
         except ValueError:
             raise InvalidEvent("ts is not an ISO-8601 timestamp") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
+            dt = dt.replace(tzinfo=UTC)
         ts = int(round(dt.timestamp() * 1000))
     elif v is None:
         raise InvalidEvent("missing field: ts")

@@ -9,8 +9,8 @@ seeded from ``(seed, user, version)``: a replay of the same log places the same 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from models.state import stable_hash
 

@@ -9,8 +9,8 @@ replaces some slots (``models.exploration``).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Collection, Sequence
 
 import numpy as np
 
@@ -126,7 +126,12 @@ def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collectio
             scores[j] = s
         ranked = sorted(scores, key=lambda j: (-scores[j], j))
         slots = epsilon_greedy(
-            ranked[: p.n_recs], ranked[p.n_recs : p.n_recs + p.explore_pool], p.n_recs, p.epsilon, p.seed, uid,
+            ranked[: p.n_recs],
+            ranked[p.n_recs : p.n_recs + p.explore_pool],
+            p.n_recs,
+            p.epsilon,
+            p.seed,
+            uid,
             u.n_events,
         )
         items = []

@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict, deque
-from itertools import chain
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from itertools import chain
 
 import numpy as np
 import scipy.sparse as sp
@@ -58,8 +58,16 @@ class UserState:
         self.vec: np.ndarray | None = None
 
     def __getstate__(self) -> tuple[object, ...]:
-        return (list(self.history), self.history.maxlen, self.win_items, self.win_sw, self.seen, self.n_events,
-                self.last_ts, self.vec)
+        return (
+            list(self.history),
+            self.history.maxlen,
+            self.win_items,
+            self.win_sw,
+            self.seen,
+            self.n_events,
+            self.last_ts,
+            self.vec,
+        )
 
     def __setstate__(self, s: tuple[object, ...]) -> None:
         hist, maxlen, self.win_items, self.win_sw, self.seen, self.n_events, self.last_ts, self.vec = s  # type: ignore[assignment]
@@ -200,7 +208,7 @@ class PartitionState:
             if wi:
                 row_i = cooc[i]
                 gsw = g * sw
-                for j, swj in zip(wi, ws):
+                for j, swj in zip(wi, ws, strict=True):
                     if j == i:
                         continue
                     inc = gsw * swj
@@ -253,8 +261,9 @@ class PartitionState:
         )
         keep = rows != cols
         rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        m = sp.csr_matrix((np.concatenate([vals, vals]), (np.concatenate([rows, cols]), np.concatenate([cols, rows]))),
-                          shape=(n, n))
+        m = sp.csr_matrix(
+            (np.concatenate([vals, vals]), (np.concatenate([rows, cols]), np.concatenate([cols, rows]))), shape=(n, n)
+        )
         self.context[:n] += (m @ self.index_vecs[:n].astype(np.float64)).astype(np.float32)
 
     # -- reads ---------------------------------------------------------------------------------
@@ -279,7 +288,7 @@ class PartitionState:
         vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
         s = vals / np.sqrt(np.maximum(self.pop[i] * self.pop[keys], 1e-300))
         top = _top_k(s, self.params.sim_list_len)
-        return list(zip(keys[top].tolist(), s[top].tolist()))
+        return list(zip(keys[top].tolist(), s[top].tolist(), strict=True))
 
     def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
         """Recompute and store the vectors of ``user_ids``; returns them as rows (unit length)."""
@@ -323,4 +332,4 @@ def _prune(row: dict[int, float], keep: int) -> None:
     vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
     top = np.argsort(-vals, kind="stable")[:keep]
     row.clear()
-    row.update(zip(keys[top].tolist(), vals[top].tolist()))
+    row.update(zip(keys[top].tolist(), vals[top].tolist(), strict=True))

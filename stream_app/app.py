@@ -13,9 +13,11 @@ Low-rate topic: ``items`` (``STREAMREC_ITEMS_TOPIC``), catalogue updates
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import faust
 import orjson
@@ -89,10 +91,9 @@ def create_app(settings: Settings) -> faust.App:
             self.thread.start()
 
         def _run(self) -> None:
-            try:
+            # errors are logged by the pipeline; the watchdog below then crashes the app
+            with contextlib.suppress(BaseException):
                 pipeline.run()
-            except BaseException:  # logged by the pipeline; the watchdog below crashes the app
-                pass
 
         @faust.Service.task
         async def _watchdog(self) -> None:
@@ -108,11 +109,19 @@ def create_app(settings: Settings) -> faust.App:
             if self.thread is not None:
                 await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 60)
 
-    @app.timer(10.0)
+    @app.timer(10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
         st = pipeline.stats
-        log.info("events=%d invalid=%d duplicates=%d lists=%d batches=%d snapshots=%d partitions=%s",
-                 st.events, st.invalid, st.duplicates, st.lists, st.batches, st.snapshots, sorted(pipeline.runs))
+        log.info(
+            "events=%d invalid=%d duplicates=%d lists=%d batches=%d snapshots=%d partitions=%s",
+            st.events,
+            st.invalid,
+            st.duplicates,
+            st.lists,
+            st.batches,
+            st.snapshots,
+            sorted(pipeline.runs),
+        )
 
     return app
 

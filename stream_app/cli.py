@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 import orjson
 import typer
@@ -17,7 +16,7 @@ datasets_app = typer.Typer(no_args_is_help=True, help="Obtain public datasets (c
 app.add_typer(datasets_app, name="datasets")
 
 
-def _settings(config: Optional[Path]) -> Settings:
+def _settings(config: Path | None) -> Settings:
     if config is not None:
         os.environ["STREAMREC_CONFIG"] = str(config)
     return Settings()
@@ -27,7 +26,7 @@ ConfigOpt = typer.Option(None, "--config", help="TOML settings file (environment
 
 
 @app.command()
-def worker(config: Optional[Path] = ConfigOpt) -> None:
+def worker(config: Path | None = ConfigOpt) -> None:
     """Run a stream worker until SIGTERM/SIGINT."""
     from stream_app.app import run_worker
 
@@ -39,10 +38,10 @@ def worker(config: Optional[Path] = ConfigOpt) -> None:
 def replay(
     path: Path = typer.Argument(..., exists=True, dir_okay=True, help="JSONL, CSV or an ml-100k directory"),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl | csv | ml-100k"),
-    rate: Optional[float] = typer.Option(None, help="events per second"),
-    speed: Optional[float] = typer.Option(None, help="multiple of real time"),
-    partitions: Optional[int] = typer.Option(None, help="create the topic with this many partitions if missing"),
-    config: Optional[Path] = ConfigOpt,
+    rate: float | None = typer.Option(None, help="events per second"),
+    speed: float | None = typer.Option(None, help="multiple of real time"),
+    partitions: int | None = typer.Option(None, help="create the topic with this many partitions if missing"),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Publish a recorded log to the events topic in event-time order, keyed by user."""
     from rich.progress import Progress
@@ -56,15 +55,21 @@ def replay(
     ensure_topics(s, partitions)
     with Progress() as bar:
         task = bar.add_task(f"replay -> {s.events_topic}", total=len(events))
-        summary = do_replay(producer_config(s), s.events_topic, events, rate=rate, speed=speed,
-                            progress=lambda k: bar.update(task, completed=k))
+        summary = do_replay(
+            producer_config(s),
+            s.events_topic,
+            events,
+            rate=rate,
+            speed=speed,
+            progress=lambda k: bar.update(task, completed=k),
+        )
     typer.echo(str(summary))
     if summary.failed:
         raise typer.Exit(1)
 
 
 @datasets_app.command("fetch")
-def datasets_fetch(name: str = typer.Argument(..., help="ml-100k"), config: Optional[Path] = ConfigOpt) -> None:
+def datasets_fetch(name: str = typer.Argument(..., help="ml-100k"), config: Path | None = ConfigOpt) -> None:
     """Download a dataset into the cache directory and convert it to the event contract."""
     from stream_app.datasets import fetch_ml100k
 
@@ -76,7 +81,7 @@ def datasets_fetch(name: str = typer.Argument(..., help="ml-100k"), config: Opti
 
 
 @app.command()
-def recs(user_id: str, config: Optional[Path] = ConfigOpt) -> None:
+def recs(user_id: str, config: Path | None = ConfigOpt) -> None:
     """Print a user's list as a reader sees it (falls back to trending)."""
     import redis
 
@@ -95,7 +100,7 @@ def recs(user_id: str, config: Optional[Path] = ConfigOpt) -> None:
 def demo(
     events: int = typer.Option(50_000, help="synthetic events (ignored when ml-100k is cached)"),
     ml100k: bool = typer.Option(True, help="use MovieLens-100K when it has been fetched"),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Start a local broker and Redis where none is configured, run a worker, replay, show lists."""
     from stream_app.demo import run_demo
@@ -108,8 +113,8 @@ def bench(
     events: int = typer.Option(0, help="events to preload (0: all of ml-100k, or 100k synthetic)"),
     rate: int = typer.Option(2000, help="events/s for the freshness run"),
     seconds: float = typer.Option(20.0, help="length of the freshness run"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results here"),
-    config: Optional[Path] = ConfigOpt,
+    json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
     from stream_app.bench import run_bench
@@ -120,8 +125,9 @@ def bench(
 
 
 def main() -> None:
-    logging.basicConfig(level=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     app()
 
 

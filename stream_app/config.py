@@ -83,15 +83,22 @@ class Settings(BaseSettings):
     def dlq(self) -> str:
         return self.dlq_topic or f"{self.events_topic}.dlq"
 
-    def schema(self) -> EventSchema:
+    def event_schema(self) -> EventSchema:
         return EventSchema(types=frozenset(self.event_types), max_bytes=self.max_event_bytes)
 
     def params(self) -> ModelParams:
         return ModelParams(
-            type_weights=dict(self.event_types), half_life_h=self.half_life_hours,
-            user_half_life_h=self.user_half_life_hours, history_len=self.history_len, pair_window=self.pair_window,
-            neighbours=self.neighbours, n_recs=self.n_recs, epsilon=self.epsilon, seed=self.seed,
-            max_users=self.max_users, max_seen=self.max_seen,
+            type_weights=dict(self.event_types),
+            half_life_h=self.half_life_hours,
+            user_half_life_h=self.user_half_life_hours,
+            history_len=self.history_len,
+            pair_window=self.pair_window,
+            neighbours=self.neighbours,
+            n_recs=self.n_recs,
+            epsilon=self.epsilon,
+            seed=self.seed,
+            max_users=self.max_users,
+            max_seen=self.max_seen,
         )
 
     def safe_view(self) -> dict[str, Any]:

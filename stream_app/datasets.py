@@ -15,8 +15,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 
@@ -85,7 +86,10 @@ def read_ml100k(path: Path) -> Iterator[dict[str, Any]]:
         for line in f:
             u, i, r, t = line.rstrip("\n").split("\t")
             e: dict[str, Any] = {
-                "user_id": u, "item_id": i, "type": RATING_TO_TYPE[int(float(r))], "ts": int(float(t)) * 1000,
+                "user_id": u,
+                "item_id": i,
+                "type": RATING_TO_TYPE[int(float(r))],
+                "ts": int(float(t)) * 1000,
                 "event_id": f"ml100k-{u}-{i}",
             }
             if i in genres:
@@ -128,8 +132,9 @@ def _ts_key(e: Any) -> int:
         return 0
 
 
-def synthetic_events(n_users: int = 500, n_items: int = 1000, n_events: int = 50_000, seed: int = 7,
-                     start_ms: int = 1_700_000_000_000) -> list[dict[str, Any]]:
+def synthetic_events(
+    n_users: int = 500, n_items: int = 1000, n_events: int = 50_000, seed: int = 7, start_ms: int = 1_700_000_000_000
+) -> list[dict[str, Any]]:
     """A seeded stream with structure to learn: items fall into topics, users prefer 1-2 topics
     and drift to a new one halfway; popularity within a topic is Zipf-like."""
     rng = random.Random(seed)

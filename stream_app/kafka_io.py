@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream_app.config import Settings
 
@@ -75,7 +75,7 @@ class DeadLetters:
             self.sent += 1
 
     def send(self, key: bytes | None, raw: bytes | None, partition: int, offset: int, reason: str) -> None:
-        headers = [
+        headers: list[tuple[str, str | bytes | None]] = [
             ("reason", reason.encode()),
             ("source_topic", self.source.encode()),
             ("source_partition", str(partition).encode()),
@@ -103,8 +103,14 @@ def end_offsets(bootstrap: str, topic: str, partitions: int, timeout: float = 20
     a plain ``get_watermark_offsets`` under-reports the end of a topic written in large batches.
     Fetch responses carry the right high watermark, so we fetch from that last batch and read it.
     """
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-probe", "enable.auto.commit": False,
-                  "fetch.wait.max.ms": 10})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": "streamrec-probe",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+        }
+    )
     try:
         listed = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1] for p in range(partitions)}
         out = {p: 0 for p, hi in listed.items() if hi <= 0}
@@ -114,9 +120,10 @@ def end_offsets(bootstrap: str, topic: str, partitions: int, timeout: float = 20
             deadline = time.monotonic() + timeout
             while todo and time.monotonic() < deadline:
                 for m in c.consume(100, 0.2):
-                    if m.error() is None and m.partition() in todo:
-                        del todo[m.partition()]
-                        out[m.partition()] = c.get_watermark_offsets(TopicPartition(topic, m.partition()), cached=True)[1]
+                    p = m.partition()
+                    if m.error() is None and p is not None and p in todo:
+                        del todo[p]
+                        out[p] = c.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
             if todo:
                 raise RuntimeError(f"could not read the end offsets of {topic} partitions {sorted(todo)}")
         return out

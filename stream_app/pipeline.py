@@ -63,6 +63,12 @@ class Stats:
     snapshots: int = 0
 
 
+def offset_of(m: Message) -> int:
+    """A consumed message's offset (never None for messages without an error)."""
+    o = m.offset()
+    return -1 if o is None else o
+
+
 def split_block(buffer: list[Message], next_offset: int, batch_size: int, caught_up: bool) -> int:
     """How many buffered messages form the next block (0: wait for more).
 
@@ -74,7 +80,7 @@ def split_block(buffer: list[Message], next_offset: int, batch_size: int, caught
     boundary = (next_offset // batch_size + 1) * batch_size
     n = 0
     for m in buffer:
-        if m.offset() >= boundary:
+        if offset_of(m) >= boundary:
             return n
         n += 1
     return n if caught_up else 0
@@ -96,7 +102,7 @@ class Pipeline:
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         self.s = settings
-        self.schema = settings.schema()
+        self.schema = settings.event_schema()
         self.params = settings.params()
         self.store = RedisStore(client, settings.redis_prefix)
         self.runs: dict[int, PartitionRun] = {}
@@ -180,8 +186,8 @@ class Pipeline:
                     if err.fatal():
                         raise RuntimeError(f"fatal Kafka error: {err}")
                 continue
-            run = self.runs.get(m.partition())
-            if run is not None and m.offset() >= run.next_offset:
+            run = self.runs.get(m.partition() or 0)
+            if run is not None and offset_of(m) >= run.next_offset:
                 run.buffer.append(m)
         lists: list[RecList] = []
         processed: list[PartitionRun] = []
@@ -206,17 +212,17 @@ class Pipeline:
     def _caught_up(self, run: PartitionRun) -> bool:
         assert self.consumer is not None
         _, hi = self.consumer.get_watermark_offsets(TopicPartition(self.s.events_topic, run.partition), cached=True)
-        return hi >= 0 and run.buffer[-1].offset() + 1 >= hi
+        return hi >= 0 and offset_of(run.buffer[-1]) + 1 >= hi
 
     def _process(self, run: PartitionRun, block: list[Message]) -> list[RecList]:
         assert self.dlq is not None
         events, bad = decode_block(self.schema, block)
         for m, reason in bad:
-            if m.offset() >= run.dlq_from:  # an earlier run already dead-lettered the rest
-                self.dlq.send(m.key(), m.value(), m.partition(), m.offset(), reason)
+            if offset_of(m) >= run.dlq_from:  # an earlier run already dead-lettered the rest
+                self.dlq.send(m.key(), m.value(), run.partition, offset_of(m), reason)
         out = step(run.state, events, publish_sims=False, blocked=self._blocked_items())
         run.sim_dirty |= out.effect.items
-        run.next_offset = block[-1].offset() + 1
+        run.next_offset = offset_of(block[-1]) + 1
         st = self.stats
         st.events += out.effect.applied
         st.invalid += len(bad)
@@ -259,20 +265,30 @@ class Pipeline:
     def _commit(self, sync: bool, runs: list[PartitionRun]) -> None:
         assert self.consumer is not None and self.dlq is not None
         self.dlq.flush()
-        offsets = [TopicPartition(self.s.events_topic, r.partition, r.next_offset) for r in (runs or self.runs.values())]
-        if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=not sync)
+        offsets = [TopicPartition(self.s.events_topic, r.partition, r.next_offset) for r in runs or self.runs.values()]
+        if not offsets:
+            return
+        if sync:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        else:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
 
     def _snapshot(self, run: PartitionRun) -> None:
         t0 = time.monotonic()
         size = self._retry(
-            lambda: self.store.save_snapshot(self.s.group_id, self.s.events_topic, run.partition, run.next_offset,
-                                             run.state)
+            lambda: self.store.save_snapshot(
+                self.s.group_id, self.s.events_topic, run.partition, run.next_offset, run.state
+            )
         )
         run.snapshot_offset, run.snapshot_at = run.next_offset, time.monotonic()
         self.stats.snapshots += 1
-        log.info("partition %d: snapshot at offset %d, %.1f MB in %.0f ms", run.partition, run.next_offset,
-                 size / 1e6, 1000 * (run.snapshot_at - t0))
+        log.info(
+            "partition %d: snapshot at offset %d, %.1f MB in %.0f ms",
+            run.partition,
+            run.next_offset,
+            size / 1e6,
+            1000 * (run.snapshot_at - t0),
+        )
 
     def _finish_all(self) -> None:
         """Graceful stop: process what is buffered up to a block boundary, snapshot, commit."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import orjson
 import redis
@@ -36,17 +37,19 @@ _SNAPSHOT_MAGIC = b"SRS1"
 
 
 def rec_doc(rl: RecList, now_ms: int, model: str) -> bytes:
-    return orjson.dumps({
-        "version": rl.version,
-        "user_id": rl.user_id,
-        "items": [
-            {"item_id": it.item_id, "score": it.score, "explore": it.explore, "p": it.p, "reason": it.reason}
-            for it in rl.items
-        ],
-        "event_ts": rl.event_ts,
-        "generated_at": now_ms,
-        "model": model,
-    })
+    return orjson.dumps(
+        {
+            "version": rl.version,
+            "user_id": rl.user_id,
+            "items": [
+                {"item_id": it.item_id, "score": it.score, "explore": it.explore, "p": it.p, "reason": it.reason}
+                for it in rl.items
+            ],
+            "event_ts": rl.event_ts,
+            "generated_at": now_ms,
+            "model": model,
+        }
+    )
 
 
 class RedisStore:
@@ -89,7 +92,8 @@ class RedisStore:
         return orjson.loads(raw) if raw else None
 
     def unavailable(self) -> set[str]:
-        return {m.decode() for m in self.r.smembers(self.key("unavailable"))}
+        members = self.r.smembers(self.key("unavailable"))
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
 
     def set_availability(self, item_id: str, available: bool) -> None:
         if available:
@@ -113,7 +117,9 @@ class RedisStore:
         blob = self.r.get(self._snap_key(group, topic, partition))
         if blob is None:
             return None
+        if not isinstance(blob, bytes):
+            raise TypeError("the Redis client must not decode responses")
         if not blob.startswith(_SNAPSHOT_MAGIC):
             raise ValueError(f"snapshot for partition {partition} has an unknown format")
-        d = pickle.loads(blob[len(_SNAPSHOT_MAGIC):])
+        d = pickle.loads(blob[len(_SNAPSHOT_MAGIC) :])
         return int(d["offset"]), d["state"]

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -49,20 +50,22 @@ def run_id(redis_url: str) -> Iterator[str]:
 @pytest.fixture
 def worker_env(broker: str, redis_url: str, run_id: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
-    env.update({
-        "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": broker,
-        "STREAMREC_REDIS_URL": redis_url,
-        "STREAMREC_REDIS_PREFIX": f"t{run_id}:",
-        "STREAMREC_EVENTS_TOPIC": f"events-{run_id}",
-        "STREAMREC_ITEMS_TOPIC": f"items-{run_id}",
-        "STREAMREC_GROUP_ID": f"g-{run_id}",
-        "STREAMREC_SESSION_TIMEOUT_MS": "6000",
-    })
+    env.update(
+        {
+            "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": broker,
+            "STREAMREC_REDIS_URL": redis_url,
+            "STREAMREC_REDIS_PREFIX": f"t{run_id}:",
+            "STREAMREC_EVENTS_TOPIC": f"events-{run_id}",
+            "STREAMREC_ITEMS_TOPIC": f"items-{run_id}",
+            "STREAMREC_GROUP_ID": f"g-{run_id}",
+            "STREAMREC_SESSION_TIMEOUT_MS": "6000",
+        }
+    )
     return env
 
 
 def settings_from(env: dict[str, str]) -> Settings:
-    keys = {k[len("STREAMREC_"):].lower(): v for k, v in env.items() if k.startswith("STREAMREC_")}
+    keys = {k[len("STREAMREC_") :].lower(): v for k, v in env.items() if k.startswith("STREAMREC_")}
     return Settings(**keys)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -31,7 +32,9 @@ def create_topics(bootstrap: str, topic: str, partitions: int) -> None:
         f.result()
 
 
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]], partition: int | None = None) -> None:
+def produce(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]], partition: int | None = None
+) -> None:
     """Produce in order and wait for every acknowledgement."""
     p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, "enable.idempotence": True})
     failed: list[Any] = []
@@ -55,8 +58,14 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
 
 def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float = 20.0) -> list[Any]:
     ends = end_offsets(bootstrap, topic, partitions)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{time.time_ns()}", "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     out: list[Any] = []
     deadline = time.monotonic() + timeout
@@ -80,8 +89,13 @@ class Worker:
 
     def start(self) -> Worker:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream_app.cli", "worker"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_app.cli", "worker"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def alive(self) -> bool:
@@ -102,8 +116,9 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
 
-def wait_caught_up(bootstrap: str, group: str, topic: str, partitions: int, worker: Worker,
-                   timeout: float = 180.0) -> None:
+def wait_caught_up(
+    bootstrap: str, group: str, topic: str, partitions: int, worker: Worker, timeout: float = 180.0
+) -> None:
     ends = end_offsets(bootstrap, topic, partitions)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,23 +127,23 @@ def wait_caught_up(bootstrap: str, group: str, topic: str, partitions: int, work
         if all(com.get(p, -1) >= end for p, end in ends.items()):
             return
         time.sleep(0.3)
-    raise AssertionError(f"not caught up in {timeout}s: {committed(bootstrap, group, topic, partitions)} vs {ends}\n"
-                         + worker.log()[-3000:])
+    raise AssertionError(
+        f"not caught up in {timeout}s: {committed(bootstrap, group, topic, partitions)} vs {ends}\n"
+        + worker.log()[-3000:]
+    )
 
 
 def reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionState, dict[str, RecList]]:
     """The same models in-process over one partition's messages, cut into the worker's blocks."""
-    schema: EventSchema = settings.schema()
+    schema: EventSchema = settings.event_schema()
     state = PartitionState(settings.params())
     lists: dict[str, RecList] = {}
     b = settings.batch_size
     for start in range(0, len(values), b):
         events = []
-        for raw in values[start:start + b]:
-            try:
+        for raw in values[start : start + b]:
+            with contextlib.suppress(InvalidEvent):
                 events.append(schema.decode(raw))
-            except InvalidEvent:
-                pass
         for rl in step(state, events, publish_sims=False).lists:
             lists[rl.user_id] = rl
     return state, lists
@@ -141,8 +156,10 @@ def fingerprint(s: PartitionState) -> dict[str, Any]:
         "cooc": [sorted(r.items()) for r in s.cooc],
         "pop": s.pop[:n].tolist(),
         "context": s.context[:n].tolist(),
-        "users": {u: (list(st.history), list(st.seen), st.n_events, st.last_ts,
-                      None if st.vec is None else st.vec.tolist()) for u, st in s.users.items()},
+        "users": {
+            u: (list(st.history), list(st.seen), st.n_events, st.last_ts, None if st.vec is None else st.vec.tolist())
+            for u, st in s.users.items()
+        },
     }
 
 

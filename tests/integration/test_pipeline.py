@@ -10,13 +10,13 @@ from typing import Any
 import orjson
 import redis
 
+from stream_app.kafka_io import end_offsets
 from stream_app.redis_store import RedisStore
 from tests.integration.conftest import settings_from
-from stream_app.kafka_io import end_offsets
 from tests.integration.harness import (
     Worker,
-    comparable_doc,
     committed,
+    comparable_doc,
     create_topics,
     fingerprint,
     produce,
@@ -111,11 +111,18 @@ def test_kill_9_mid_replay_loses_nothing_and_ends_identical(
     _assert_matches_reference(worker_env, [v for _, v in msgs])
 
 
-BAD = [b"{not json", b"", b"[]", b'{"user_id": "u1"}', b'{"user_id": 5, "item_id": "x", "type": "teleport", "ts": 1}',
-       b'{"user_id": "", "item_id": "i", "type": "view", "ts": 1}',
-       b'{"user_id": "u", "item_id": "i", "type": "view", "ts": "yesterday"}',
-       ('{"user_id": "' + "x" * 100000 + '", "item_id": "i", "type": "view", "ts": 1}').encode(),
-       b"\xff\xfe\x00garbage", b'{"user_id": {"nested": 1}, "item_id": "i", "type": "click", "ts": 1}']
+BAD = [
+    b"{not json",
+    b"",
+    b"[]",
+    b'{"user_id": "u1"}',
+    b'{"user_id": 5, "item_id": "x", "type": "teleport", "ts": 1}',
+    b'{"user_id": "", "item_id": "i", "type": "view", "ts": 1}',
+    b'{"user_id": "u", "item_id": "i", "type": "view", "ts": "yesterday"}',
+    ('{"user_id": "' + "x" * 100000 + '", "item_id": "i", "type": "view", "ts": 1}').encode(),
+    b"\xff\xfe\x00garbage",
+    b'{"user_id": {"nested": 1}, "item_id": "i", "type": "click", "ts": 1}',
+]
 
 
 def test_malformed_messages_go_to_the_dlq_and_no_valid_event_is_lost(
@@ -169,7 +176,11 @@ def test_unavailable_items_from_the_catalogue_topic_are_not_recommended(
     try:
         wait_caught_up(broker, group, topic, 1, w)
         top = orjson.loads(r.get(f"{s.redis_prefix}trending"))[0]["item_id"]
-        produce(broker, worker_env["STREAMREC_ITEMS_TOPIC"], [(top.encode(), orjson.dumps({"item_id": top, "available": False}))])
+        produce(
+            broker,
+            worker_env["STREAMREC_ITEMS_TOPIC"],
+            [(top.encode(), orjson.dumps({"item_id": top, "available": False}))],
+        )
         deadline = time.monotonic() + 30
         while not r.sismember(f"{s.redis_prefix}unavailable", top) and time.monotonic() < deadline:
             time.sleep(0.2)

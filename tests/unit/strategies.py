@@ -17,6 +17,13 @@ def event_logs(draw: st.DrawFn, max_events: int = 120) -> list[Event]:
     for k in range(n):
         ts += draw(st.integers(0, 3_600_000 * 24))
         eid = draw(st.one_of(st.none(), st.sampled_from([f"e{k}", "dup-1", "dup-2"])))
-        out.append(Event(f"u{draw(st.integers(0, n_users - 1))}", f"i{draw(st.integers(0, n_items - 1))}",
-                         draw(st.sampled_from(TYPES)), ts, eid))
+        out.append(
+            Event(
+                f"u{draw(st.integers(0, n_users - 1))}",
+                f"i{draw(st.integers(0, n_items - 1))}",
+                draw(st.sampled_from(TYPES)),
+                ts,
+                eid,
+            )
+        )
     return out

@@ -8,7 +8,12 @@ def test_defaults_match_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(f"STREAMREC_{k}", raising=False)
     s = Settings()
     assert (s.kafka_bootstrap_servers, s.redis_url, s.redis_prefix, s.events_topic, s.group_id) == (
-        "localhost:9092", "redis://localhost:6379/0", "streamrec:", "events", "streamrec")
+        "localhost:9092",
+        "redis://localhost:6379/0",
+        "streamrec:",
+        "events",
+        "streamrec",
+    )
     assert s.dlq == "events.dlq"
 
 
@@ -19,7 +24,7 @@ def test_environment_beats_toml(monkeypatch: pytest.MonkeyPatch, tmp_path) -> No
     monkeypatch.setenv("STREAMREC_EPSILON", "0.05")
     s = Settings()
     assert s.epsilon == 0.05 and s.events_topic == "clicks" and s.dlq == "clicks.dlq"
-    assert s.schema().types == frozenset({"view", "like"})
+    assert s.event_schema().types == frozenset({"view", "like"})
     assert s.params().type_weights == {"view": 1.0, "like": 2.5}
 
 

@@ -9,8 +9,10 @@ S = EventSchema()
 
 
 def test_valid_event_with_integer_ids_and_iso_ts() -> None:
-    ev = S.decode(b'{"user_id": 7, "item_id": "i1", "type": "click", "ts": "2023-11-14T22:13:20+00:00",'
-                  b' "event_id": "e1", "props": {"price": 42.0}}')
+    ev = S.decode(
+        b'{"user_id": 7, "item_id": "i1", "type": "click", "ts": "2023-11-14T22:13:20+00:00",'
+        b' "event_id": "e1", "props": {"price": 42.0}}'
+    )
     assert ev == Event("7", "i1", "click", 1_700_000_000_000, "e1", {"price": 42.0})
 
 
@@ -65,9 +67,20 @@ def test_arbitrary_bytes_either_decode_or_raise_invalid_event(raw: bytes) -> Non
     assert isinstance(ev, Event)
 
 
-@given(st.dictionaries(st.sampled_from(["user_id", "item_id", "type", "ts", "event_id", "props"]),
-                       st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(), st.text(max_size=5),
-                                 st.lists(st.integers(0, 9), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2))))
+@given(
+    st.dictionaries(
+        st.sampled_from(["user_id", "item_id", "type", "ts", "event_id", "props"]),
+        st.one_of(
+            st.none(),
+            st.booleans(),
+            st.integers(-(2**63), 2**63 - 1),
+            st.floats(),
+            st.text(max_size=5),
+            st.lists(st.integers(0, 9), max_size=2),
+            st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2),
+        ),
+    )
+)
 def test_arbitrary_objects_never_escape_validation(obj: dict) -> None:
     try:
         ev = S.decode(orjson.dumps(obj))

@@ -18,17 +18,21 @@ def run(events: list[Event], batch: int, params: ModelParams = P) -> tuple[Parti
     state = PartitionState(params)
     lists = {}
     for k in range(0, len(events), batch):
-        for rl in step(state, events[k:k + batch]).lists:
+        for rl in step(state, events[k : k + batch]).lists:
             lists[rl.user_id] = rl
     return state, lists
 
 
 def fingerprint(s: PartitionState) -> tuple:
     return (
-        s.item_ids, [sorted(r.items()) for r in s.cooc], s.pop[: s.n_items].tolist(),
+        s.item_ids,
+        [sorted(r.items()) for r in s.cooc],
+        s.pop[: s.n_items].tolist(),
         s.context[: s.n_items].tolist(),
-        {u: (list(st.history), list(st.seen), st.n_events, None if st.vec is None else st.vec.tolist())
-         for u, st in s.users.items()},
+        {
+            u: (list(st.history), list(st.seen), st.n_events, None if st.vec is None else st.vec.tolist())
+            for u, st in s.users.items()
+        },
     )
 
 
@@ -73,11 +77,11 @@ def test_snapshot_restore_continues_identically(events: list[Event], batch: int,
     whole, lists_whole = run(events, batch)
     first = PartitionState(P)
     for k in range(0, cut, batch):
-        step(first, events[k:k + batch])
+        step(first, events[k : k + batch])
     restored = pickle.loads(pickle.dumps(first))
     lists_after = {}
     for k in range(cut, len(events), batch):
-        for rl in step(restored, events[k:k + batch]).lists:
+        for rl in step(restored, events[k : k + batch]).lists:
             lists_after[rl.user_id] = rl
     assert fingerprint(restored) == fingerprint(whole)
     for uid, rl in lists_after.items():
