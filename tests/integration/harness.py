@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -47,15 +41,6 @@ def produce(
     assert not failed
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
-    try:
-        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return {tp.partition: tp.offset for tp in tps}
-    finally:
-        c.close()
-
-
 def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float = 20.0) -> list[Any]:
     ends = end_offsets(bootstrap, topic, partitions)
     c = Consumer(
@@ -77,60 +62,6 @@ def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float =
     finally:
         c.close()
     return out
-
-
-@dataclass
-class Worker:
-    """``streamrec worker`` as a real subprocess in its own process group."""
-
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Worker:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_app.cli", "worker"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 60) -> int:
-        assert self.proc is not None
-        if self.alive():
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def wait_caught_up(
-    bootstrap: str, group: str, topic: str, partitions: int, worker: Worker, timeout: float = 180.0
-) -> None:
-    ends = end_offsets(bootstrap, topic, partitions)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert worker.alive(), "worker died:\n" + worker.log()[-3000:]
-        com = committed(bootstrap, group, topic, partitions)
-        if all(com.get(p, -1) >= end for p, end in ends.items()):
-            return
-        time.sleep(0.3)
-    raise AssertionError(
-        f"not caught up in {timeout}s: {committed(bootstrap, group, topic, partitions)} vs {ends}\n"
-        + worker.log()[-3000:]
-    )
 
 
 def reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionState, dict[str, RecList]]:

@@ -11,11 +11,11 @@ import orjson
 import redis
 
 from stream_app.kafka_io import end_offsets
+from stream_app.processes import WorkerProcess as Worker
+from stream_app.processes import committed, wait_caught_up
 from stream_app.redis_store import RedisStore
 from tests.integration.conftest import settings_from
 from tests.integration.harness import (
-    Worker,
-    committed,
     comparable_doc,
     create_topics,
     fingerprint,
@@ -23,7 +23,6 @@ from tests.integration.harness import (
     read_topic,
     reference_doc,
     reference_run,
-    wait_caught_up,
 )
 
 SLICE = 30_000  # the first 30k ml-100k events by time

@@ -1,0 +1,109 @@
+"""Running and watching workers from the outside: used by the demo, the bench and the tests.
+
+Progress is read the way an operator reads it: from the consumer group's committed offsets.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from stream_app.kafka_io import end_offsets
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offset per partition (-1001 where nothing is committed)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        c.close()
+
+
+@dataclass
+class WorkerProcess:
+    """``streamrec worker`` as a subprocess in its own process group (so kill -9 hits it all)."""
+
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "stream_app.cli", "worker"], env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, then wait: the worker snapshots its state and commits before it exits."""
+        assert self.proc is not None
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class CatchUp:
+    events: int  # events consumed between the first and the last observation
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+
+def wait_caught_up(bootstrap: str, group: str, topic: str, partitions: int, worker: WorkerProcess,
+                   timeout: float = 300.0, poll: float = 0.05) -> CatchUp:
+    """Wait until the group has committed every partition's end offset.
+
+    The rate is measured from the first commit seen (the worker has joined and processed its
+    first batch) to the last, so start-up and group joins are not counted.
+    """
+    ends = end_offsets(bootstrap, topic, partitions)
+    total = sum(ends.values())
+    first: tuple[float, int] | None = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not worker.alive():
+            raise RuntimeError("worker exited:\n" + worker.log()[-3000:])
+        com = committed(bootstrap, group, topic, partitions)
+        done = sum(max(0, com.get(p, 0)) for p in ends)
+        now = time.monotonic()
+        if first is None and done > 0:
+            first = (now, done)
+        if done >= total:
+            t0, d0 = first if first is not None else (now, done)
+            return CatchUp(total - d0, now - t0)
+        time.sleep(poll)
+    raise TimeoutError(f"group {group} not caught up after {timeout}s ({committed(bootstrap, group, topic, partitions)}"
+                       f" of {ends})\n" + worker.log()[-3000:])
