@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from models.state import stable_hash
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
+class Slot(NamedTuple):
     item: int
     explore: bool
     p: float
@@ -34,32 +33,31 @@ def epsilon_greedy(
     [1, 2, 3]
     """
     rng = random.Random(stable_hash(seed, user_id, version))
-    exploit = list(ranked)
-    remaining = [j for j in pool if j not in set(exploit[:n])]
+    top = set(ranked[:n])
+    remaining = [j for j in pool if j not in top]
+    explore = [rng.random() < epsilon for _ in range(n)] if remaining and epsilon > 0 else [False] * n
+    q = 1.0 - epsilon if remaining else 1.0
     out: list[Slot] = []
     used: set[int] = set()
     e = 0
-    while len(out) < n:
-        if remaining and epsilon > 0 and rng.random() < epsilon:
+    for flag in explore:
+        if flag and remaining:
             k = rng.randrange(len(remaining))
+            p = epsilon / len(remaining)
             item = remaining.pop(k)
-            p = epsilon / (len(remaining) + 1)
-            if item in used:
+            if item not in used:
+                out.append(Slot(item, True, p))
+                used.add(item)
                 continue
-            out.append(Slot(item, True, p))
-            used.add(item)
-            continue
-        while e < len(exploit) and exploit[e] in used:
+        while e < len(ranked) and ranked[e] in used:
             e += 1
-        if e < len(exploit):
-            out.append(Slot(exploit[e], False, 1.0 - epsilon if remaining else 1.0))
-            used.add(exploit[e])
+        if e < len(ranked):
+            out.append(Slot(ranked[e], False, q))
+            used.add(ranked[e])
             e += 1
-        elif remaining:
+        elif remaining:  # nothing ranked is left: fill from the pool, with certainty
             item = remaining.pop(0)
-            if item not in used:  # nothing ranked is left: fill from the pool, with certainty
+            if item not in used:
                 out.append(Slot(item, False, 1.0))
                 used.add(item)
-        else:
-            break
     return out

@@ -11,17 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from models.exploration import epsilon_greedy
-from models.state import PartitionState
+from models.state import PartitionState, UserState
 
 _MS_PER_H = 3_600_000.0
 
 
-@dataclass(frozen=True, slots=True)
-class RecItem:
+class RecItem(NamedTuple):
     item_id: str
     score: float
     explore: bool
@@ -61,89 +61,157 @@ def trending(state: PartitionState, k: int) -> list[tuple[int, float]]:
 
 
 def sim_list(state: PartitionState, i: int) -> list[tuple[str, float]]:
-    """The published ``sim:{item}`` list: neighbours by cosine-normalised co-occurrence."""
-    return [(state.item_ids[j], s) for j, s in state.sim_top(i)]
+    """The published ``sim:{item}`` list: neighbours by cosine-normalised co-occurrence, now."""
+    idx, sc = state.compute_sim(i)
+    ids = state.item_ids
+    return [(ids[j], s) for j, s in zip(idx.tolist(), sc.tolist(), strict=True)]
+
+
+def _sources(u: UserState, k: int, decay: float) -> tuple[list[int], list[float]]:
+    """The user's k most recent distinct items, each weighted by event type and recency."""
+    srcs: list[int] = []
+    hs: list[float] = []
+    last = u.last_ts
+    for j, ts, w in reversed(u.history):
+        if j not in srcs:
+            srcs.append(j)
+            hs.append(w * math.exp(-decay * (last - ts)))
+            if len(srcs) >= k:
+                break
+    return srcs, hs
 
 
 def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collection[str] = ()) -> list[RecList]:
     """Lists for ``user_ids`` from the state as it is now (call after ``state.apply``).
 
-    Items the user has seen and ``blocked`` items are never candidates.
+    Items the user has seen and ``blocked`` items are never candidates. The whole batch of users
+    is scored at once: every (user, candidate) row of every source goes into one table, which a
+    few sorts and segment reductions turn into per-user rankings. Per-user Python is limited to
+    picking sources, exploration and building the output.
     """
     p = state.params
     n = state.n_items
     if not user_ids or n == 0:
         return []
+    nu = len(user_ids)
+    users = [state.users[uid] for uid in user_ids]
+    ar = np.arange(nu)
     pop = state.pop[:n]
-    pop_max = float(pop.max()) or 1.0
-    trend = [int(i) for i in top_indices(pop, p.trending_len)]
-    vecs = state.user_vectors(user_ids)
-    pool = top_indices(pop, p.vector_pool) if n > p.vector_pool else np.arange(n)
-    ctx = state.context[pool]
-    norms = np.linalg.norm(ctx, axis=1, keepdims=True)
-    norms[norms == 0] = 1.0
-    sims = vecs @ (ctx / norms).T  # (users, pool)
+    pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
+    trend = top_indices(pop, p.trending_len)
     decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
+
+    # seen and blocked items, as (user row, item) keys
+    seen_parts = [np.frombuffer(u.seen_arr, dtype=np.int64) for u in users]
+    seen_item = np.concatenate(seen_parts)
+    seen_user = np.repeat(ar, [len(x) for x in seen_parts])
+    excluded = np.fromiter((state.item_index[b] for b in blocked if b in state.item_index), dtype=np.int64)
+    if excluded.size:
+        seen_item = np.concatenate([seen_item, np.tile(excluded, nu)])
+        seen_user = np.concatenate([seen_user, np.repeat(ar, excluded.size)])
+
+    # nearest items to each user vector (one matrix product), seen ones masked out
+    vecs = state.user_vectors(user_ids)
+    if n > p.vector_pool:
+        pool = top_indices(pop, p.vector_pool)
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[pool] = np.arange(len(pool))
+        sims = vecs @ state.unit[pool].T
+        ps = pos[seen_item]
+        ok = ps >= 0
+        sims[seen_user[ok], ps[ok]] = -np.inf
+    else:
+        pool = np.arange(n)
+        sims = vecs @ state.unit[:n].T
+        sims[seen_user, seen_item] = -np.inf
+    kv = min(p.vector_candidates, sims.shape[1])
+    vpos = np.argpartition(-sims, kv - 1, axis=1)[:, :kv] if kv < sims.shape[1] else np.tile(np.arange(kv), (nu, 1))
+    vval = np.take_along_axis(sims, vpos, axis=1).ravel()
+    fin = np.isfinite(vval)
+    v_item = pool[vpos.ravel()[fin]]
+    v_user = np.repeat(ar, kv)[fin]
+    v_score = np.maximum(vval[fin], 0.0)
+
+    # co-occurrence neighbours of each user's recent items
+    hsum = np.zeros(nu)
+    nb_parts: list[np.ndarray] = []
+    sc_parts: list[np.ndarray] = []
+    h_rep: list[float] = []
+    src_rep: list[int] = []
+    lens: list[int] = []
+    per_user: list[int] = []
+    for r, u in enumerate(users):
+        srcs, hs = _sources(u, p.sources, decay)
+        hsum[r] = sum(hs)
+        cnt = 0
+        for j, h in zip(srcs, hs, strict=True):
+            nb, sc = state.sim_top(j)
+            if nb.size:
+                nb_parts.append(nb)
+                sc_parts.append(sc)
+                h_rep.append(h)
+                src_rep.append(j)
+                lens.append(nb.size)
+                cnt += nb.size
+        per_user.append(cnt)
+    if nb_parts:
+        c_item = np.concatenate(nb_parts)
+        c_contrib = np.concatenate(sc_parts) * np.repeat(np.asarray(h_rep), lens)
+        c_src = np.repeat(np.asarray(src_rep, dtype=np.int64), lens)
+    else:
+        c_item, c_contrib, c_src = _EMPTY_I, _EMPTY_F, _EMPTY_I
+    c_user = np.repeat(ar, per_user)
+
+    # one table of (user, item) rows from all three sources, reduced per (user, item)
+    nt = trend.size
+    n_other = v_item.size + nu * nt
+    item = np.concatenate([c_item, v_item, np.tile(trend, nu)])
+    user = np.concatenate([c_user, v_user, np.repeat(ar, nt)])
+    contrib = np.concatenate([c_contrib, np.zeros(n_other)])
+    vsc = np.concatenate([np.zeros(c_item.size), v_score, np.zeros(nu * nt)])
+    src = np.concatenate([c_src, np.full(n_other, -1, dtype=np.int64)])
+    key = user * n + item
+    order = np.lexsort((-contrib, key))  # per key, the biggest contribution first (ties: newest source)
+    key = key[order]
+    first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+    g_key = key[first]
+    g_cooc = np.add.reduceat(contrib[order], first)
+    g_vec = np.maximum.reduceat(vsc[order], first)
+    g_src = np.where(g_cooc > 0, src[order][first], -1)
+    keep = ~np.isin(g_key, seen_user * n + seen_item)
+    g_key, g_cooc, g_vec, g_src = g_key[keep], g_cooc[keep], g_vec[keep], g_src[keep]
+    g_user, g_item = g_key // n, g_key % n
+    safe = np.where(hsum > 0, hsum, 1.0)
+    score = pop_term[g_item] + p.w_cooc * g_cooc / safe[g_user] + p.w_vec * g_vec
+    rank = np.lexsort((g_item, -score, g_user))  # per user: best first, ties by item index
+    starts = np.searchsorted(g_user[rank], ar)
+    ends = np.searchsorted(g_user[rank], ar, side="right")
+
     ids = state.item_ids
+    k = p.n_recs + p.explore_pool
     out: list[RecList] = []
-    excluded = {state.item_index[b] for b in blocked if b in state.item_index}
-    for r, uid in enumerate(user_ids):
-        u = state.users[uid]
-        seen: Collection[int] = u.seen.keys() | excluded if excluded else u.seen
-        cooc: dict[int, float] = {}
-        why: dict[int, tuple[float, int]] = {}
-        hsum = 0.0
-        used_src: set[int] = set()
-        for j, ts, w in reversed(u.history):
-            if j in used_src:
-                continue
-            used_src.add(j)
-            h = w * math.exp(-decay * (u.last_ts - ts))
-            hsum += h
-            for c, s in state.sim_top(j):
-                if c in seen:
-                    continue
-                contrib = h * s
-                cooc[c] = cooc.get(c, 0.0) + contrib
-                if contrib > why.get(c, (0.0, -1))[0]:
-                    why[c] = (contrib, j)
-            if len(used_src) >= p.sources:
-                break
-        vrow = sims[r]
-        vscore: dict[int, float] = {}
-        for k in top_indices(vrow, p.vector_candidates + len(seen)):
-            j = int(pool[k])
-            if j not in seen:
-                vscore[j] = float(vrow[k])
-                if len(vscore) >= p.vector_candidates:
-                    break
-        scores: dict[int, float] = {}
-        for j in set(cooc) | set(vscore) | {t for t in trend if t not in seen}:
-            s = p.w_pop * float(pop[j]) / pop_max
-            if hsum > 0:
-                s += p.w_cooc * cooc.get(j, 0.0) / hsum
-            s += p.w_vec * max(0.0, vscore.get(j, 0.0))
-            scores[j] = s
-        ranked = sorted(scores, key=lambda j: (-scores[j], j))
-        slots = epsilon_greedy(
-            ranked[: p.n_recs],
-            ranked[p.n_recs : p.n_recs + p.explore_pool],
-            p.n_recs,
-            p.epsilon,
-            p.seed,
-            uid,
-            u.n_events,
+    for r, (uid, u) in enumerate(zip(user_ids, users, strict=True)):
+        sel = rank[starts[r] : min(ends[r], starts[r] + k)]
+        ranked = g_item[sel].tolist()
+        info = dict(
+            zip(ranked, zip(score[sel].tolist(), g_src[sel].tolist(), g_vec[sel].tolist(), strict=True), strict=True)
         )
+        slots = epsilon_greedy(ranked[: p.n_recs], ranked[p.n_recs :], p.n_recs, p.epsilon, p.seed, uid, u.n_events)
         items = []
         for sl in slots:
+            sc_j, src_j, vec_j = info[sl.item]
             if sl.explore:
                 reason = "exploration"
-            elif sl.item in why:
-                reason = f"similar to {ids[why[sl.item][1]]}"
-            elif sl.item in vscore:
+            elif src_j >= 0:
+                reason = "similar to " + ids[src_j]
+            elif vec_j > 0:
                 reason = "close to your recent taste"
             else:
                 reason = "trending"
-            items.append(RecItem(ids[sl.item], round(scores.get(sl.item, 0.0), 6), sl.explore, round(sl.p, 6), reason))
+            items.append(RecItem(ids[sl.item], sc_j, sl.explore, sl.p, reason))
         out.append(RecList(uid, u.n_events, u.last_ts, items))
     return out
+
+
+_EMPTY_I = np.zeros(0, dtype=np.int64)
+_EMPTY_F = np.zeros(0, dtype=np.float64)

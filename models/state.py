@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import scipy.sparse as sp
 from models.events import Event
 from models.params import ModelParams
 
+_DENSE_PAIRS = 4096  # below this many pair updates, the dense context update is faster
 _REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
 _MS_PER_H = 3_600_000.0
 
@@ -45,7 +47,7 @@ def stable_hash(*parts: object) -> int:
 class UserState:
     """A user's bounded recent history ``(item, ts, weight)``, seen items, and event count."""
 
-    __slots__ = ("history", "win_items", "win_sw", "seen", "n_events", "last_ts", "vec")
+    __slots__ = ("history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec")
 
     def __init__(self, history_len: int) -> None:
         self.history: deque[tuple[int, int, float]] = deque(maxlen=history_len)
@@ -53,6 +55,7 @@ class UserState:
         self.win_items: list[int] = []
         self.win_sw: list[float] = []
         self.seen: dict[int, None] = {}  # insertion-ordered set, so the oldest can be forgotten
+        self.seen_arr = array("q")  # the same items in the same order, readable by numpy without a copy
         self.n_events = 0  # also the list version: monotonic, and the same on every replay
         self.last_ts = 0
         self.vec: np.ndarray | None = None
@@ -64,13 +67,14 @@ class UserState:
             self.win_items,
             self.win_sw,
             self.seen,
+            self.seen_arr,
             self.n_events,
             self.last_ts,
             self.vec,
         )
 
     def __setstate__(self, s: tuple[object, ...]) -> None:
-        hist, maxlen, self.win_items, self.win_sw, self.seen, self.n_events, self.last_ts, self.vec = s  # type: ignore[assignment]
+        hist, maxlen, self.win_items, self.win_sw, self.seen, self.seen_arr, self.n_events, self.last_ts, self.vec = s  # type: ignore[assignment]
         self.history = deque(hist, maxlen=maxlen)  # type: ignore[call-overload]
 
 
@@ -96,10 +100,13 @@ class PartitionState:
         self.pop = np.zeros(0, dtype=np.float64)
         self.index_vecs = np.zeros((0, params.dim), dtype=np.float32)
         self.context = np.zeros((0, params.dim), dtype=np.float32)
+        self.unit = np.zeros((0, params.dim), dtype=np.float32)  # context rows scaled to unit length
         self.cooc: list[dict[int, float]] = []
         self.users: OrderedDict[str, UserState] = OrderedDict()
         self.recent_event_ids: dict[str, None] = {}
-        self.sim_cache: dict[int, list[tuple[int, float]]] = {}
+        # item -> (neighbour indices, scores, row mass when computed); see ``sim_top``
+        self.sim_cache: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+        self.row_mass = np.zeros(0, dtype=np.float64)  # co-occurrence weight ever added to each row
         self.max_ts = 0
         self.events_applied = 0
 
@@ -130,7 +137,11 @@ class PartitionState:
         iv[:n] = self.index_vecs
         cv = np.zeros((cap, d), dtype=np.float32)
         cv[:n] = self.context
-        self.pop, self.index_vecs, self.context = pop, iv, cv
+        un = np.zeros((cap, d), dtype=np.float32)
+        un[:n] = self.unit
+        rm = np.zeros(cap, dtype=np.float64)
+        rm[:n] = self.row_mass
+        self.pop, self.index_vecs, self.context, self.unit, self.row_mass = pop, iv, cv, un, rm
 
     # -- decay ---------------------------------------------------------------------------------
     def _scale(self, ts: int) -> float:
@@ -148,6 +159,8 @@ class PartitionState:
         f = math.exp(-self.lam * (ts - self.landmark))
         self.landmark = ts
         self.pop *= f
+        self.row_mass *= f  # unit vectors are scale-free: unchanged
+        self.sim_cache.clear()
         self.context *= np.float32(f)
         for row in self.cooc:
             for k in row:
@@ -230,9 +243,12 @@ class PartitionState:
             if len(wi) > window:
                 del wi[0], ws[0]
             u.history.append((i, ev.ts, w))
-            u.seen[i] = None
-            if len(u.seen) > p.max_seen:
-                del u.seen[next(iter(u.seen))]
+            if i not in u.seen:
+                u.seen[i] = None
+                u.seen_arr.append(i)
+                if len(u.seen) > p.max_seen:
+                    del u.seen[next(iter(u.seen))]
+                    del u.seen_arr[0]
             u.n_events += 1
             if ev.ts > u.last_ts:
                 u.last_ts = ev.ts
@@ -241,8 +257,6 @@ class PartitionState:
             touched[ev.user_id] = None
             eff.applied += 1
         self.events_applied += eff.applied
-        for i in items:
-            self.sim_cache.pop(i, None)
         if ev_i:
             self._update_context(ev_i, ev_gsw, ev_js, ev_sws)
         eff.users = [uid for uid in touched if uid in users]
@@ -261,62 +275,84 @@ class PartitionState:
         )
         keep = rows != cols
         rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        m = sp.csr_matrix(
-            (np.concatenate([vals, vals]), (np.concatenate([rows, cols]), np.concatenate([cols, rows]))), shape=(n, n)
-        )
-        self.context[:n] += (m @ self.index_vecs[:n].astype(np.float64)).astype(np.float32)
+        r2, c2, v2 = np.concatenate([rows, cols]), np.concatenate([cols, rows]), np.concatenate([vals, vals])
+        self.row_mass[:n] += np.bincount(r2, weights=v2, minlength=n)
+        # only the rows and columns this batch touched: cost grows with the batch, not the catalogue
+        # only the rows this batch touched: cost grows with the batch, not with the catalogue.
+        # Small batches (live traffic) gather rows densely; large ones (catch-up) go through a
+        # sparse product. Which path runs depends only on the batch, so replays stay exact.
+        if len(v2) <= _DENSE_PAIRS:
+            order = np.argsort(r2, kind="stable")
+            r2, c2, v2 = r2[order], c2[order], v2[order]
+            ur, starts = np.unique(r2, return_index=True)
+            delta = np.add.reduceat(self.index_vecs[c2] * v2[:, None].astype(np.float32), starts, axis=0)
+        else:
+            ur, rinv = np.unique(r2, return_inverse=True)
+            uc, cinv = np.unique(c2, return_inverse=True)
+            m = sp.csr_matrix((v2, (rinv, cinv)), shape=(len(ur), len(uc)))
+            delta = (m @ self.index_vecs[uc].astype(np.float64)).astype(np.float32)
+        ctx = self.context[ur] + delta
+        self.context[ur] = ctx
+        norms = np.linalg.norm(ctx, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        self.unit[ur] = ctx / norms
 
     # -- reads ---------------------------------------------------------------------------------
-    def sim_top(self, i: int) -> list[tuple[int, float]]:
-        """Item ``i``'s neighbours by cosine-normalised co-occurrence, best first (cached).
+    def sim_top(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ``i``'s neighbours (indices, scores) by cosine-normalised co-occurrence, best first.
 
-        ``c_ij / sqrt(pop_i * pop_j)`` is scale-free, so the forward-decay factor cancels. The
-        cache entry is dropped whenever row ``i`` changes; it is part of the state (and of the
-        snapshot) so that a restored worker ranks exactly as an uninterrupted one.
+        ``c_ij / sqrt(pop_i * pop_j)`` is scale-free, so the forward-decay factor cancels. Lists
+        are cached and recomputed once more than ``sim_refresh`` of the row's weight is new since
+        they were computed (a bounded staleness that keeps per-event work small). The cache is
+        part of the state and of its snapshot, so a restored worker ranks as an uninterrupted one.
         """
         hit = self.sim_cache.get(i)
-        if hit is None:
-            hit = self.sim_cache[i] = self.compute_sim(i)
-        return hit
+        mass = float(self.row_mass[i])
+        if hit is not None and mass <= hit[2] * (1.0 + self.params.sim_refresh):
+            return hit[0], hit[1]
+        idx, sc = self.compute_sim(i)
+        self.sim_cache[i] = (idx, sc, mass)
+        return idx, sc
 
-    def compute_sim(self, i: int) -> list[tuple[int, float]]:
-        """``sim_top`` without the cache, for publishing lists at wall-clock times."""
+    def compute_sim(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``sim_top`` computed now, without the cache."""
         row = self.cooc[i]
         if not row or self.pop[i] <= 0:
-            return []
+            return _EMPTY_I, _EMPTY_F
         keys = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
         vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
         s = vals / np.sqrt(np.maximum(self.pop[i] * self.pop[keys], 1e-300))
         top = _top_k(s, self.params.sim_list_len)
-        return list(zip(keys[top].tolist(), s[top].tolist(), strict=True))
+        return keys[top], s[top]
 
     def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
         """Recompute and store the vectors of ``user_ids``; returns them as rows (unit length)."""
         d = self.params.dim
-        out = np.zeros((len(user_ids), d), dtype=np.float32)
         if not user_ids or self.n_items == 0:
-            return out
-        ctx = self.context[: self.n_items]
-        norms = np.linalg.norm(ctx, axis=1)
-        norms[norms == 0] = 1.0
+            return np.zeros((len(user_ids), d), dtype=np.float32)
         decay = math.log(2.0) / (self.params.user_half_life_h * _MS_PER_H)
-        idx: list[int] = []
-        wts: list[float] = []
-        owner: list[int] = []
-        for r, uid in enumerate(user_ids):
-            u = self.users[uid]
-            for j, ts, w in u.history:
-                idx.append(j)
-                wts.append(w * math.exp(-decay * (u.last_ts - ts)) / norms[j])
-                owner.append(r)
-        m = sp.csr_matrix((wts, (owner, idx)), shape=(len(user_ids), self.n_items))
-        vecs = np.asarray(m @ ctx.astype(np.float64), dtype=np.float32)
+        users = [self.users[uid] for uid in user_ids]
+        lens = np.fromiter((len(u.history) for u in users), dtype=np.int64, count=len(users))
+        total = int(lens.sum())
+        flat = np.fromiter(
+            chain.from_iterable(chain.from_iterable(u.history for u in users)), dtype=np.float64, count=3 * total
+        ).reshape(total, 3)  # columns: item, ts, weight
+        last = np.repeat(np.fromiter((u.last_ts for u in users), dtype=np.float64, count=len(users)), lens)
+        w = flat[:, 2] * np.exp(-decay * (last - flat[:, 1]))
+        # weighted sums of unit item vectors, one segment of rows per user
+        rows = self.unit[flat[:, 0].astype(np.int64)] * w.astype(np.float32)[:, None]
+        starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
+        vecs = np.add.reduceat(rows, starts, axis=0)
         vn = np.linalg.norm(vecs, axis=1, keepdims=True)
         vn[vn == 0] = 1.0
         vecs /= vn
-        for r, uid in enumerate(user_ids):
-            self.users[uid].vec = vecs[r]
+        for r, u in enumerate(users):
+            u.vec = vecs[r]
         return vecs
+
+
+_EMPTY_I = np.zeros(0, dtype=np.int64)
+_EMPTY_F = np.zeros(0, dtype=np.float64)
 
 
 def _top_k(s: np.ndarray, k: int) -> np.ndarray:

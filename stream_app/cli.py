@@ -113,13 +113,14 @@ def bench(
     events: int = typer.Option(0, help="events to preload (0: all of ml-100k, or 100k synthetic)"),
     rate: int = typer.Option(2000, help="events/s for the freshness run"),
     seconds: float = typer.Option(20.0, help="length of the freshness run"),
+    partitions: int = typer.Option(1, help="partitions of the benchmark topic"),
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
     from stream_app.bench import run_bench
 
-    res = run_bench(_settings(config), events, rate, seconds)
+    res = run_bench(_settings(config), events, rate, seconds, partitions)
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
 

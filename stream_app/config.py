@@ -7,9 +7,11 @@ the defaults below. Every field is documented in the README's configuration tabl
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
@@ -34,7 +36,9 @@ class Settings(BaseSettings):
     fetch_wait_max_ms: int = Field(5, ge=0)
     session_timeout_ms: int = Field(10_000, ge=1000)
     snapshot_interval_s: float = Field(10.0, gt=0)
-    sim_publish_interval_s: float = Field(1.0, gt=0)
+    snapshot_fork: bool = True  # write snapshots from a forked child (no pause); False: inline
+    sim_publish_interval_s: float = Field(5.0, gt=0)
+    sim_publish_batch: int = Field(100, ge=1)
     max_event_bytes: int = Field(16_384, ge=256)
     topic_partitions: int = Field(4, ge=1, description="used when the worker has to create the events topic")
     model_version: str = "cf-1"
@@ -114,3 +118,13 @@ def _mask(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
     return url
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings from a ``STREAMREC_*`` mapping alone (not ``os.environ``): for the processes we
+    start ourselves, whose environment we build. JSON values (objects, lists) are parsed."""
+    values: dict[str, Any] = {}
+    for k, v in env.items():
+        if k.startswith("STREAMREC_") and k != "STREAMREC_CONFIG":
+            values[k[len("STREAMREC_") :].lower()] = orjson.loads(v) if v[:1] in "{[" else v
+    return Settings.model_validate(values)

@@ -30,11 +30,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from models.engine import step
 from models.events import Event, EventSchema, InvalidEvent
-from models.ranking import RecList, trending
+from models.ranking import RecList, sim_list, trending
 from models.state import PartitionState
 from stream_app.config import Settings
 from stream_app.kafka_io import DeadLetters, consumer_config
 from stream_app.redis_store import RedisStore
+from stream_app.snapshots import ForkedSnapshots
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,13 @@ class Pipeline:
         self.dlq: DeadLetters | None = None
         self._blocked: set[str] = set()
         self._blocked_at = 0.0
-        self._sims_at = time.monotonic()
+        self._sims_at = 0.0
         self.error: BaseException | None = None
+        self.forked = (
+            ForkedSnapshots(settings.redis_url, settings.redis_prefix, settings.group_id, settings.events_topic)
+            if settings.snapshot_fork and ForkedSnapshots.available()
+            else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -177,7 +183,9 @@ class Pipeline:
     # -- the loop ----------------------------------------------------------------------------
     def _iteration(self) -> None:
         assert self.consumer is not None
-        msgs = self.consumer.consume(num_messages=max(self.s.batch_size, 500), timeout=self.s.poll_timeout_ms / 1000)
+        want = max(self.s.batch_size, 500)
+        msgs = self.consumer.consume(num_messages=want, timeout=self.s.poll_timeout_ms / 1000)
+        drained = len(msgs) < want  # the local fetch queue ran dry: all that has arrived is here
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -189,11 +197,12 @@ class Pipeline:
             run = self.runs.get(m.partition() or 0)
             if run is not None and offset_of(m) >= run.next_offset:
                 run.buffer.append(m)
+        t0 = time.perf_counter()
         lists: list[RecList] = []
         processed: list[PartitionRun] = []
         for run in self.runs.values():
             while run.buffer:
-                n = split_block(run.buffer, run.next_offset, self.s.batch_size, self._caught_up(run))
+                n = split_block(run.buffer, run.next_offset, self.s.batch_size, self._caught_up(run, drained))
                 if n == 0:
                     break
                 block, run.buffer = run.buffer[:n], run.buffer[n:]
@@ -203,16 +212,64 @@ class Pipeline:
         sims = self._due_sims(now)
         if lists or sims or processed:
             trend = self._trending() if processed else None
+            t1 = time.perf_counter()
             self._write(lists, sims, trend)
             self._commit(sync=False, runs=processed)
-        for run in list(self.runs.values()):
-            if run.next_offset > run.snapshot_offset and now - run.snapshot_at >= self.s.snapshot_interval_s:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "iteration: %d messages, %d blocks, %d lists, %d sims; models %.1f ms, io %.1f ms",
+                    len(msgs),
+                    len(processed),
+                    len(lists),
+                    len(sims),
+                    1000 * (t1 - t0),
+                    1000 * (time.perf_counter() - t1),
+                )
+        self._periodic_snapshots(now)
+
+    def _periodic_snapshots(self, now: float) -> None:
+        """Snapshot partitions whose snapshot is older than the interval: in a forked child when
+        possible (one at a time), else inline."""
+        if self.forked is not None:
+            done = self.forked.poll()
+            if done is not None and done.partition in self.runs:
+                run = self.runs[done.partition]
+                run.snapshot_offset, run.snapshot_at = done.offset, done.started
+                self.stats.snapshots += 1
+                log.info(
+                    "partition %d: snapshot at offset %d written in the background in %.0f ms",
+                    done.partition,
+                    done.offset,
+                    1000 * (time.monotonic() - done.started),
+                )
+            if self.forked.busy():
+                return
+        due = [
+            r
+            for r in self.runs.values()
+            if r.next_offset > r.snapshot_offset and now - r.snapshot_at >= self.s.snapshot_interval_s
+        ]
+        if not due:
+            return
+        if self.forked is not None:
+            run = min(due, key=lambda r: r.snapshot_at)
+            run.snapshot_at = now  # don't ask again while this one is being written
+            self.forked.start(run.partition, run.next_offset, run.state)
+        else:
+            for run in due:
                 self._snapshot(run)
 
-    def _caught_up(self, run: PartitionRun) -> bool:
+    def _caught_up(self, run: PartitionRun, drained: bool) -> bool:
+        """Whether to process a partial block now rather than wait for the rest of it.
+
+        Yes when the buffer reaches the partition's high watermark, or when the fetch queue ran
+        dry and less than a block is outstanding (live traffic: latency matters). A log that is
+        already in the topic therefore always splits at multiples of ``batch_size``.
+        """
         assert self.consumer is not None
         _, hi = self.consumer.get_watermark_offsets(TopicPartition(self.s.events_topic, run.partition), cached=True)
-        return hi >= 0 and offset_of(run.buffer[-1]) + 1 >= hi
+        lag = hi - (offset_of(run.buffer[-1]) + 1) if hi >= 0 else 0
+        return lag <= 0 or (drained and lag < self.s.batch_size)
 
     def _process(self, run: PartitionRun, block: list[Message]) -> list[RecList]:
         assert self.dlq is not None
@@ -238,16 +295,20 @@ class Pipeline:
             self._blocked_at = now
         return self._blocked
 
-    def _due_sims(self, now: float) -> list[tuple[str, list[tuple[str, float]]]]:
-        if now - self._sims_at < self.s.sim_publish_interval_s:
-            return []
-        self._sims_at = now
-        out = []
+    def _due_sims(self, now: float, budget: int | None = None) -> list[tuple[str, list[tuple[str, float]]]]:
+        """Neighbour lists of items that changed, at most ``sim_publish_batch`` per iteration, so
+        that publishing them never stalls the event path (the rest wait for later iterations)."""
+        if budget is None:
+            if now - self._sims_at < self.s.sim_publish_interval_s:
+                return []
+            budget = self.s.sim_publish_batch
+        out: list[tuple[str, list[tuple[str, float]]]] = []
         for run in self.runs.values():
-            st = run.state
-            for i in sorted(run.sim_dirty):
-                out.append((st.item_ids[i], [(st.item_ids[j], s) for j, s in st.compute_sim(i)]))
-            run.sim_dirty.clear()
+            while run.sim_dirty and len(out) < budget:
+                i = run.sim_dirty.pop()
+                out.append((run.state.item_ids[i], sim_list(run.state, i)))
+        if not any(run.sim_dirty for run in self.runs.values()):
+            self._sims_at = now
         return out
 
     def _trending(self) -> list[tuple[str, float]]:
@@ -274,6 +335,13 @@ class Pipeline:
             self.consumer.commit(offsets=offsets, asynchronous=True)
 
     def _snapshot(self, run: PartitionRun) -> None:
+        """Inline snapshot (revocation, shutdown, or no fork): waits for a background one first,
+        so that an older snapshot can never overwrite a newer one."""
+        if self.forked is not None and self.forked.busy():
+            done = self.forked.poll(block=True)
+            if done is not None and done.partition in self.runs:
+                r = self.runs[done.partition]
+                r.snapshot_offset, r.snapshot_at = done.offset, done.started
         t0 = time.monotonic()
         size = self._retry(
             lambda: self.store.save_snapshot(
@@ -291,7 +359,11 @@ class Pipeline:
         )
 
     def _finish_all(self) -> None:
-        """Graceful stop: process what is buffered up to a block boundary, snapshot, commit."""
+        """Graceful stop: publish pending neighbour lists, snapshot, commit. Buffered messages
+        of an unfinished block are left for the next owner (they are not committed)."""
+        sims = self._due_sims(time.monotonic(), budget=sum(len(r.sim_dirty) for r in self.runs.values()))
+        if sims:
+            self._write([], sims, None)
         for run in self.runs.values():
             if run.next_offset != run.snapshot_offset:
                 self._snapshot(run)

@@ -39,8 +39,11 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_app.cli", "worker"], env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                [sys.executable, "-m", "stream_app.cli", "worker"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return self
 
@@ -82,8 +85,15 @@ class CatchUp:
         return self.events / self.seconds if self.seconds > 0 else 0.0
 
 
-def wait_caught_up(bootstrap: str, group: str, topic: str, partitions: int, worker: WorkerProcess,
-                   timeout: float = 300.0, poll: float = 0.05) -> CatchUp:
+def wait_caught_up(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    partitions: int,
+    worker: WorkerProcess,
+    timeout: float = 300.0,
+    poll: float = 0.05,
+) -> CatchUp:
     """Wait until the group has committed every partition's end offset.
 
     The rate is measured from the first commit seen (the worker has joined and processed its
@@ -105,5 +115,7 @@ def wait_caught_up(bootstrap: str, group: str, topic: str, partitions: int, work
             t0, d0 = first if first is not None else (now, done)
             return CatchUp(total - d0, now - t0)
         time.sleep(poll)
-    raise TimeoutError(f"group {group} not caught up after {timeout}s ({committed(bootstrap, group, topic, partitions)}"
-                       f" of {ends})\n" + worker.log()[-3000:])
+    raise TimeoutError(
+        f"group {group} not caught up after {timeout}s ({committed(bootstrap, group, topic, partitions)}"
+        f" of {ends})\n" + worker.log()[-3000:]
+    )

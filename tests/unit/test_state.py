@@ -159,3 +159,24 @@ def test_blocked_items_are_not_recommended() -> None:
     step(s, [ev("u", "a", 0), ev("u", "b", 1), ev("v", "a", 2)])
     out = step(s, [ev("w", "a", 3)], blocked={"b"})
     assert all(it.item_id != "b" for it in out.lists[0].items)
+
+
+def test_batching_changes_no_count_and_vectors_only_by_rounding() -> None:
+    """One big batch takes the sparse context update, single events the dense one."""
+    from stream_app.datasets import synthetic_events
+
+    p = ModelParams()
+    events = [
+        Event(e["user_id"], e["item_id"], e["type"], e["ts"], e["event_id"])
+        for e in synthetic_events(n_users=50, n_items=80, n_events=3000, seed=1)
+    ]
+    whole = PartitionState(p)
+    whole.apply(events)
+    single = PartitionState(p)
+    for e in events:
+        single.apply([e])
+    assert [sorted(r.items()) for r in whole.cooc] == [sorted(r.items()) for r in single.cooc]
+    assert np.array_equal(whole.pop, single.pop)
+    n = whole.n_items
+    assert np.allclose(whole.context[:n], single.context[:n], rtol=1e-4, atol=1e-6 * np.abs(whole.context).max())
+    assert np.allclose(whole.unit[:n], single.unit[:n], atol=1e-5)
