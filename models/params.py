@@ -19,11 +19,11 @@ class ModelParams:
     pair_window: int = 20  # a new event pairs with this many of the user's recent items
     neighbours: int = 100  # co-occurrence entries kept per item (pruned back from 2x)
     sim_list_len: int = 30  # neighbours per item: the sim:{item} lists, and candidates per source
-    sim_refresh: float = 0.1  # recompute a neighbour list once this share of its row's weight is new
+    sim_refresh: float = 0.2  # recompute a neighbour list once this share of its row's weight is new
     dim: int = 64  # item/user vector dimension (random-indexing sketch)
     n_recs: int = 20  # length of a user's list
     epsilon: float = 0.1  # per-slot exploration probability
-    explore_pool: int = 100  # exploration draws from this many non-top candidates
+    explore_pool: int = 50  # exploration draws from this many non-top candidates
     seed: int = 0
     sources: int = 10  # recent history items that seed co-occurrence candidates
     vector_candidates: int = 50  # items taken from the user-vector search

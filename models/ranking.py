@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from models.exploration import epsilon_greedy
+from models.params import ModelParams
 from models.state import PartitionState, UserState
 
 _MS_PER_H = 3_600_000.0
@@ -81,56 +82,119 @@ def _sources(u: UserState, k: int, decay: float) -> tuple[list[int], list[float]
     return srcs, hs
 
 
+@dataclass
+class _Candidates:
+    """Every (user row, item) candidate of a chunk of users, from the three sources."""
+
+    nu: int
+    seen_user: np.ndarray
+    seen_item: np.ndarray
+    c_user: np.ndarray  # co-occurrence rows: per user, sources newest first
+    c_item: np.ndarray
+    c_contrib: np.ndarray
+    c_src: np.ndarray
+    v_user: np.ndarray  # user-vector rows
+    v_item: np.ndarray
+    v_score: np.ndarray
+    trend: np.ndarray  # trending items, candidates for every user
+    hsum: np.ndarray  # per user: total source weight, normalises the co-occurrence score
+
+
+# A user's ranking: items best first, with score, contributing source (-1: none) and vector score.
+_Ranked = tuple[list[int], list[float], list[int], list[float]]
+# Dense scoring holds a (users x items) matrix; chunks of users keep it under this many cells.
+_DENSE_CELLS = 1 << 20
+_DENSE_MIN_USERS = 32
+
+
 def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collection[str] = ()) -> list[RecList]:
     """Lists for ``user_ids`` from the state as it is now (call after ``state.apply``).
 
-    Items the user has seen and ``blocked`` items are never candidates. The whole batch of users
-    is scored at once: every (user, candidate) row of every source goes into one table, which a
-    few sorts and segment reductions turn into per-user rankings. Per-user Python is limited to
-    picking sources, exploration and building the output.
+    Items the user has seen and ``blocked`` items are never candidates. Users are scored a chunk
+    at a time with array operations: a dense (users x items) score matrix while the catalogue
+    is small enough, else a table of (user, item) rows reduced by sorting. Per-user Python is
+    limited to picking sources, exploration and building the output.
     """
     p = state.params
     n = state.n_items
     if not user_ids or n == 0:
         return []
-    nu = len(user_ids)
-    users = [state.users[uid] for uid in user_ids]
-    ar = np.arange(nu)
     pop = state.pop[:n]
     pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
     trend = top_indices(pop, p.trending_len)
+    excluded = np.fromiter((state.item_index[b] for b in blocked if b in state.item_index), dtype=np.int64)
+    if n > p.vector_pool:
+        pool = top_indices(pop, p.vector_pool)
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[pool] = np.arange(len(pool))
+    else:
+        pool, pos = np.arange(n), None
+    chunk = _DENSE_CELLS // n
+    dense = chunk >= _DENSE_MIN_USERS
+    if not dense:
+        chunk = len(user_ids)
+    k = p.n_recs + p.explore_pool
+    ids = state.item_ids
+    out: list[RecList] = []
+    for c0 in range(0, len(user_ids), chunk):
+        uids = user_ids[c0 : c0 + chunk]
+        cand = _gather(state, uids, excluded, trend, pool, pos)
+        ranked = _rank_dense(cand, n, k, pop_term, p) if dense else _rank_table(cand, n, k, pop_term, p)
+        for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
+            u = state.users[uid]
+            info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))
+            slots = epsilon_greedy(items[: p.n_recs], items[p.n_recs :], p.n_recs, p.epsilon, p.seed, uid, u.n_events)
+            rec = []
+            for sl in slots:
+                sc_j, src_j, vec_j = info[sl.item]
+                if sl.explore:
+                    reason = "exploration"
+                elif src_j >= 0:
+                    reason = "similar to " + ids[src_j]
+                elif vec_j > 0:
+                    reason = "close to your recent taste"
+                else:
+                    reason = "trending"
+                rec.append(RecItem(ids[sl.item], sc_j, sl.explore, sl.p, reason))
+            out.append(RecList(uid, u.n_events, u.last_ts, rec))
+    return out
+
+
+def _gather(
+    state: PartitionState,
+    user_ids: Sequence[str],
+    excluded: np.ndarray,
+    trend: np.ndarray,
+    pool: np.ndarray,
+    pos: np.ndarray | None,
+) -> _Candidates:
+    p = state.params
+    nu = len(user_ids)
+    users = [state.users[uid] for uid in user_ids]
+    ar = np.arange(nu)
     decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
 
-    # seen and blocked items, as (user row, item) keys
+    # seen and blocked items, as (user row, item) pairs
     seen_parts = [np.frombuffer(u.seen_arr, dtype=np.int64) for u in users]
     seen_item = np.concatenate(seen_parts)
     seen_user = np.repeat(ar, [len(x) for x in seen_parts])
-    excluded = np.fromiter((state.item_index[b] for b in blocked if b in state.item_index), dtype=np.int64)
     if excluded.size:
         seen_item = np.concatenate([seen_item, np.tile(excluded, nu)])
         seen_user = np.concatenate([seen_user, np.repeat(ar, excluded.size)])
 
     # nearest items to each user vector (one matrix product), seen ones masked out
     vecs = state.user_vectors(user_ids)
-    if n > p.vector_pool:
-        pool = top_indices(pop, p.vector_pool)
-        pos = np.full(n, -1, dtype=np.int64)
-        pos[pool] = np.arange(len(pool))
-        sims = vecs @ state.unit[pool].T
+    sims = vecs @ state.unit[pool].T
+    if pos is None:
+        sims[seen_user, seen_item] = -np.inf
+    else:
         ps = pos[seen_item]
         ok = ps >= 0
         sims[seen_user[ok], ps[ok]] = -np.inf
-    else:
-        pool = np.arange(n)
-        sims = vecs @ state.unit[:n].T
-        sims[seen_user, seen_item] = -np.inf
     kv = min(p.vector_candidates, sims.shape[1])
     vpos = np.argpartition(-sims, kv - 1, axis=1)[:, :kv] if kv < sims.shape[1] else np.tile(np.arange(kv), (nu, 1))
     vval = np.take_along_axis(sims, vpos, axis=1).ravel()
     fin = np.isfinite(vval)
-    v_item = pool[vpos.ravel()[fin]]
-    v_user = np.repeat(ar, kv)[fin]
-    v_score = np.maximum(vval[fin], 0.0)
 
     # co-occurrence neighbours of each user's recent items
     hsum = np.zeros(nu)
@@ -160,16 +224,63 @@ def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collectio
         c_src = np.repeat(np.asarray(src_rep, dtype=np.int64), lens)
     else:
         c_item, c_contrib, c_src = _EMPTY_I, _EMPTY_F, _EMPTY_I
-    c_user = np.repeat(ar, per_user)
+    return _Candidates(
+        nu, seen_user, seen_item, np.repeat(ar, per_user), c_item, c_contrib, c_src,
+        np.repeat(ar, kv)[fin], pool[vpos.ravel()[fin]], np.maximum(vval[fin], 0.0), trend, hsum,
+    )
 
-    # one table of (user, item) rows from all three sources, reduced per (user, item)
-    nt = trend.size
-    n_other = v_item.size + nu * nt
-    item = np.concatenate([c_item, v_item, np.tile(trend, nu)])
-    user = np.concatenate([c_user, v_user, np.repeat(ar, nt)])
-    contrib = np.concatenate([c_contrib, np.zeros(n_other)])
-    vsc = np.concatenate([np.zeros(c_item.size), v_score, np.zeros(nu * nt)])
-    src = np.concatenate([c_src, np.full(n_other, -1, dtype=np.int64)])
+
+def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
+    """Scores in a (users x items) matrix; per row, the top k by argpartition."""
+    nu = c.nu
+    cells = nu * n
+    ckey = c.c_user * n + c.c_item
+    vkey = c.v_user * n + c.v_item
+    cooc = np.bincount(ckey, weights=c.c_contrib, minlength=cells)
+    vec = np.zeros(cells)
+    vec[vkey] = c.v_score
+    member = np.zeros(cells, dtype=bool)
+    member[ckey] = True
+    member[vkey] = True
+    member.reshape(nu, n)[:, c.trend] = True
+    member[c.seen_user * n + c.seen_item] = False
+    safe = np.where(c.hsum > 0, c.hsum, 1.0)
+    score = (pop_term + p.w_cooc * cooc.reshape(nu, n) / safe[:, None] + p.w_vec * vec.reshape(nu, n)).ravel()
+    score[~member] = -np.inf
+    score2 = score.reshape(nu, n)
+    top = np.argpartition(-score2, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (nu, 1))
+    vals = np.take_along_axis(score2, top, axis=1)
+    order = np.lexsort((top, -vals), axis=-1)  # best first, ties by item index
+    top = np.take_along_axis(top, order, axis=1)
+    vals = np.take_along_axis(vals, order, axis=1)
+    # the source that contributed most to each (user, item); ties: the newest source
+    best = np.zeros(cells)
+    np.maximum.at(best, ckey, c.c_contrib)
+    m = np.flatnonzero((c.c_contrib == best[ckey]) & (c.c_contrib > 0))
+    uk, first = np.unique(ckey[m], return_index=True)
+    src = np.full(cells, -1, dtype=np.int64)
+    src[uk] = c.c_src[m[first]]
+    out: list[_Ranked] = []
+    for r in range(nu):
+        fin = np.isfinite(vals[r])
+        items = top[r][fin]
+        cell = r * n + items
+        out.append((items.tolist(), vals[r][fin].tolist(), src[cell].tolist(), vec[cell].tolist()))
+    return out
+
+
+def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
+    """One table of (user, item) rows from all sources, reduced per pair by sorting; for
+    catalogues too large for a dense matrix."""
+    nu = c.nu
+    ar = np.arange(nu)
+    nt = c.trend.size
+    n_other = c.v_item.size + nu * nt
+    item = np.concatenate([c.c_item, c.v_item, np.tile(c.trend, nu)])
+    user = np.concatenate([c.c_user, c.v_user, np.repeat(ar, nt)])
+    contrib = np.concatenate([c.c_contrib, np.zeros(n_other)])
+    vsc = np.concatenate([np.zeros(c.c_item.size), c.v_score, np.zeros(nu * nt)])
+    src = np.concatenate([c.c_src, np.full(n_other, -1, dtype=np.int64)])
     key = user * n + item
     order = np.lexsort((-contrib, key))  # per key, the biggest contribution first (ties: newest source)
     key = key[order]
@@ -178,38 +289,18 @@ def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collectio
     g_cooc = np.add.reduceat(contrib[order], first)
     g_vec = np.maximum.reduceat(vsc[order], first)
     g_src = np.where(g_cooc > 0, src[order][first], -1)
-    keep = ~np.isin(g_key, seen_user * n + seen_item)
+    keep = ~np.isin(g_key, c.seen_user * n + c.seen_item)
     g_key, g_cooc, g_vec, g_src = g_key[keep], g_cooc[keep], g_vec[keep], g_src[keep]
     g_user, g_item = g_key // n, g_key % n
-    safe = np.where(hsum > 0, hsum, 1.0)
+    safe = np.where(c.hsum > 0, c.hsum, 1.0)
     score = pop_term[g_item] + p.w_cooc * g_cooc / safe[g_user] + p.w_vec * g_vec
     rank = np.lexsort((g_item, -score, g_user))  # per user: best first, ties by item index
     starts = np.searchsorted(g_user[rank], ar)
     ends = np.searchsorted(g_user[rank], ar, side="right")
-
-    ids = state.item_ids
-    k = p.n_recs + p.explore_pool
-    out: list[RecList] = []
-    for r, (uid, u) in enumerate(zip(user_ids, users, strict=True)):
+    out: list[_Ranked] = []
+    for r in range(nu):
         sel = rank[starts[r] : min(ends[r], starts[r] + k)]
-        ranked = g_item[sel].tolist()
-        info = dict(
-            zip(ranked, zip(score[sel].tolist(), g_src[sel].tolist(), g_vec[sel].tolist(), strict=True), strict=True)
-        )
-        slots = epsilon_greedy(ranked[: p.n_recs], ranked[p.n_recs :], p.n_recs, p.epsilon, p.seed, uid, u.n_events)
-        items = []
-        for sl in slots:
-            sc_j, src_j, vec_j = info[sl.item]
-            if sl.explore:
-                reason = "exploration"
-            elif src_j >= 0:
-                reason = "similar to " + ids[src_j]
-            elif vec_j > 0:
-                reason = "close to your recent taste"
-            else:
-                reason = "trending"
-            items.append(RecItem(ids[sl.item], sc_j, sl.explore, sl.p, reason))
-        out.append(RecList(uid, u.n_events, u.last_ts, items))
+        out.append((g_item[sel].tolist(), score[sel].tolist(), g_src[sel].tolist(), g_vec[sel].tolist()))
     return out
 
 
