@@ -37,3 +37,16 @@ def test_bad_values_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_secrets_are_masked_for_logs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMREC_REDIS_URL", "redis://user:hunter2@cache:6379/0")
     assert "hunter2" not in str(Settings().safe_view())
+
+
+def test_example_file_documents_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    for k in list(__import__("os").environ):
+        if k.startswith("STREAMREC_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("STREAMREC_CONFIG", str(Path(__file__).parents[2] / "streamrec.example.toml"))
+    from_file = Settings().model_dump()
+    monkeypatch.delenv("STREAMREC_CONFIG")
+    defaults = Settings().model_dump()
+    assert from_file == defaults
