@@ -225,8 +225,18 @@ def _gather(
     else:
         c_item, c_contrib, c_src = _EMPTY_I, _EMPTY_F, _EMPTY_I
     return _Candidates(
-        nu, seen_user, seen_item, np.repeat(ar, per_user), c_item, c_contrib, c_src,
-        np.repeat(ar, kv)[fin], pool[vpos.ravel()[fin]], np.maximum(vval[fin], 0.0), trend, hsum,
+        nu,
+        seen_user,
+        seen_item,
+        np.repeat(ar, per_user),
+        c_item,
+        c_contrib,
+        c_src,
+        np.repeat(ar, kv)[fin],
+        pool[vpos.ravel()[fin]],
+        np.maximum(vval[fin], 0.0),
+        trend,
+        hsum,
     )
 
 
@@ -260,13 +270,11 @@ def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     uk, first = np.unique(ckey[m], return_index=True)
     src = np.full(cells, -1, dtype=np.int64)
     src[uk] = c.c_src[m[first]]
-    out: list[_Ranked] = []
-    for r in range(nu):
-        fin = np.isfinite(vals[r])
-        items = top[r][fin]
-        cell = r * n + items
-        out.append((items.tolist(), vals[r][fin].tolist(), src[cell].tolist(), vec[cell].tolist()))
-    return out
+    # rows are sorted best first, so the candidates (finite scores) are a prefix of each row
+    counts = np.isfinite(vals).sum(axis=1).tolist()
+    at = np.arange(nu)[:, None] * n + top
+    t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src[at].tolist(), vec[at].tolist()
+    return [(t_l[r][:m], v_l[r][:m], s_l[r][:m], w_l[r][:m]) for r, m in enumerate(counts)]
 
 
 def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
@@ -297,11 +305,9 @@ def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     rank = np.lexsort((g_item, -score, g_user))  # per user: best first, ties by item index
     starts = np.searchsorted(g_user[rank], ar)
     ends = np.searchsorted(g_user[rank], ar, side="right")
-    out: list[_Ranked] = []
-    for r in range(nu):
-        sel = rank[starts[r] : min(ends[r], starts[r] + k)]
-        out.append((g_item[sel].tolist(), score[sel].tolist(), g_src[sel].tolist(), g_vec[sel].tolist()))
-    return out
+    t_l, v_l, s_l, w_l = (a[rank].tolist() for a in (g_item, score, g_src, g_vec))
+    bounds = zip(starts.tolist(), np.minimum(ends, starts + k).tolist(), strict=True)
+    return [(t_l[a:b], v_l[a:b], s_l[a:b], w_l[a:b]) for a, b in bounds]
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)

@@ -47,7 +47,7 @@ def stable_hash(*parts: object) -> int:
 class UserState:
     """A user's bounded recent history ``(item, ts, weight)``, seen items, and event count."""
 
-    __slots__ = ("history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec")
+    __slots__ = ("history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec", "vec_ts")
 
     def __init__(self, history_len: int) -> None:
         self.history: deque[tuple[int, int, float]] = deque(maxlen=history_len)
@@ -58,7 +58,9 @@ class UserState:
         self.seen_arr = array("q")  # the same items in the same order, readable by numpy without a copy
         self.n_events = 0  # also the list version: monotonic, and the same on every replay
         self.last_ts = 0
+        # decayed, type-weighted sum of unit item vectors, as of event time ``vec_ts``
         self.vec: np.ndarray | None = None
+        self.vec_ts = 0
 
     def __getstate__(self) -> tuple[object, ...]:
         return (
@@ -71,10 +73,22 @@ class UserState:
             self.n_events,
             self.last_ts,
             self.vec,
+            self.vec_ts,
         )
 
     def __setstate__(self, s: tuple[object, ...]) -> None:
-        hist, maxlen, self.win_items, self.win_sw, self.seen, self.seen_arr, self.n_events, self.last_ts, self.vec = s  # type: ignore[assignment]
+        (
+            hist,
+            maxlen,
+            self.win_items,
+            self.win_sw,
+            self.seen,
+            self.seen_arr,
+            self.n_events,
+            self.last_ts,
+            self.vec,
+            self.vec_ts,
+        ) = s  # type: ignore[assignment]
         self.history = deque(hist, maxlen=maxlen)  # type: ignore[call-overload]
 
 
@@ -193,6 +207,10 @@ class PartitionState:
         eff = BatchEffect()
         items = eff.items
         touched: dict[str, None] = {}
+        uv_user: list[str] = []
+        uv_item: list[int] = []
+        uv_ts: list[int] = []
+        uv_w: list[float] = []
         users = self.users
         seen_ids = self.recent_event_ids
         for ev in events:
@@ -255,10 +273,16 @@ class PartitionState:
             if ev.ts > self.max_ts:
                 self.max_ts = ev.ts
             touched[ev.user_id] = None
+            uv_user.append(ev.user_id)
+            uv_item.append(i)
+            uv_ts.append(ev.ts)
+            uv_w.append(w)
             eff.applied += 1
         self.events_applied += eff.applied
         if ev_i:
             self._update_context(ev_i, ev_gsw, ev_js, ev_sws)
+        if uv_user:
+            self._update_user_vectors(list(touched), uv_user, uv_item, uv_ts, uv_w)
         eff.users = [uid for uid in touched if uid in users]
         return eff
 
@@ -325,30 +349,49 @@ class PartitionState:
         top = _top_k(s, self.params.sim_list_len)
         return keys[top], s[top]
 
+    def _update_user_vectors(
+        self, uids: list[str], ev_user: list[str], ev_item: list[int], ev_ts: list[int], ev_w: list[float]
+    ) -> None:
+        """u(T) = u(T0) * exp(-mu (T - T0)) + sum_k w_k exp(-mu (T - t_k)) unit[i_k], per user, batched.
+
+        ``T`` is the user's newest event time. Item vectors are taken as they are at the end of
+        the batch an event arrived in, so a user vector costs O(dim) per event, not a history scan.
+        """
+        mu = math.log(2.0) / (self.params.user_half_life_h * _MS_PER_H)
+        users = [self.users.get(u) for u in uids]
+        row = {u: r for r, u in enumerate(uids)}
+        ux = np.fromiter((row[u] for u in ev_user), dtype=np.int64, count=len(ev_user))
+        last = np.fromiter(
+            (u.last_ts if u is not None else self.max_ts for u in users), dtype=np.float64, count=len(uids)
+        )
+        coef = np.asarray(ev_w) * np.exp(-mu * (last[ux] - np.asarray(ev_ts, dtype=np.float64)))
+        order = np.argsort(ux, kind="stable")
+        ux_s = ux[order]
+        starts = np.flatnonzero(np.concatenate(([True], ux_s[1:] != ux_s[:-1])))
+        items = np.asarray(ev_item, dtype=np.int64)[order]
+        sums = np.add.reduceat(self.unit[items] * coef[order].astype(np.float32)[:, None], starts, axis=0)
+        for r, s in zip(ux_s[starts].tolist(), sums, strict=True):
+            u = users[r]
+            if u is None:  # evicted within this batch
+                continue
+            if u.vec is None:
+                u.vec = s
+            else:
+                u.vec = u.vec * np.float32(math.exp(-mu * (u.last_ts - u.vec_ts))) + s
+            u.vec_ts = u.last_ts
+
     def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
-        """Recompute and store the vectors of ``user_ids``; returns them as rows (unit length)."""
+        """Unit-length vectors of ``user_ids`` (rows); zero rows for users without one."""
         d = self.params.dim
-        if not user_ids or self.n_items == 0:
-            return np.zeros((len(user_ids), d), dtype=np.float32)
-        decay = math.log(2.0) / (self.params.user_half_life_h * _MS_PER_H)
-        users = [self.users[uid] for uid in user_ids]
-        lens = np.fromiter((len(u.history) for u in users), dtype=np.int64, count=len(users))
-        total = int(lens.sum())
-        flat = np.fromiter(
-            chain.from_iterable(chain.from_iterable(u.history for u in users)), dtype=np.float64, count=3 * total
-        ).reshape(total, 3)  # columns: item, ts, weight
-        last = np.repeat(np.fromiter((u.last_ts for u in users), dtype=np.float64, count=len(users)), lens)
-        w = flat[:, 2] * np.exp(-decay * (last - flat[:, 1]))
-        # weighted sums of unit item vectors, one segment of rows per user
-        rows = self.unit[flat[:, 0].astype(np.int64)] * w.astype(np.float32)[:, None]
-        starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-        vecs = np.add.reduceat(rows, starts, axis=0)
-        vn = np.linalg.norm(vecs, axis=1, keepdims=True)
-        vn[vn == 0] = 1.0
-        vecs /= vn
-        for r, u in enumerate(users):
-            u.vec = vecs[r]
-        return vecs
+        out = np.zeros((len(user_ids), d), dtype=np.float32)
+        for r, uid in enumerate(user_ids):
+            v = self.users[uid].vec
+            if v is not None:
+                out[r] = v
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        unit: np.ndarray = out / norms
+        return unit
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)

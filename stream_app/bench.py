@@ -195,18 +195,17 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
         typer.echo(f"raw ceiling: {raw['events_per_s']:,.0f} events/s")
         log_path = Path(tempfile.gettempdir()) / f"streamrec-bench-worker-{run}.log"
         typer.echo(f"worker log: {log_path}")
-        if True:
-            w = WorkerProcess(env, log_path).start()
-            try:
-                caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, w)
-                typer.echo(f"end to end: {caught.rate:,.0f} events/s")
-                rss = psutil.Process(w.pid).memory_info().rss
-                users = [str(e["user_id"]) for e in events]
-                items = [str(e["item_id"]) for e in events]
-                start_ts = max(int(e["ts"]) for e in events) + 1000
-                fresh = freshness(svc.bootstrap, svc.redis_url, s, users, items, rate, seconds, start_ts)
-            finally:
-                w.stop()
+        w = WorkerProcess(env, log_path).start()
+        try:
+            caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, w)
+            typer.echo(f"end to end: {caught.rate:,.0f} events/s")
+            rss = psutil.Process(w.pid).memory_info().rss
+            users = [str(e["user_id"]) for e in events]
+            items = [str(e["item_id"]) for e in events]
+            start_ts = max(int(e["ts"]) for e in events) + 1000
+            fresh = freshness(svc.bootstrap, svc.redis_url, s, users, items, rate, seconds, start_ts)
+        finally:
+            w.stop()
         r = redis.Redis.from_url(svc.redis_url)
         for k in r.scan_iter(f"{s.redis_prefix}*", count=1000):
             r.delete(k)
