@@ -22,11 +22,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from threadpoolctl import threadpool_limits
 
 from models.engine import step
 from models.events import Event, EventSchema, InvalidEvent
@@ -52,6 +54,14 @@ class PartitionRun:
     snapshot_at: float = field(default_factory=time.monotonic)
     buffer: list[Message] = field(default_factory=list)
     sim_dirty: set[int] = field(default_factory=set)
+
+
+@dataclass
+class PendingWrite:
+    """A batch's Redis write in flight, and the offsets it completes once it lands."""
+
+    future: Future[Any]
+    offsets: dict[int, int]
 
 
 @dataclass
@@ -114,6 +124,10 @@ class Pipeline:
         self._blocked: set[str] = set()
         self._blocked_at = 0.0
         self._sims_at = 0.0
+        # Redis writes run on their own thread, overlapping the next batch's consume and model
+        # work; a batch's offsets are committed only after its write has landed.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-redis")
+        self._pending: PendingWrite | None = None
         self.error: BaseException | None = None
         self.forked = (
             ForkedSnapshots(settings.redis_url, settings.redis_prefix, settings.group_id, settings.events_topic)
@@ -131,14 +145,17 @@ class Pipeline:
         )
         log.info("pipeline consuming %s as group %s", self.s.events_topic, self.s.group_id)
         try:
-            while not self.stop_event.is_set():
-                self._iteration()
-            self._finish_all()
+            # small matrices, latency-bound: BLAS threads would only compete with ours for cores
+            with threadpool_limits(limits=1, user_api="blas"):
+                while not self.stop_event.is_set():
+                    self._iteration()
+                self._finish_all()
         except BaseException as e:
             self.error = e
             log.exception("pipeline stopped on an error")
             raise
         finally:
+            self._writer.shutdown(wait=True)
             self.consumer.close()
             self.dlq.producer.flush(10)
 
@@ -164,6 +181,7 @@ class Pipeline:
         consumer.assign(tps)
 
     def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        self._settle(sync=True)
         revoked = [self.runs[tp.partition] for tp in tps if tp.partition in self.runs]
         for run in revoked:
             if run.next_offset != run.snapshot_offset:
@@ -198,6 +216,10 @@ class Pipeline:
             if run is not None and offset_of(m) >= run.next_offset:
                 run.buffer.append(m)
         t0 = time.perf_counter()
+        self._settle(sync=False)  # the previous batch's outputs are in Redis: commit them
+        now = time.monotonic()
+        self._periodic_snapshots(now)  # the state now matches what Redis shows
+        t1 = time.perf_counter()
         lists: list[RecList] = []
         processed: list[PartitionRun] = []
         for run in self.runs.values():
@@ -208,24 +230,38 @@ class Pipeline:
                 block, run.buffer = run.buffer[:n], run.buffer[n:]
                 lists.extend(self._process(run, block))
                 processed.append(run)
-        now = time.monotonic()
         sims = self._due_sims(now)
         if lists or sims or processed:
             trend = self._trending() if processed else None
-            t1 = time.perf_counter()
-            self._write(lists, sims, trend)
-            self._commit(sync=False, runs=processed)
+            offsets = {r.partition: r.next_offset for r in processed}
+            self._pending = PendingWrite(self._writer.submit(self._write, lists, sims, trend), offsets)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
-                    "iteration: %d messages, %d blocks, %d lists, %d sims; models %.1f ms, io %.1f ms",
+                    "iteration: %d messages, %d blocks, %d lists, %d sims; models %.1f ms, waited for redis %.1f ms",
                     len(msgs),
                     len(processed),
                     len(lists),
                     len(sims),
-                    1000 * (t1 - t0),
                     1000 * (time.perf_counter() - t1),
+                    1000 * (t1 - t0),
                 )
-        self._periodic_snapshots(now)
+
+    def _settle(self, sync: bool) -> None:
+        """Wait for the in-flight Redis write (the writer retries outages itself), then commit
+        the offsets it completed."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        pending.future.result()
+        assert self.consumer is not None and self.dlq is not None
+        self.dlq.flush()
+        tps = [TopicPartition(self.s.events_topic, p, o) for p, o in pending.offsets.items()]
+        if not tps:
+            return
+        if sync:
+            self.consumer.commit(offsets=tps, asynchronous=False)
+        else:
+            self.consumer.commit(offsets=tps, asynchronous=True)
 
     def _periodic_snapshots(self, now: float) -> None:
         """Snapshot partitions whose snapshot is older than the interval: in a forked child when
@@ -361,6 +397,7 @@ class Pipeline:
     def _finish_all(self) -> None:
         """Graceful stop: publish pending neighbour lists, snapshot, commit. Buffered messages
         of an unfinished block are left for the next owner (they are not committed)."""
+        self._settle(sync=True)
         sims = self._due_sims(time.monotonic(), budget=sum(len(r.sim_dirty) for r in self.runs.values()))
         if sims:
             self._write([], sims, None)

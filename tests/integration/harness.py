@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from threadpoolctl import threadpool_limits
 
 from models.engine import step
 from models.events import EventSchema, InvalidEvent
@@ -65,7 +66,13 @@ def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float =
 
 
 def reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionState, dict[str, RecList]]:
-    """The same models in-process over one partition's messages, cut into the worker's blocks."""
+    """The same models in-process over one partition's messages, cut into the worker's blocks,
+    with BLAS on one thread as in the worker (a matrix product's rounding depends on it)."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _reference_run(settings, values)
+
+
+def _reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionState, dict[str, RecList]]:
     schema: EventSchema = settings.event_schema()
     state = PartitionState(settings.params())
     lists: dict[str, RecList] = {}
