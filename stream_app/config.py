@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     poll_timeout_ms: int = Field(20, ge=1)
     fetch_wait_max_ms: int = Field(5, ge=0)
     session_timeout_ms: int = Field(10_000, ge=1000)
-    snapshot_interval_s: float = Field(10.0, gt=0)
+    snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_fork: bool = True  # write snapshots from a forked child (no pause); False: inline
     sim_publish_interval_s: float = Field(5.0, gt=0)
     sim_publish_batch: int = Field(100, ge=1)
