@@ -24,7 +24,7 @@ import math
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import chain
 
 import numpy as np
@@ -123,6 +123,27 @@ class PartitionState:
         self.row_mass = np.zeros(0, dtype=np.float64)  # co-occurrence weight ever added to each row
         self.max_ts = 0
         self.events_applied = 0
+
+    _STRUCTURAL = ("dim", "seed", "half_life_h")
+
+    def reconfigure(self, params: ModelParams) -> list[str]:
+        """Adopt new settings on a restored state; returns the names that changed.
+
+        Ranking and bounds may change freely. ``dim`` and ``seed`` (item vectors) and
+        ``half_life_h`` (the scale of every stored weight) cannot: the state would mix two
+        incompatible bases, so this raises instead.
+        """
+        old = self.params
+        changed = [f.name for f in fields(ModelParams) if getattr(old, f.name) != getattr(params, f.name)]
+        bad = [n for n in changed if n in self._STRUCTURAL]
+        if bad:
+            raise ValueError(
+                f"the saved state was built with {', '.join(f'{n}={getattr(old, n)}' for n in bad)}; it cannot "
+                f"continue with {', '.join(f'{n}={getattr(params, n)}' for n in bad)}. Restore those settings, "
+                "or delete the snapshot to rebuild the state from the log."
+            )
+        self.params = params
+        return changed
 
     # -- items ---------------------------------------------------------------------------------
     @property

@@ -88,7 +88,10 @@ def split_block(buffer: list[Message], next_offset: int, batch_size: int, caught
     """
     if not buffer:
         return 0
-    boundary = (next_offset // batch_size + 1) * batch_size
+    # the first buffered offset, not next_offset: after retention deleted the log's head, the
+    # first message can lie far beyond the offset we asked for
+    start = max(next_offset, offset_of(buffer[0]))
+    boundary = (start // batch_size + 1) * batch_size
     n = 0
     for m in buffer:
         if offset_of(m) >= boundary:
@@ -170,13 +173,14 @@ class Pipeline:
             done = committed.get(tp.partition, -1)
             if snap is not None:
                 offset, state = snap
-                log.info("partition %d: restored snapshot at offset %d (committed %d)", tp.partition, offset, done)
+                changed = state.reconfigure(self.params)  # raises if the state cannot take them
+                tp.offset = offset
+                log.info("partition %d: restored snapshot at offset %d (committed %d)%s", tp.partition, offset, done,
+                         f"; settings changed: {', '.join(changed)}" if changed else "")
             else:
                 offset, state = 0, PartitionState(self.params)
-                log.info("partition %d: no snapshot, building state from the start of the log", tp.partition)
                 tp.offset = OFFSET_BEGINNING
-            if snap is not None:
-                tp.offset = offset
+                log.info("partition %d: no snapshot, building state from the start of the log", tp.partition)
             self.runs[tp.partition] = PartitionRun(tp.partition, state, offset, max(done, 0), offset)
         consumer.assign(tps)
 

@@ -26,3 +26,8 @@ def test_incomplete_block_waits_unless_caught_up() -> None:
 
 def test_offset_gaps_do_not_stall_a_block() -> None:
     assert split_block(msgs(8, 12), 8, 10, caught_up=False) == 1
+
+
+def test_a_log_whose_head_was_deleted_still_splits() -> None:
+    # asked for offset 0, but retention removed everything before 5003
+    assert split_block(msgs(5003, 5004, 6000), 0, 1000, caught_up=False) == 2

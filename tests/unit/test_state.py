@@ -202,3 +202,16 @@ def test_dense_and_table_ranking_agree(monkeypatch) -> None:
         for k, (x, y) in enumerate(zip(a.items, b.items, strict=True)):
             if sa.count(sa[k]) == 1:  # tied scores may list tied items in another order
                 assert (x.item_id, x.reason) == (y.item_id, y.reason)
+
+
+def test_restored_state_takes_new_ranking_settings_but_refuses_structural_ones() -> None:
+    import dataclasses
+
+    import pytest
+
+    s = PartitionState(P)
+    s.apply([ev("u", "a", 0), ev("u", "b", 1)])
+    assert s.reconfigure(dataclasses.replace(P, epsilon=0.3, n_recs=7)) == ["n_recs", "epsilon"]
+    assert s.params.epsilon == 0.3
+    with pytest.raises(ValueError, match="dim=8"):
+        s.reconfigure(dataclasses.replace(P, dim=16))
