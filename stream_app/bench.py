@@ -128,8 +128,11 @@ def freshness(
 
     p = Producer(producer_config(s, **{"linger.ms": 5}))
     # warm the producer up (metadata, producer id) so that its start-up is not counted as latency
-    p.produce(s.events_topic, key=b"bench-warmup", value=orjson.dumps(
-        {"user_id": "bench-warmup", "item_id": items[0], "type": "view", "ts": start_ts}))
+    p.produce(
+        s.events_topic,
+        key=b"bench-warmup",
+        value=orjson.dumps({"user_id": "bench-warmup", "item_id": items[0], "type": "view", "ts": start_ts}),
+    )
     p.flush(30)
     deadline_drain = float("inf")
     th = threading.Thread(target=reader, daemon=True)

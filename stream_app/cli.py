@@ -109,6 +109,35 @@ def demo(
 
 
 @app.command()
+def evaluate(
+    path: Path = typer.Argument(..., exists=True, dir_okay=True, help="JSONL, CSV or an ml-100k directory"),
+    fmt: str = typer.Option("jsonl", "--format", help="jsonl | csv | ml-100k"),
+    k: int = typer.Option(10, "--k", min=1, help="list length scored"),
+    baselines: str = typer.Option("pop,itemcf,isgd,funkmf", help="comma-separated; empty for none"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
+    seed: int = typer.Option(0, help="seeds every model"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Prequential (test-then-train) HR@K and NDCG@K of streamrec and baselines, in-process."""
+    from rich.progress import Progress
+
+    from stream_app.evaluate import run_evaluation
+
+    names = [b.strip() for b in baselines.split(",") if b.strip()]
+    with Progress() as bar:
+        task = bar.add_task("evaluate", total=None)
+        res = run_evaluation(
+            _settings(config), path, fmt, k, names, seed, progress=lambda n: bar.update(task, completed=n)
+        )
+    typer.echo(f"{res['events']:,} events, k={k}, {res['seconds']:.1f} s")
+    typer.echo(f"| model | hr@{k} | ndcg@{k} | evaluated | coverage |\n|---|---|---|---|---|")
+    for name, m in res["models"].items():
+        typer.echo(f"| {name} | {m[f'hr@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m['evaluated']:,} | {m['coverage']:.3f} |")
+    if json_out:
+        json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+
+
+@app.command()
 def bench(
     events: int = typer.Option(0, help="events to preload (0: all of ml-100k, or 100k synthetic)"),
     rate: int = typer.Option(2000, help="events/s for the freshness run"),

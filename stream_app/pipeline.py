@@ -175,8 +175,13 @@ class Pipeline:
                 offset, state = snap
                 changed = state.reconfigure(self.params)  # raises if the state cannot take them
                 tp.offset = offset
-                log.info("partition %d: restored snapshot at offset %d (committed %d)%s", tp.partition, offset, done,
-                         f"; settings changed: {', '.join(changed)}" if changed else "")
+                log.info(
+                    "partition %d: restored snapshot at offset %d (committed %d)%s",
+                    tp.partition,
+                    offset,
+                    done,
+                    f"; settings changed: {', '.join(changed)}" if changed else "",
+                )
             else:
                 offset, state = 0, PartitionState(self.params)
                 tp.offset = OFFSET_BEGINNING

@@ -15,8 +15,9 @@ from tests.integration.harness import create_topics, read_topic
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stream_app.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "stream_app.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_replay_publishes_a_csv_log_in_event_time_order_keyed_by_user(
@@ -27,8 +28,10 @@ def test_replay_publishes_a_csv_log_in_event_time_order_keyed_by_user(
     events = synthetic_events(n_users=20, n_items=50, n_events=400, seed=3)
     shuffled = events[::-1]  # the file is out of order; replay must sort by event time
     f = tmp_path / "log.csv"
-    f.write_text("user_id,item_id,type,ts\n" + "".join(
-        f"{e['user_id']},{e['item_id']},{e['type']},{e['ts']}\n" for e in shuffled))
+    f.write_text(
+        "user_id,item_id,type,ts\n"
+        + "".join(f"{e['user_id']},{e['item_id']},{e['type']},{e['ts']}\n" for e in shuffled)
+    )
     res = _run(["replay", str(f), "--format", "csv"], worker_env)
     assert res.returncode == 0, res.stderr
     assert "sent=400 failed=0" in res.stdout

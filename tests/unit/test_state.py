@@ -188,8 +188,10 @@ def test_dense_and_table_ranking_agree(monkeypatch) -> None:
     from stream_app.datasets import synthetic_events
 
     p = ModelParams(epsilon=0.0)
-    events = [Event(e["user_id"], e["item_id"], e["type"], e["ts"]) for e in synthetic_events(
-        n_users=60, n_items=300, n_events=4000, seed=5)]
+    events = [
+        Event(e["user_id"], e["item_id"], e["type"], e["ts"])
+        for e in synthetic_events(n_users=60, n_items=300, n_events=4000, seed=5)
+    ]
     s = PartitionState(p)
     s.apply(events)
     users = list(s.users)

@@ -1,0 +1,44 @@
+"""``streamrec evaluate``: prequential HR@K / NDCG@K of streamrec and baselines over a log."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from models.baselines import BASELINES, make
+from models.evaluation import prequential
+from models.events import Event, InvalidEvent
+from stream_app.config import Settings
+from stream_app.datasets import read_log
+
+
+def load_events(path: Path, fmt: str, settings: Settings) -> tuple[list[Event], int]:
+    """Valid events in event-time order (stable), and how many rows were invalid and skipped."""
+    schema = settings.event_schema()
+    events, bad = [], 0
+    for row in read_log(path, fmt):
+        try:
+            events.append(schema.from_obj(row))
+        except (InvalidEvent, AttributeError):
+            bad += 1
+    return events, bad
+
+
+def run_evaluation(
+    settings: Settings, path: Path, fmt: str, k: int, baselines: list[str], seed: int, progress: Any = None
+) -> dict[str, Any]:
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    events, bad = load_events(path, fmt, settings)
+    # the ranking is evaluated without exploration, with lists of exactly k items
+    params = dataclasses.replace(settings.params(), n_recs=k, epsilon=0.0, seed=seed)
+    models = [make("streamrec", params, seed)] + [make(b, params, seed) for b in baselines]
+    t0 = time.perf_counter()
+    result = prequential(events, models, k=k, progress=progress)
+    out = result.as_dict()
+    out["invalid_rows_skipped"] = bad
+    out["seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,67 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from models.baselines import ISGD, ItemCF, Popularity, RiverFunkMF, Streamrec
+from models.evaluation import prequential
+from models.events import Event
+from models.params import ModelParams
+from stream_app.config import Settings
+from stream_app.datasets import synthetic_events
+from stream_app.evaluate import run_evaluation
+
+
+def ev(u: str, i: str, t: int) -> Event:
+    return Event(u, i, "view", t)
+
+
+def test_hit_rate_and_ndcg_worked_out_by_hand() -> None:
+    # K=2, popularity: e1 miss (empty catalogue); e2 hit at rank 0; e3 miss (only 'a', excluded);
+    # e4 'b' at rank 1 behind 'a'; e5 hit at rank 0; e6 not evaluated (u1 already had 'a').
+    log = [ev("u1", "a", 1), ev("u2", "a", 2), ev("u2", "b", 3), ev("u3", "b", 4), ev("u3", "a", 5), ev("u1", "a", 6)]
+    r = prequential(log, [Popularity()], k=2).as_dict()
+    m = r["models"]["pop"]
+    assert r["events"] == 6 and m["evaluated"] == 5
+    assert m["hr@2"] == pytest.approx(3 / 5)
+    assert m["ndcg@2"] == pytest.approx((1 + 1 / 1.5849625007211563 + 1) / 5)
+    assert m["coverage"] == pytest.approx(1.0)
+
+
+def test_models_never_recommend_excluded_items() -> None:
+    log = [
+        Event(e["user_id"], e["item_id"], e["type"], e["ts"])
+        for e in synthetic_events(n_users=30, n_items=60, n_events=1500, seed=2)
+    ]
+    models = [Popularity(), ItemCF(), ISGD(), RiverFunkMF(), Streamrec(ModelParams(n_recs=5, epsilon=0.0))]
+    seen: dict[str, set[str]] = {}
+    for e in log:
+        had = seen.setdefault(e.user_id, set())
+        for m in models:
+            top = m.recommend(e.user_id, 5, had)
+            assert not set(top) & had and len(top) == len(set(top)) <= 5
+            m.learn(e)
+        had.add(e.item_id)
+
+
+def _log(tmp_path: Path) -> Path:
+    f = tmp_path / "log.jsonl"
+    f.write_text("".join(json.dumps(e) + "\n" for e in synthetic_events(n_users=40, n_items=80, n_events=2000)))
+    return f
+
+
+def test_evaluation_is_deterministic_and_has_the_documented_schema(tmp_path: Path) -> None:
+    f = _log(tmp_path)
+    a = run_evaluation(Settings(), f, "jsonl", 10, ["pop", "itemcf", "isgd", "funkmf"], seed=1)
+    b = run_evaluation(Settings(), f, "jsonl", 10, ["pop", "itemcf", "isgd", "funkmf"], seed=1)
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b
+    assert a["events"] == 2000 and set(a["models"]) == {"streamrec", "pop", "itemcf", "isgd", "funkmf"}
+    for m in a["models"].values():
+        assert set(m) == {"hr@10", "ndcg@10", "evaluated", "coverage"}
+        assert 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
+
+
+def test_unknown_baseline_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown baseline"):
+        run_evaluation(Settings(), _log(tmp_path), "jsonl", 10, ["bogus"], seed=0)
