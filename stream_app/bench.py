@@ -33,7 +33,7 @@ from stream_app.demo import demo_events
 from stream_app.kafka_io import end_offsets, ensure_topics, producer_config
 from stream_app.processes import WorkerProcess, wait_caught_up
 from stream_app.replay import replay
-from stream_app.services import local_services
+from stream_app.services import isolated_env, local_services
 
 
 def raw_ceiling(bootstrap: str, topic: str, partitions: int) -> dict[str, float]:
@@ -189,18 +189,7 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
     if n_events:
         events = events[:n_events]
     with local_services(settings) as svc:
-        env = dict(os.environ)
-        env.update(
-            {
-                "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": svc.bootstrap,
-                "STREAMREC_REDIS_URL": svc.redis_url,
-                "STREAMREC_REDIS_PREFIX": f"bench-{run}:",
-                "STREAMREC_EVENTS_TOPIC": f"bench-events-{run}",
-                "STREAMREC_ITEMS_TOPIC": f"bench-items-{run}",
-                "STREAMREC_GROUP_ID": f"bench-{run}",
-                "STREAMREC_SESSION_TIMEOUT_MS": "6000",
-            }
-        )
+        env = isolated_env(svc, f"bench-{run}")
         s = settings_from_env(env)
         ensure_topics(s, partitions)
         typer.echo(f"preloading {len(events):,} events ({name}) into {partitions} partition(s) ...")

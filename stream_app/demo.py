@@ -24,7 +24,7 @@ from stream_app.datasets import ml100k_dir, read_log, synthetic_events
 from stream_app.kafka_io import ensure_topics, producer_config
 from stream_app.processes import WorkerProcess, wait_caught_up
 from stream_app.replay import replay
-from stream_app.services import local_services
+from stream_app.services import isolated_env, local_services
 
 DEMO_PARTITIONS = 2
 
@@ -40,18 +40,7 @@ def run_demo(settings: Settings, n_events: int, use_ml100k: bool) -> None:
     run = uuid.uuid4().hex[:8]
     name, events = demo_events(settings, n_events, use_ml100k)
     with local_services(settings) as svc:
-        env = dict(os.environ)
-        env.update(
-            {
-                "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": svc.bootstrap,
-                "STREAMREC_REDIS_URL": svc.redis_url,
-                "STREAMREC_REDIS_PREFIX": f"demo-{run}:",
-                "STREAMREC_EVENTS_TOPIC": f"demo-events-{run}",
-                "STREAMREC_ITEMS_TOPIC": f"demo-items-{run}",
-                "STREAMREC_GROUP_ID": f"demo-{run}",
-                "STREAMREC_SESSION_TIMEOUT_MS": "6000",
-            }
-        )
+        env = isolated_env(svc, f"demo-{run}")
         s = settings_from_env(env)
         typer.echo(
             f"broker {svc.bootstrap} ({'embedded Tansu' if svc.embedded_broker else 'configured'}), "

