@@ -169,7 +169,7 @@ class Pipeline:
     def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=30)}
         for tp in tps:
-            snap = self.store.load_snapshot(self.s.group_id, tp.topic, tp.partition)
+            snap = self._retry(lambda tp=tp: self.store.load_snapshot(self.s.group_id, tp.topic, tp.partition))
             done = committed.get(tp.partition, -1)
             if snap is not None:
                 offset, state = snap
