@@ -24,7 +24,8 @@ class Score:
     ndcg: float = 0.0
     evaluated: int = 0
     served: set[str] = field(default_factory=set)
-    curve: list[tuple[int, int]] = field(default_factory=list)  # (event ts, hit) per evaluated event
+    # per evaluated event: (position in the log, event time, gain); gain is the NDCG, 0 for a miss
+    curve: list[tuple[int, int, float]] = field(default_factory=list)
 
     def as_dict(self, k: int, catalogue: int) -> dict[str, float | int]:
         n = max(self.evaluated, 1)
@@ -35,6 +36,12 @@ class Score:
             "coverage": len(self.served) / max(catalogue, 1),
         }
 
+    def slice(self, k: int, start: int, stop: int) -> dict[str, float | int]:
+        """HR and NDCG over the events at log positions ``start <= n < stop``."""
+        gains = [g for n, _, g in self.curve if start <= n < stop]
+        m = max(len(gains), 1)
+        return {f"hr@{k}": sum(g > 0 for g in gains) / m, f"ndcg@{k}": sum(gains) / m, "evaluated": len(gains)}
+
 
 @dataclass
 class Result:
@@ -43,12 +50,24 @@ class Result:
     catalogue: int
     scores: dict[str, Score]
 
-    def as_dict(self) -> dict[str, object]:
-        return {
+    def as_dict(self, split: float | None = None) -> dict[str, object]:
+        """The summary; with ``split``, also each model's scores on the first ``split`` of the
+        log (where settings may be tuned) and on the rest (untouched)."""
+        out: dict[str, object] = {
             "events": self.events,
             "k": self.k,
             "models": {name: s.as_dict(self.k, self.catalogue) for name, s in self.scores.items()},
         }
+        if split is not None:
+            cut = int(self.events * split)
+            out["split"] = {
+                "at_event": cut,
+                "models": {
+                    name: {"first": s.slice(self.k, 0, cut), "rest": s.slice(self.k, cut, self.events)}
+                    for name, s in self.scores.items()
+                },
+            }
+        return out
 
 
 def prequential(
@@ -71,12 +90,12 @@ def prequential(
                 sc = scores[m.name]
                 sc.evaluated += 1
                 sc.served.update(top)
-                hit = 0
+                gain = 0.0
                 if ev.item_id in top:
-                    hit = 1
+                    gain = ndcg_at(top.index(ev.item_id))
                     sc.hits += 1
-                    sc.ndcg += ndcg_at(top.index(ev.item_id))
-                sc.curve.append((ev.ts, hit))
+                    sc.ndcg += gain
+                sc.curve.append((n - 1, ev.ts, gain))
         for m in models:
             m.learn(ev)
         had.add(ev.item_id)

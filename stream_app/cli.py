@@ -116,6 +116,7 @@ def evaluate(
     baselines: str = typer.Option("pop,itemcf,isgd,funkmf", help="comma-separated; empty for none"),
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
     seed: int = typer.Option(0, help="seeds every model"),
+    split: float = typer.Option(0.5, min=0.0, max=1.0, help="also score the first SPLIT of the log and the rest"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Prequential (test-then-train) HR@K and NDCG@K of streamrec and baselines, in-process."""
@@ -133,6 +134,10 @@ def evaluate(
     typer.echo(f"| model | hr@{k} | ndcg@{k} | evaluated | coverage |\n|---|---|---|---|---|")
     for name, m in res["models"].items():
         typer.echo(f"| {name} | {m[f'hr@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m['evaluated']:,} | {m['coverage']:.3f} |")
+    cut = res["split"]["at_event"]
+    typer.echo(f"\nfirst {cut:,} events (tuning slice) / the rest (untouched): hr@{k}")
+    for name, sl in res["split"]["models"].items():
+        typer.echo(f"| {name} | {sl['first'][f'hr@{k}']:.4f} | {sl['rest'][f'hr@{k}']:.4f} |")
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
 

@@ -27,7 +27,14 @@ def load_events(path: Path, fmt: str, settings: Settings) -> tuple[list[Event], 
 
 
 def run_evaluation(
-    settings: Settings, path: Path, fmt: str, k: int, baselines: list[str], seed: int, progress: Any = None
+    settings: Settings,
+    path: Path,
+    fmt: str,
+    k: int,
+    baselines: list[str],
+    seed: int,
+    progress: Any = None,
+    split: float | None = 0.5,
 ) -> dict[str, Any]:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -38,7 +45,7 @@ def run_evaluation(
     models = [make("streamrec", params, seed)] + [make(b, params, seed) for b in baselines]
     t0 = time.perf_counter()
     result = prequential(events, models, k=k, progress=progress)
-    out = result.as_dict()
+    out = result.as_dict(split)
     out["invalid_rows_skipped"] = bad
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -26,6 +26,10 @@ def test_hit_rate_and_ndcg_worked_out_by_hand() -> None:
     assert m["hr@2"] == pytest.approx(3 / 5)
     assert m["ndcg@2"] == pytest.approx((1 + 1 / 1.5849625007211563 + 1) / 5)
     assert m["coverage"] == pytest.approx(1.0)
+    halves = prequential(log, [Popularity()], k=2).as_dict(split=0.5)["split"]["models"]["pop"]
+    # events 0-2 (miss, hit, miss) and 3-5 (hit at rank 1, hit, not evaluated)
+    assert halves["first"] == {"hr@2": pytest.approx(1 / 3), "ndcg@2": pytest.approx(1 / 3), "evaluated": 3}
+    assert halves["rest"]["evaluated"] == 2 and halves["rest"]["hr@2"] == pytest.approx(1.0)
 
 
 def test_models_never_recommend_excluded_items() -> None:
@@ -57,6 +61,7 @@ def test_evaluation_is_deterministic_and_has_the_documented_schema(tmp_path: Pat
     a.pop("seconds"), b.pop("seconds")
     assert a == b
     assert a["events"] == 2000 and set(a["models"]) == {"streamrec", "pop", "itemcf", "isgd", "funkmf"}
+    assert a["split"]["at_event"] == 1000 and set(a["split"]["models"]) == set(a["models"])
     for m in a["models"].values():
         assert set(m) == {"hr@10", "ndcg@10", "evaluated", "coverage"}
         assert 0 <= m["ndcg@10"] <= m["hr@10"] <= 1
