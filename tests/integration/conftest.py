@@ -12,7 +12,7 @@ import redis
 
 from stream_app.config import Settings
 from stream_app.datasets import fetch_ml100k
-from stream_app.embedded import tansu
+from stream_app.embedded import redis_server, tansu
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +24,20 @@ def broker() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    url = os.environ.get("STREAMREC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-    redis.Redis.from_url(url).ping()
-    return url
+def redis_url() -> Iterator[str]:
+    """STREAMREC_TEST_REDIS_URL, else the Redis on 127.0.0.1:6379, else one started for the run."""
+    url = os.environ.get("STREAMREC_TEST_REDIS_URL")
+    if url:
+        redis.Redis.from_url(url).ping()
+        yield url
+        return
+    try:
+        redis.Redis(socket_connect_timeout=1).ping()
+    except redis.exceptions.ConnectionError:
+        with redis_server() as started:
+            yield started
+        return
+    yield "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="session")
