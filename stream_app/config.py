@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     history_len: int = Field(50, ge=1)
     pair_window: int = Field(20, ge=1)
     neighbours: int = Field(100, ge=1)
+    sim_list_len: int = Field(30, ge=1)
+    sources: int = Field(10, ge=1)
+    w_cooc: float = Field(1.0, ge=0.0)
+    w_vec: float = Field(0.2, ge=0.0)
+    w_pop: float = Field(0.05, ge=0.0)
     max_users: int = Field(1_000_000, ge=1)
     max_seen: int = Field(10_000, ge=1)
     # data
@@ -98,6 +103,11 @@ class Settings(BaseSettings):
             history_len=self.history_len,
             pair_window=self.pair_window,
             neighbours=self.neighbours,
+            sim_list_len=self.sim_list_len,
+            sources=self.sources,
+            w_cooc=self.w_cooc,
+            w_vec=self.w_vec,
+            w_pop=self.w_pop,
             n_recs=self.n_recs,
             epsilon=self.epsilon,
             seed=self.seed,
