@@ -117,6 +117,7 @@ def evaluate(
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
     seed: int = typer.Option(0, help="seeds every model"),
     split: float = typer.Option(0.5, min=0.0, max=1.0, help="also score the first SPLIT of the log and the rest"),
+    report: Path | None = typer.Option(None, "--report", help="write a Markdown report with a plot into this folder"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Prequential (test-then-train) HR@K and NDCG@K of streamrec and baselines, in-process."""
@@ -128,7 +129,15 @@ def evaluate(
     with Progress() as bar:
         task = bar.add_task("evaluate", total=None)
         res = run_evaluation(
-            _settings(config), path, fmt, k, names, seed, progress=lambda n: bar.update(task, completed=n)
+            _settings(config),
+            path,
+            fmt,
+            k,
+            names,
+            seed,
+            progress=lambda n: bar.update(task, completed=n),
+            split=split,
+            report_dir=report,
         )
     typer.echo(f"{res['events']:,} events, k={k}, {res['seconds']:.1f} s")
     typer.echo(f"| model | hr@{k} | ndcg@{k} | evaluated | coverage |\n|---|---|---|---|---|")
@@ -138,6 +147,8 @@ def evaluate(
     typer.echo(f"\nfirst {cut:,} events (tuning slice) / the rest (untouched): hr@{k}")
     for name, sl in res["split"]["models"].items():
         typer.echo(f"| {name} | {sl['first'][f'hr@{k}']:.4f} | {sl['rest'][f'hr@{k}']:.4f} |")
+    if report is not None:
+        typer.echo(f"report: {res['report']}")
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
 

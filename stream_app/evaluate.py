@@ -35,6 +35,7 @@ def run_evaluation(
     seed: int,
     progress: Any = None,
     split: float | None = 0.5,
+    report_dir: Path | None = None,
 ) -> dict[str, Any]:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -48,4 +49,8 @@ def run_evaluation(
     out = result.as_dict(split)
     out["invalid_rows_skipped"] = bad
     out["seconds"] = time.perf_counter() - t0
+    if report_dir is not None:
+        from stream_app.report import write_report
+
+        out["report"] = str(write_report(result, out, report_dir))
     return out

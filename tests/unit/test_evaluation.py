@@ -70,3 +70,32 @@ def test_evaluation_is_deterministic_and_has_the_documented_schema(tmp_path: Pat
 def test_unknown_baseline_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown baseline"):
         run_evaluation(Settings(), _log(tmp_path), "jsonl", 10, ["bogus"], seed=0)
+
+
+def test_report_has_the_table_and_a_plot(tmp_path: Path) -> None:
+    run_evaluation(Settings(), _log(tmp_path), "jsonl", 10, ["pop"], seed=0, report_dir=tmp_path / "rep")
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "| streamrec |" in text and "| pop |" in text and "![HR@10 over event time](hr_over_time.png)" in text
+    png = (tmp_path / "rep" / "hr_over_time.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_rolling_hit_rate() -> None:
+    from stream_app.report import rolling_hr
+
+    ts, hr = rolling_hr([(0, 10, 1.0), (1, 20, 0.0), (2, 30, 0.5), (3, 40, 0.0)], window=2)
+    assert ts.tolist() == [20, 30, 40] and hr.tolist() == [0.5, 0.5, 0.5]
+
+
+def test_evaluate_command_passes_its_options_through(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stream_app.cli import app
+
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(app, ["evaluate", str(_log(tmp_path)), "--baselines", "pop", "--k", "5",
+                                   "--split", "0.25", "--json", str(out), "--report", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["k"] == 5 and doc["split"]["at_event"] == 500 and set(doc["models"]) == {"streamrec", "pop"}
+    assert (tmp_path / "rep" / "report.md").exists()
