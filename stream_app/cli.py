@@ -118,6 +118,10 @@ def evaluate(
     seed: int = typer.Option(0, help="seeds every model"),
     split: float = typer.Option(0.5, min=0.0, max=1.0, help="also score the first SPLIT of the log and the rest"),
     report: Path | None = typer.Option(None, "--report", help="write a Markdown report with a plot into this folder"),
+    served: bool = typer.Option(
+        False, "--served", help="score the lists the running system serves (broker, worker, Redis)"
+    ),
+    rate: float = typer.Option(2000.0, "--rate", min=1.0, help="events/s for --served"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Prequential (test-then-train) HR@K and NDCG@K of streamrec and baselines, in-process."""
@@ -125,6 +129,18 @@ def evaluate(
 
     from stream_app.evaluate import run_evaluation
 
+    if served:
+        from stream_app.served import run_served
+
+        res = run_served(_settings(config), path, fmt, k, rate)
+        sv, ip = res["served"], res["in_process"]
+        typer.echo(f"{res['events']:,} events at {res['rate_achieved']:,.0f} events/s, k={k}")
+        typer.echo(f"| lists | hr@{k} | ndcg@{k} | evaluated |\n|---|---|---|---|")
+        typer.echo(f"| served from Redis | {sv[f'hr@{k}']:.4f} | {sv[f'ndcg@{k}']:.4f} | {sv['evaluated']:,} |")
+        typer.echo(f"| in-process, same settings | {ip[f'hr@{k}']:.4f} | {ip[f'ndcg@{k}']:.4f} | {ip['evaluated']:,} |")
+        if json_out:
+            json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+        return
     names = [b.strip() for b in baselines.split(",") if b.strip()]
     with Progress() as bar:
         task = bar.add_task("evaluate", total=None)

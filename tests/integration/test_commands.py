@@ -63,3 +63,18 @@ def test_demo_runs_with_nothing_configured(tmp_path: Path) -> None:
     assert "synthetic (seed 7, 5000 events)" in out
     assert out.count("\nuser ") == 3
     assert "throughput:" in out and "events/s end to end" in out
+
+
+def test_evaluate_served_scores_the_lists_in_redis(broker: str, worker_env: dict[str, str], tmp_path: Path) -> None:
+    f = tmp_path / "log.jsonl"
+    f.write_bytes(
+        b"".join(orjson.dumps(e) + b"\n" for e in synthetic_events(n_users=50, n_items=100, n_events=3000, seed=6))
+    )
+    out = tmp_path / "served.json"
+    res = _run(["evaluate", str(f), "--served", "--rate", "1500", "--json", str(out)], worker_env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    doc = orjson.loads(out.read_bytes())
+    served, inproc = doc["served"], doc["in_process"]
+    assert served["evaluated"] == inproc["evaluated"] > 0
+    assert 0 < served["hr@10"] <= 1 and 0 < inproc["hr@10"] <= 1
+    assert doc["rate_achieved"] <= 1500 * 1.05

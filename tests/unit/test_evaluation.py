@@ -93,8 +93,23 @@ def test_evaluate_command_passes_its_options_through(tmp_path: Path) -> None:
     from stream_app.cli import app
 
     out = tmp_path / "res.json"
-    res = CliRunner().invoke(app, ["evaluate", str(_log(tmp_path)), "--baselines", "pop", "--k", "5",
-                                   "--split", "0.25", "--json", str(out), "--report", str(tmp_path / "rep")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(_log(tmp_path)),
+            "--baselines",
+            "pop",
+            "--k",
+            "5",
+            "--split",
+            "0.25",
+            "--json",
+            str(out),
+            "--report",
+            str(tmp_path / "rep"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["k"] == 5 and doc["split"]["at_event"] == 500 and set(doc["models"]) == {"streamrec", "pop"}
