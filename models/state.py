@@ -62,35 +62,6 @@ class UserState:
         self.vec: np.ndarray | None = None
         self.vec_ts = 0
 
-    def __getstate__(self) -> tuple[object, ...]:
-        return (
-            list(self.history),
-            self.history.maxlen,
-            self.win_items,
-            self.win_sw,
-            self.seen,
-            self.seen_arr,
-            self.n_events,
-            self.last_ts,
-            self.vec,
-            self.vec_ts,
-        )
-
-    def __setstate__(self, s: tuple[object, ...]) -> None:
-        (
-            hist,
-            maxlen,
-            self.win_items,
-            self.win_sw,
-            self.seen,
-            self.seen_arr,
-            self.n_events,
-            self.last_ts,
-            self.vec,
-            self.vec_ts,
-        ) = s  # type: ignore[assignment]
-        self.history = deque(hist, maxlen=maxlen)  # type: ignore[call-overload]
-
 
 @dataclass
 class BatchEffect:

@@ -316,7 +316,7 @@ class Pipeline:
         for m, reason in bad:
             if offset_of(m) >= run.dlq_from:  # an earlier run already dead-lettered the rest
                 self.dlq.send(m.key(), m.value(), run.partition, offset_of(m), reason)
-        out = step(run.state, events, publish_sims=False, blocked=self._blocked_items())
+        out = step(run.state, events, blocked=self._blocked_items())
         run.sim_dirty |= out.effect.items
         run.next_offset = offset_of(block[-1]) + 1
         st = self.stats

@@ -82,7 +82,7 @@ def _reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionSt
         for raw in values[start : start + b]:
             with contextlib.suppress(InvalidEvent):
                 events.append(schema.decode(raw))
-        for rl in step(state, events, publish_sims=False).lists:
+        for rl in step(state, events).lists:
             lists[rl.user_id] = rl
     return state, lists
 
