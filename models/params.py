@@ -17,6 +17,7 @@ class ModelParams:
     user_half_life_h: float = 24.0 * 3  # how fast a user's older history loses weight
     history_len: int = 50  # recent items kept per user
     pair_window: int = 20  # a new event pairs with this many of the user's recent items
+    pair_decay: float = 1.0  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
     neighbours: int = 100  # co-occurrence entries kept per item (pruned back from 2x)
     sim_list_len: int = 30  # neighbours per item: the sim:{item} lists, and candidates per source
     sim_refresh: float = 0.2  # recompute a neighbour list once this share of its row's weight is new
@@ -26,6 +27,8 @@ class ModelParams:
     explore_pool: int = 50  # exploration draws from this many non-top candidates
     seed: int = 0
     sources: int = 10  # recent history items that seed co-occurrence candidates
+    source_decay: float = 1.0  # the k-th most recent source (from 0) also weighs source_decay ** k
+    sim_beta: float = 0.5  # neighbour scores are c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)
     vector_candidates: int = 50  # items taken from the user-vector search
     vector_pool: int = 20_000  # the user-vector search covers the most popular items only
     trending_len: int = 50
@@ -44,5 +47,7 @@ class ModelParams:
         for name in ("history_len", "pair_window", "neighbours", "dim", "n_recs", "sources"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not (0.0 < self.pair_decay <= 1.0 and 0.0 < self.source_decay <= 1.0):
+            raise ValueError("pair_decay and source_decay must be in (0, 1]")
         if any(w <= 0 for w in self.type_weights.values()):
             raise ValueError("event type weights must be positive")

@@ -68,15 +68,18 @@ def sim_list(state: PartitionState, i: int) -> list[tuple[str, float]]:
     return [(ids[j], s) for j, s in zip(idx.tolist(), sc.tolist(), strict=True)]
 
 
-def _sources(u: UserState, k: int, decay: float) -> tuple[list[int], list[float]]:
-    """The user's k most recent distinct items, each weighted by event type and recency."""
+def _sources(u: UserState, k: int, decay: float, step: float = 1.0) -> tuple[list[int], list[float]]:
+    """The user's k most recent distinct items, each weighted by event type and recency (in
+    event time, and by position: the n-th newest source also weighs ``step ** n``)."""
     srcs: list[int] = []
     hs: list[float] = []
     last = u.last_ts
+    f = 1.0
     for j, ts, w in reversed(u.history):
         if j not in srcs:
             srcs.append(j)
-            hs.append(w * math.exp(-decay * (last - ts)))
+            hs.append(w * f * math.exp(-decay * (last - ts)))
+            f *= step
             if len(srcs) >= k:
                 break
     return srcs, hs
@@ -205,7 +208,7 @@ def _gather(
     lens: list[int] = []
     per_user: list[int] = []
     for r, u in enumerate(users):
-        srcs, hs = _sources(u, p.sources, decay)
+        srcs, hs = _sources(u, p.sources, decay, p.source_decay)
         hsum[r] = sum(hs)
         cnt = 0
         for j, h in zip(srcs, hs, strict=True):

@@ -172,6 +172,10 @@ class PartitionState:
             for k in row:
                 row[k] *= f
 
+    def scale_now(self) -> float:
+        """The forward-decay factor of the newest event: stored weights / weights as of now."""
+        return 1.0 if self.landmark is None else math.exp(self.lam * (self.max_ts - self.landmark))
+
     def decayed_pop(self) -> np.ndarray:
         """Popularity at the newest event time, in type-weighted events."""
         n = self.n_items
@@ -205,6 +209,8 @@ class PartitionState:
         uv_w: list[float] = []
         users = self.users
         seen_ids = self.recent_event_ids
+        pd = p.pair_decay
+        dfac = [pd**d for d in range(window - 1, -1, -1)]  # oldest window slot first
         for ev in events:
             if ev.event_id is not None:
                 if ev.event_id in seen_ids:
@@ -231,6 +237,8 @@ class PartitionState:
             if wi:
                 row_i = cooc[i]
                 gsw = g * sw
+                if pd != 1.0:  # nearer pairs weigh more: the newest window item is 1 step away
+                    ws = [x * f for x, f in zip(ws, dfac[-len(ws) :], strict=True)]
                 for j, swj in zip(wi, ws, strict=True):
                     if j == i:
                         continue
@@ -248,6 +256,7 @@ class PartitionState:
                 ev_sws.append(ws[:])
                 items.update(wi)
                 items.add(i)
+                ws = u.win_sw
             wi.append(i)
             ws.append(sw)
             if len(wi) > window:
@@ -337,7 +346,10 @@ class PartitionState:
             return _EMPTY_I, _EMPTY_F
         keys = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
         vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
-        s = vals / np.sqrt(np.maximum(self.pop[i] * self.pop[keys], 1e-300))
+        beta = self.params.sim_beta
+        pk = self.pop[keys]
+        norm = np.sqrt(pk) if beta == 0.5 else pk**beta * self.scale_now() ** (0.5 - beta)
+        s = vals / np.maximum(math.sqrt(self.pop[i]) * norm, 1e-300)
         top = _top_k(s, self.params.sim_list_len)
         return keys[top], s[top]
 

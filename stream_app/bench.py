@@ -3,7 +3,10 @@
 1. Preload the log (ml-100k when fetched, else a synthetic stream) into a fresh topic.
 2. Raw ceiling: confluent-kafka ``consume()`` + orjson decode of that same topic, no other work.
 3. End to end: start ``streamrec worker``; the rate is taken from the consumer group's committed
-   offsets, from the first commit to the last (start-up and group joins excluded).
+   offsets, from the first commit to the last (start-up and group joins excluded). The same for
+   one and for two workers sharing a two-partition topic: the workers join first, and once the
+   group is stable the log is produced to them at full speed (so that no rebalance falls inside
+   the run); the rate is taken from the first commit seen after the log is in to the last.
 4. Resident memory of the worker, now holding the whole log's state.
 5. Freshness: produce new events at a fixed rate while a reader polls Redis; the latency of an
    event is the time from just before ``produce()`` to the moment a reader's ``MGET`` sees its
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import statistics
 import tempfile
 import threading
@@ -183,6 +187,57 @@ def freshness(
     }
 
 
+_ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
+
+
+def wait_assigned(workers: list[WorkerProcess], partitions: int, quiet: float = 2.0, timeout: float = 120.0) -> None:
+    """Wait until the workers' latest assignments split all partitions between them and nothing
+    has been reassigned for ``quiet`` seconds."""
+    last: tuple[list[str], ...] = ()
+    since = time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        for w in workers:
+            if not w.alive():
+                raise RuntimeError("worker exited:\n" + w.log()[-3000:])
+        latest = tuple(_ASSIGNED.findall(w.log()) for w in workers)
+        if latest != last:
+            last, since = latest, time.monotonic()
+        owned = [int(x) for found in latest if found for x in found[-1].replace(" ", "").split(",") if x]
+        if all(latest) and sorted(owned) == list(range(partitions)) and time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"the group did not settle on {partitions} partitions: {last}")
+
+
+def scale_run(svc: Any, events: list[dict[str, Any]], workers: int, partitions: int, run: str) -> float:
+    """End-to-end events/s of ``workers`` workers on a ``partitions``-partition topic."""
+    env = isolated_env(svc, f"bench-{run}-w{workers}")
+    s = settings_from_env(env)
+    ensure_topics(s, partitions)
+    logs = Path(tempfile.gettempdir())
+    procs = [WorkerProcess(env, logs / f"streamrec-bench-{run}-w{workers}-{k}.log").start() for k in range(workers)]
+    try:
+        wait_assigned(procs, partitions)
+        replay(producer_config(s), s.events_topic, events)  # the rate is taken after this returns
+        caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, procs[0])
+        if not all(w.alive() for w in procs):
+            raise RuntimeError("a worker exited during the run")
+        owners = [_ASSIGNED.findall(w.log())[-1] for w in procs]
+    finally:
+        for w in procs:
+            w.stop()
+    typer.echo(f"end to end, {workers} worker(s), {partitions} partitions: {caught.rate:,.0f} events/s {owners}")
+    _clear(svc.redis_url, s.redis_prefix)
+    return caught.rate
+
+
+def _clear(redis_url: str, prefix: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    for k in r.scan_iter(f"{prefix}*", count=1000):
+        r.delete(k)
+
+
 def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, partitions: int = 1) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     name, events = demo_events(settings, n_events or 100_000, use_ml100k=True)
@@ -209,9 +264,8 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
             fresh = freshness(svc.bootstrap, svc.redis_url, s, users, items, rate, seconds, start_ts)
         finally:
             w.stop()
-        r = redis.Redis.from_url(svc.redis_url)
-        for k in r.scan_iter(f"{s.redis_prefix}*", count=1000):
-            r.delete(k)
+        _clear(svc.redis_url, s.redis_prefix)
+        scale = {n: scale_run(svc, events, n, 2, run) for n in (1, 2)}
     res = {
         "machine": {
             "cores": os.cpu_count(),
@@ -223,6 +277,7 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
         "partitions": partitions,
         "raw_ceiling_events_per_s": raw["events_per_s"],
         "end_to_end_events_per_s": caught.rate,
+        "scale_out_events_per_s": {"partitions": 2, "workers_1": scale[1], "workers_2": scale[2]},
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
     }
@@ -230,6 +285,7 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
     typer.echo("\n| measure | value |\n|---|---|")
     typer.echo(f"| raw ceiling (consume + orjson decode) | {res['raw_ceiling_events_per_s']:,.0f} events/s |")
     typer.echo(f"| end to end, one worker | {caught.rate:,.0f} events/s |")
+    typer.echo(f"| end to end, 2 partitions: one worker / two workers | {scale[1]:,.0f} / {scale[2]:,.0f} events/s |")
     typer.echo(f"| worker resident memory after {len(events):,} events | {res['worker_rss_mb']:.0f} MiB |")
     typer.echo(
         f"| freshness at {f['rate_achieved']:,.0f} events/s: p50 / p95 / p99 / max | "

@@ -167,6 +167,7 @@ class Pipeline:
 
     # -- partitions --------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
+        log.info("assigned partitions %s", sorted(tp.partition for tp in tps))
         committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=30)}
         for tp in tps:
             snap = self._retry(lambda tp=tp: self.store.load_snapshot(self.s.group_id, tp.topic, tp.partition))

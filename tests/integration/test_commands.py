@@ -78,3 +78,23 @@ def test_evaluate_served_scores_the_lists_in_redis(broker: str, worker_env: dict
     assert served["evaluated"] == inproc["evaluated"] > 0
     assert 0 < served["hr@10"] <= 1 and 0 < inproc["hr@10"] <= 1
     assert doc["rate_achieved"] <= 1500 * 1.05
+
+
+def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str, str], tmp_path: Path) -> None:
+    """A short ``streamrec bench`` against the test broker and Redis: every figure is present,
+    positive and consistent, and every freshness probe was seen in Redis."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--events", "20000", "--rate", "500", "--seconds", "3", "--json", str(out)]
+    res = _run(args, worker_env, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = orjson.loads(out.read_bytes())
+    assert doc["machine"]["cores"] == os.cpu_count()
+    assert doc["machine"]["broker"] == "configured" and doc["events"] == 20000
+    assert doc["raw_ceiling_events_per_s"] > doc["end_to_end_events_per_s"] > 0
+    scale = doc["scale_out_events_per_s"]
+    assert scale["partitions"] == 2 and scale["workers_1"] > 0 and scale["workers_2"] > 0
+    assert 0 < doc["worker_rss_mb"] < 4096
+    f = doc["freshness"]
+    assert f["events"] == 1500 and f["observed"] == 1500 and f["unobserved"] == 0
+    assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"]
+    assert "| end to end, 2 partitions: one worker / two workers |" in res.stdout
