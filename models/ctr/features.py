@@ -1,0 +1,142 @@
+"""Samples and the integer batches the CTR models read.
+
+Ids are hashed into a fixed number of buckets, so an unbounded catalogue and user base fit a
+fixed-size model and a restored checkpoint reads new ids without migration. Bucket 0 is
+reserved for padding (the empty history slots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.state import stable_hash
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One labelled (user, item) pair with the features it had at event time.
+
+    ``history`` holds the user's most recent items *before* the event, newest last.
+    """
+
+    user_id: str
+    item_id: str
+    category: str | None
+    history: tuple[str, ...]
+    label: float
+    ts: int
+    dense: tuple[float, ...] = ()  # numeric context, e.g. the candidate's retrieval score
+
+    def as_obj(self) -> dict[str, object]:
+        return {
+            "u": self.user_id,
+            "i": self.item_id,
+            "c": self.category,
+            "h": list(self.history),
+            "y": self.label,
+            "ts": self.ts,
+            "d": list(self.dense),
+        }
+
+    @classmethod
+    def from_obj(cls, o: dict[str, object]) -> Sample:
+        """Inverse of ``as_obj``; raises ``KeyError``/``TypeError``/``ValueError`` on a bad object."""
+        h = o["h"]
+        if not isinstance(h, list) or not all(isinstance(x, str) for x in h):
+            raise TypeError("h must be a list of strings")
+        c = o.get("c")
+        if c is not None and not isinstance(c, str):
+            raise TypeError("c must be a string or null")
+        y = float(o["y"])  # type: ignore[arg-type]
+        if y not in (0.0, 1.0):
+            raise ValueError("y must be 0 or 1")
+        d = o.get("d", [])
+        if not isinstance(d, list) or not all(isinstance(x, (int, float)) for x in d):
+            raise TypeError("d must be a list of numbers")
+        return cls(str(o["u"]), str(o["i"]), c, tuple(h), y, int(o["ts"]), tuple(map(float, d)))  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True, slots=True)
+class CtrBatch:
+    """B samples as arrays: ``user``, ``item``, ``cat`` (B,) int64 buckets; ``hist`` (B, L) int64
+    buckets, 0 where empty; ``dense`` (B, F) float32; ``label`` (B,) float32 in {0, 1}."""
+
+    user: np.ndarray
+    item: np.ndarray
+    cat: np.ndarray
+    hist: np.ndarray
+    dense: np.ndarray
+    label: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.item.shape[0])
+
+    def take(self, idx: np.ndarray) -> CtrBatch:
+        return CtrBatch(self.user[idx], self.item[idx], self.cat[idx], self.hist[idx], self.dense[idx], self.label[idx])
+
+
+class FeatureHasher:
+    """Maps ids to buckets in ``[1, buckets)`` with a stable hash, memoised (ids repeat a lot)."""
+
+    def __init__(self, buckets: int, hist_len: int, n_dense: int = 0, seed: int = 0) -> None:
+        if buckets < 2:
+            raise ValueError("buckets must be at least 2")
+        self.buckets, self.hist_len, self.n_dense, self.seed = buckets, hist_len, n_dense, seed
+        self._memo: dict[tuple[str, str], int] = {}
+
+    def bucket(self, field: str, value: str) -> int:
+        key = (field, value)
+        b = self._memo.get(key)
+        if b is None:
+            b = 1 + stable_hash(self.seed, field, value) % (self.buckets - 1)
+            if len(self._memo) < 2_000_000:  # bounded: beyond it, hash every time
+                self._memo[key] = b
+        return b
+
+    def batch(self, samples: Sequence[Sample]) -> CtrBatch:
+        n, L = len(samples), self.hist_len
+        user = np.empty(n, dtype=np.int64)
+        item = np.empty(n, dtype=np.int64)
+        cat = np.empty(n, dtype=np.int64)
+        hist = np.zeros((n, L), dtype=np.int64)
+        label = np.empty(n, dtype=np.float32)
+        dense = np.zeros((n, self.n_dense), dtype=np.float32)
+        bk = self.bucket
+        for r, s in enumerate(samples):
+            user[r] = bk("u", s.user_id)
+            item[r] = bk("i", s.item_id)
+            cat[r] = bk("c", s.category) if s.category is not None else 0
+            h = s.history[-L:]
+            if h:
+                hist[r, L - len(h) :] = [bk("i", x) for x in h]
+            label[r] = s.label
+            if s.dense:
+                dense[r, : len(s.dense)] = s.dense[: self.n_dense]
+        return CtrBatch(user, item, cat, hist, dense, label)
+
+    def candidates(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        items: Sequence[str],
+        cats: Sequence[str | None],
+        dense: np.ndarray | None = None,
+    ) -> CtrBatch:
+        """One user's candidates as a batch (labels 0): the history is encoded once."""
+        n, L = len(items), self.hist_len
+        bk = self.bucket
+        h = np.zeros(L, dtype=np.int64)
+        hh = list(history)[-L:]
+        if hh:
+            h[L - len(hh) :] = [bk("i", x) for x in hh]
+        return CtrBatch(
+            np.full(n, bk("u", user_id), dtype=np.int64),
+            np.fromiter((bk("i", x) for x in items), dtype=np.int64, count=n),
+            np.fromiter((bk("c", c) if c is not None else 0 for c in cats), dtype=np.int64, count=n),
+            np.broadcast_to(h, (n, L)),
+            dense.astype(np.float32) if dense is not None else np.zeros((n, self.n_dense), dtype=np.float32),
+            np.zeros(n, dtype=np.float32),
+        )

@@ -1,0 +1,147 @@
+"""Labelled samples from the event stream, with features as they were at event time.
+
+* A click or purchase is a positive.
+* A view is an impression: it becomes a negative if no click or purchase of the same item by the
+  same user follows within ``window_ms`` of event time. The joiner tolerates late and early
+  clicks (a click that arrives before its view, within the window, still cancels it) and never
+  waits forever: a view is settled once the stream's event time has passed its deadline by
+  ``lateness_ms``, and the oldest pending views are settled early when more than
+  ``max_pending`` are open.
+* When a stream has no impressions (ml-100k), each positive also gets ``sampled_negatives``
+  items drawn in proportion to recent popularity (uniform draws from a ring buffer of recent
+  events' items), seeded from (seed, user, event count) so the same log gives the same samples.
+
+Every sample carries the user's history *before* its event, so no feature comes from the future.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.ctr.features import Sample
+from models.events import Event
+from models.state import stable_hash
+
+POSITIVE_TYPES = frozenset({"click", "purchase"})
+IMPRESSION_TYPES = frozenset({"view"})
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    hist_len: int = 20
+    window_ms: int = 30 * 60_000  # a view not clicked within this is a negative
+    lateness_ms: int = 60_000  # how far behind the newest event time a click may still arrive
+    max_pending: int = 200_000  # open views; beyond it the oldest are settled as negatives
+    sampled_negatives: int = 4  # popularity-sampled negatives per positive (0: none)
+    pop_buffer: int = 100_000  # recent events whose items the negatives are drawn from
+    max_users: int = 1_000_000
+    seed: int = 0
+
+
+@dataclass
+class _User:
+    history: deque[str]
+    n: int = 0
+
+
+class SampleBuilder:
+    """Turns events, in order, into samples; a plain picklable value (it is snapshotted with the
+    partition state it runs next to)."""
+
+    def __init__(self, params: SampleParams) -> None:
+        self.p = params
+        self.users: OrderedDict[str, _User] = OrderedDict()
+        self.categories: dict[str, str] = {}
+        # (user, item) -> (deadline, view sample); insertion order is event order
+        self.pending: OrderedDict[tuple[str, str], tuple[int, Sample]] = OrderedDict()
+        self.recent_clicks: OrderedDict[tuple[str, str], int] = OrderedDict()  # clicks seen, for early ones
+        self.ring: list[str] = []
+        self.ring_at = 0
+        self.watermark = 0
+
+    def feed(self, events: Iterable[Event]) -> list[Sample]:
+        """Samples settled by these events (positives at once, view negatives once due)."""
+        p = self.p
+        out: list[Sample] = []
+        for ev in events:
+            u = self.users.get(ev.user_id)
+            if u is None:
+                u = self.users[ev.user_id] = _User(deque(maxlen=p.hist_len))
+                if len(self.users) > p.max_users:
+                    self.users.popitem(last=False)
+            else:
+                self.users.move_to_end(ev.user_id)
+            cat = (ev.props or {}).get("category")
+            if isinstance(cat, str):
+                self.categories[ev.item_id] = cat
+            category = self.categories.get(ev.item_id)
+            hist = tuple(u.history)
+            key = (ev.user_id, ev.item_id)
+            if ev.type in POSITIVE_TYPES:
+                self.pending.pop(key, None)  # the view was clicked: not a negative
+                self.recent_clicks[key] = ev.ts
+                self.recent_clicks.move_to_end(key)
+                out.append(Sample(ev.user_id, ev.item_id, category, hist, 1.0, ev.ts))
+                if p.sampled_negatives and self.ring:
+                    out.extend(self._negatives(ev, u, hist))
+            elif ev.type in IMPRESSION_TYPES:
+                clicked = self.recent_clicks.get(key)
+                if clicked is None or abs(clicked - ev.ts) > p.window_ms:
+                    self.pending[key] = (
+                        ev.ts + p.window_ms,
+                        Sample(ev.user_id, ev.item_id, category, hist, 0.0, ev.ts),
+                    )
+                    self.pending.move_to_end(key)
+            u.history.append(ev.item_id)
+            u.n += 1
+            self._remember(ev.item_id)
+            if ev.ts > self.watermark:
+                self.watermark = ev.ts
+            out.extend(self._settle())
+        return out
+
+    def _negatives(self, ev: Event, u: _User, hist: tuple[str, ...]) -> list[Sample]:
+        rng = np.random.default_rng(stable_hash(self.p.seed, "neg", ev.user_id, u.n))
+        had = set(hist)
+        out = []
+        for k in rng.integers(0, len(self.ring), self.p.sampled_negatives).tolist():
+            item = self.ring[k]
+            if item != ev.item_id and item not in had:
+                out.append(Sample(ev.user_id, item, self.categories.get(item), hist, 0.0, ev.ts))
+        return out
+
+    def _remember(self, item: str) -> None:
+        if len(self.ring) < self.p.pop_buffer:
+            self.ring.append(item)
+        else:
+            self.ring[self.ring_at] = item
+            self.ring_at = (self.ring_at + 1) % self.p.pop_buffer
+
+    def _settle(self) -> list[Sample]:
+        """Views whose deadline the stream has passed (by ``lateness_ms``), oldest first."""
+        out = []
+        limit = self.watermark - self.p.lateness_ms
+        pend = self.pending
+        while pend:
+            key, (deadline, s) = next(iter(pend.items()))
+            if deadline > limit and len(pend) <= self.p.max_pending:
+                break
+            del pend[key]
+            out.append(s)
+        clicks = self.recent_clicks
+        while clicks:
+            key, ts = next(iter(clicks.items()))
+            if ts >= limit - self.p.window_ms and len(clicks) <= self.p.max_pending:
+                break
+            del clicks[key]
+        return out
+
+    def flush(self) -> list[Sample]:
+        """Settle every open view now (end of a finite log)."""
+        out = [s for _, s in self.pending.values()]
+        self.pending.clear()
+        return out
