@@ -35,6 +35,25 @@ def worker(config: Path | None = ConfigOpt) -> None:
 
 
 @app.command()
+def trainer(
+    idle_exit: float | None = typer.Option(None, help="exit after this many seconds without samples"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Fine-tune the CTR model on the samples topic and publish gated versions, until SIGTERM."""
+    import signal
+    import threading
+
+    from stream_app.trainer import run_trainer
+
+    s = _settings(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    t = run_trainer(s, stop, max_idle_s=idle_exit if idle_exit is not None else float("inf"))
+    typer.echo(orjson.dumps(t.metrics()).decode())
+
+
+@app.command()
 def replay(
     path: Path = typer.Argument(..., exists=True, dir_okay=True, help="JSONL, CSV or an ml-100k directory"),
     fmt: str = typer.Option("jsonl", "--format", help="jsonl | csv | ml-100k"),

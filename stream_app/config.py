@@ -60,6 +60,24 @@ class Settings(BaseSettings):
     w_pop: float = Field(0.05, ge=0.0)
     max_users: int = Field(1_000_000, ge=1)
     max_seen: int = Field(10_000, ge=1)
+    # CTR samples (produced by workers) and the trainer
+    samples: bool = False  # workers publish CTR samples to samples_topic (turn on with a trainer)
+    samples_topic: str = "samples"
+    sample_window_s: float = Field(1800.0, gt=0, description="a view not clicked within this is a negative")
+    sample_negatives: int = Field(4, ge=0, description="popularity-sampled negatives per positive")
+    ctr_batch_size: int = Field(1024, ge=16)
+    ctr_dim: int = Field(16, ge=2)
+    ctr_buckets: int = Field(1 << 18, ge=1024)
+    ctr_hist_len: int = Field(20, ge=1)
+    ctr_lr: float = Field(0.003, gt=0)
+    ctr_publish_batches: int = Field(50, ge=1)
+    ctr_publish_interval_s: float = Field(60.0, gt=0)
+    ctr_holdout: float = Field(0.05, gt=0, lt=1, description="share of samples held back for the promotion gate")
+    ctr_gate_tolerance: float = Field(0.01, ge=0, description="relative log-loss a new version may lose")
+    ctr_drift_lr_boost: float = Field(3.0, ge=1.0)
+    ctr_drift_batches: int = Field(100, ge=1)
+    ctr_drift_epsilon: float = Field(0.3, ge=0.0, le=1.0)
+    model_dir: Path | None = None  # trainer checkpoints; default <data_dir>/models/<group_id>
     # data
     data_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamrec"
 

@@ -40,10 +40,13 @@ def producer_config(s: Settings, **extra: Any) -> dict[str, Any]:
 
 
 def ensure_topics(s: Settings, partitions: int | None = None, timeout: float = 30.0) -> None:
-    """Create the events and dead-letter topics if they do not exist (existing ones are kept)."""
+    """Create the events and dead-letter topics (and the samples topic when workers produce
+    samples) if they do not exist; existing ones are kept."""
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
     existing = set(admin.list_topics(timeout=timeout).topics)
     want = [NewTopic(s.events_topic, partitions or s.topic_partitions, 1), NewTopic(s.dlq, 1, 1)]
+    if s.samples:
+        want.append(NewTopic(s.samples_topic, partitions or s.topic_partitions, 1))
     new = [t for t in want if t.topic not in existing]
     if not new:
         return
@@ -85,8 +88,20 @@ class DeadLetters:
         self.producer.poll(0)
         self.pending += 1
 
+    def send_samples(self, topic: str, samples: list[tuple[bytes, bytes]]) -> None:
+        """CTR samples (key, value) on the same producer, so ``flush`` covers them too."""
+        for key, value in samples:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+            except BufferError:
+                self.producer.poll(1.0)  # the local queue is full: let deliveries drain, then retry
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+        self.producer.poll(0)
+        self.pending += len(samples)
+
     def flush(self, timeout: float = 30.0) -> None:
-        """Block until every dead letter is acknowledged (done before offsets are committed)."""
+        """Block until every dead letter (and sample) is acknowledged (done before offsets are
+        committed)."""
         if self.pending:
             left = self.producer.flush(timeout)
             if left:

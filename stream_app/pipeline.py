@@ -26,10 +26,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from threadpoolctl import threadpool_limits
 
+from models.ctr.samples import SampleBuilder, SampleParams
 from models.engine import step
 from models.events import Event, EventSchema, InvalidEvent
 from models.ranking import RecList, sim_list, trending
@@ -54,6 +56,7 @@ class PartitionRun:
     snapshot_at: float = field(default_factory=time.monotonic)
     buffer: list[Message] = field(default_factory=list)
     sim_dirty: set[int] = field(default_factory=set)
+    samples: SampleBuilder | None = None  # CTR samples, when the worker produces them
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Stats:
     lists: int = 0
     batches: int = 0
     snapshots: int = 0
+    samples: int = 0
 
 
 def offset_of(m: Message) -> int:
@@ -187,8 +191,25 @@ class Pipeline:
                 offset, state = 0, PartitionState(self.params)
                 tp.offset = OFFSET_BEGINNING
                 log.info("partition %d: no snapshot, building state from the start of the log", tp.partition)
-            self.runs[tp.partition] = PartitionRun(tp.partition, state, offset, max(done, 0), offset)
+            run = self.runs[tp.partition] = PartitionRun(tp.partition, state, offset, max(done, 0), offset)
+            if self.s.samples:
+                run.samples = self._sample_builder(state)
         consumer.assign(tps)
+
+    def _sample_builder(self, state: PartitionState) -> SampleBuilder:
+        """A sample builder whose user histories continue those of ``state`` (views still open
+        when the previous owner stopped are not carried over: at worst a few negatives are lost)."""
+        s = self.s
+        b = SampleBuilder(
+            SampleParams(
+                hist_len=s.ctr_hist_len,
+                window_ms=int(s.sample_window_s * 1000),
+                sampled_negatives=s.sample_negatives,
+                seed=s.seed,
+            )
+        )
+        b.seed_from(state)
+        return b
 
     def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         self._settle(sync=True)
@@ -317,6 +338,10 @@ class Pipeline:
         for m, reason in bad:
             if offset_of(m) >= run.dlq_from:  # an earlier run already dead-lettered the rest
                 self.dlq.send(m.key(), m.value(), run.partition, offset_of(m), reason)
+        if run.samples is not None:
+            smp = run.samples.feed(events)  # before the state moves on: features as at event time
+            self.dlq.send_samples(self.s.samples_topic, [(x.user_id.encode(), orjson.dumps(x.as_obj())) for x in smp])
+            self.stats.samples += len(smp)
         out = step(run.state, events, blocked=self._blocked_items())
         run.sim_dirty |= out.effect.items
         run.next_offset = offset_of(block[-1]) + 1

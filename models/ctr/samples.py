@@ -20,11 +20,9 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
 from models.ctr.features import Sample
 from models.events import Event
-from models.state import stable_hash
+from models.state import PartitionState, stable_hash
 
 POSITIVE_TYPES = frozenset({"click", "purchase"})
 IMPRESSION_TYPES = frozenset({"view"})
@@ -62,6 +60,17 @@ class SampleBuilder:
         self.ring: list[str] = []
         self.ring_at = 0
         self.watermark = 0
+
+    def seed_from(self, state: PartitionState) -> None:
+        """Continue from a restored partition state: user histories and the popularity buffer
+        are rebuilt from its per-user histories (least recently active users first)."""
+        ids = state.item_ids
+        for uid, us in state.users.items():
+            items = [ids[i] for i, _, _ in us.history]
+            self.users[uid] = _User(deque(items[-self.p.hist_len :], maxlen=self.p.hist_len), us.n_events)
+            for it in items:
+                self._remember(it)
+        self.watermark = state.max_ts
 
     def feed(self, events: Iterable[Event]) -> list[Sample]:
         """Samples settled by these events (positives at once, view negatives once due)."""
@@ -105,11 +114,11 @@ class SampleBuilder:
         return out
 
     def _negatives(self, ev: Event, u: _User, hist: tuple[str, ...]) -> list[Sample]:
-        rng = np.random.default_rng(stable_hash(self.p.seed, "neg", ev.user_id, u.n))
         had = set(hist)
         out = []
-        for k in rng.integers(0, len(self.ring), self.p.sampled_negatives).tolist():
-            item = self.ring[k]
+        n = len(self.ring)
+        for k in range(self.p.sampled_negatives):
+            item = self.ring[stable_hash(self.p.seed, "neg", ev.user_id, u.n, k) % n]
             if item != ev.item_id and item not in had:
                 out.append(Sample(ev.user_id, item, self.categories.get(item), hist, 0.0, ev.ts))
         return out

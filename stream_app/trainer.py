@@ -1,0 +1,318 @@
+"""``streamrec trainer``: fine-tunes the CTR model on the samples topic, and publishes versions.
+
+Per micro-batch of ``ctr_batch_size`` samples:
+
+1. A deterministic share (``ctr_holdout``, by hash of user and time) is held back into a bounded
+   buffer of recent samples: the promotion gate's test set, never trained on.
+2. Progressive validation: the rest is scored by the current model *before* it trains on them
+   (river ``RollingROCAUC`` and ``LogLoss``), for the DIN model and, alongside on the same
+   samples, the logistic-regression baseline.
+3. One ``train_step`` each; the progressive 0/1 errors feed a river ``ADWIN`` detector. On drift the learning
+   rate is raised ``ctr_drift_lr_boost``-fold and workers are told to explore more
+   (``ctr_drift_epsilon``) for ``ctr_drift_batches`` batches.
+4. Every ``ctr_publish_batches`` batches or ``ctr_publish_interval_s`` seconds, the gate compares
+   the candidate with the live version on the held-back samples. If its log-loss is no worse than
+   the live one's by more than ``ctr_gate_tolerance`` (relative), it becomes the next version: a
+   checkpoint file, then Redis. Otherwise the weights roll back to the live version.
+
+Offsets are committed after each batch is trained on; on restart the trainer resumes from the
+newest checkpoint (samples after it and before the last commit are not replayed: the model is
+a running estimate, not an exactly-once aggregate).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import redis
+import torch
+from confluent_kafka import Consumer
+from river import drift, metrics, utils
+
+from models.ctr import DIN, CtrBatch, CtrConfig, FeatureHasher, LogReg, Sample, predict, train_step
+from models.ctr.train import optimizers
+from models.state import stable_hash
+from stream_app.config import Settings
+from stream_app.kafka_io import consumer_config
+
+log = logging.getLogger(__name__)
+
+
+def ctr_config(s: Settings) -> CtrConfig:
+    return CtrConfig(buckets=s.ctr_buckets, dim=s.ctr_dim, hist_len=s.ctr_hist_len, lr=s.ctr_lr)
+
+
+def model_dir(s: Settings) -> Path:
+    return s.model_dir if s.model_dir is not None else s.data_dir / "models" / s.group_id
+
+
+def model_key(s: Settings) -> str:
+    return f"{s.redis_prefix}ctr:model"
+
+
+def control_key(s: Settings) -> str:
+    return f"{s.redis_prefix}ctr:control"
+
+
+def metrics_key(s: Settings) -> str:
+    return f"{s.redis_prefix}ctr:metrics"
+
+
+def to_bytes(model: DIN, version: int, extra: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({"version": version, "config": model.cfg.__dict__, "state": model.state_dict(), **extra}, buf)
+    return buf.getvalue()
+
+
+def from_bytes(blob: bytes) -> tuple[int, DIN]:
+    """A published checkpoint: (version, model). Only tensors and plain values are unpickled."""
+    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    cfg = d["config"]
+    model = DIN(CtrConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
+    model.load_state_dict(d["state"])
+    model.eval()
+    return int(d["version"]), model
+
+
+@dataclass
+class Progress:
+    """Progressive-validation metrics of one model (scored before training)."""
+
+    auc: metrics.RollingROCAUC = field(default_factory=lambda: metrics.RollingROCAUC(window_size=20_000))
+    logloss: metrics.LogLoss = field(default_factory=metrics.LogLoss)
+    recent_logloss: Any = field(default_factory=lambda: utils.Rolling(metrics.LogLoss, window_size=20_000))
+
+    def update(self, y: np.ndarray, p: np.ndarray) -> None:
+        pc = np.clip(p, 1e-7, 1 - 1e-7).tolist()
+        for yy, pp in zip((y > 0.5).tolist(), pc, strict=True):
+            self.auc.update(yy, pp)
+            self.logloss.update(yy, pp)
+            self.recent_logloss.update(yy, pp)
+
+    def as_dict(self) -> dict[str, float]:
+        recent = float(self.recent_logloss.get())
+        return {"auc": float(self.auc.get()), "logloss": float(self.logloss.get()), "recent_logloss": recent}
+
+
+def logloss(model: torch.nn.Module, b: CtrBatch) -> float:
+    p = np.clip(predict(model, b), 1e-7, 1 - 1e-7)
+    y = b.label
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+
+
+class Trainer:
+    """The trainer's state and one-batch logic, apart from Kafka (which ``run`` adds)."""
+
+    def __init__(self, s: Settings, store: redis.Redis | None = None) -> None:
+        self.s = s
+        self.cfg = ctr_config(s)
+        torch.manual_seed(s.seed)
+        self.model = DIN(self.cfg)
+        self.baseline = LogReg(self.cfg)
+        self.opts = optimizers(self.model, self.cfg.lr)
+        self.base_opts = optimizers(self.baseline, 0.05)
+        self.hasher = FeatureHasher(self.cfg.buckets, self.cfg.hist_len)
+        self.dir = model_dir(s)
+        self.store = store
+        self.version = 0
+        self.live: DIN | None = None
+        self.holdout: deque[Sample] = deque(maxlen=20_000)
+        self.progress = Progress()
+        self.baseline_progress = Progress()
+        self.adwin = drift.ADWIN()
+        self.boost_left = 0
+        self.drifts = 0
+        self.boosted_batches = 0  # batches trained at the raised learning rate
+        self.samples = 0
+        self.batches = 0
+        self.rejected = 0
+        self.since_publish = 0
+        self.published_at = time.monotonic()
+        self._resume()
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _resume(self) -> None:
+        ckpts = sorted(self.dir.glob("ctr-*.pt")) if self.dir.exists() else []
+        if not ckpts:
+            return
+        version, model = from_bytes(ckpts[-1].read_bytes())
+        if model.cfg != self.cfg:
+            raise ValueError(
+                f"checkpoint {ckpts[-1]} was trained with {model.cfg}, the settings say {self.cfg}; "
+                "restore those settings or point STREAMREC_MODEL_DIR elsewhere"
+            )
+        self.model.load_state_dict(model.state_dict())
+        self.version, self.live = version, model
+        log.info("resumed from checkpoint %s (version %d)", ckpts[-1].name, version)
+        self._publish_redis(ckpts[-1].read_bytes())
+
+    def _publish(self) -> None:
+        self.version += 1
+        blob = to_bytes(self.model, self.version, {"metrics": self.metrics()})
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"ctr-{self.version:08d}.pt"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(blob)
+        tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+        for old in sorted(self.dir.glob("ctr-*.pt"))[:-5]:
+            old.unlink()  # keep the five newest, for rollback by hand
+        self.live = from_bytes(blob)[1]
+        self._publish_redis(blob)
+        log.info("published CTR model version %d (%.1f kB)", self.version, len(blob) / 1e3)
+
+    def _publish_redis(self, blob: bytes) -> None:
+        if self.store is not None:
+            self.store.hset(model_key(self.s), mapping={"version": self.version, "blob": blob})
+
+    # -- one batch -----------------------------------------------------------------------------
+    def _held_back(self, smp: Sample) -> bool:
+        return stable_hash(self.s.seed, "holdout", smp.user_id, smp.ts) % 10_000 < self.s.ctr_holdout * 10_000
+
+    def step(self, batch: list[Sample]) -> None:
+        """Hold back, score (progressive validation), train, watch for drift, maybe publish."""
+        train: list[Sample] = []
+        for smp in batch:
+            (self.holdout.append if self._held_back(smp) else train.append)(smp)
+        if not train:
+            return
+        b = self.hasher.batch(train)
+        p = predict(self.model, b)
+        self.progress.update(b.label, p)
+        errors = ((p > 0.5) != (b.label > 0.5)).tolist()
+        self.baseline_progress.update(b.label, predict(self.baseline, b))
+        scale = self.s.ctr_drift_lr_boost if self.boost_left > 0 else 1.0
+        train_step(self.model, self.opts, b, lr_scale=scale)
+        train_step(self.baseline, self.base_opts, b)
+        self.samples += len(train)
+        self.batches += 1
+        self.since_publish += 1
+        if self.boost_left > 0:
+            self.boost_left -= 1
+            self.boosted_batches += 1
+            if self.boost_left == 0:
+                self._control(1.0)
+        # ADWIN watches the stream of progressive 0/1 errors (bounded, as its test expects; raw
+        # log-loss spikes widen its bound) and flags any change of their mean: only a rise
+        # means the world moved away from the model
+        before = self.adwin.estimation
+        rose = False
+        for e in errors:
+            self.adwin.update(e)
+            if self.adwin.drift_detected and self.adwin.estimation > before:
+                rose = True
+        if rose and self.batches > 20:
+            self.drifts += 1
+            self.boost_left = self.s.ctr_drift_batches
+            log.warning("drift in the CTR loss (batch %d): learning faster, exploring more", self.batches)
+            self._control(self.s.ctr_drift_lr_boost)
+        due = self.since_publish >= self.s.ctr_publish_batches or (
+            time.monotonic() - self.published_at >= self.s.ctr_publish_interval_s
+        )
+        if due:
+            self.gate()
+
+    def gate(self) -> bool:
+        """Publish the candidate if it does no worse than the live version on held-back samples;
+        otherwise roll back to the live weights. Returns whether it was published."""
+        self.since_publish, self.published_at = 0, time.monotonic()
+        if self.live is None:
+            self._publish()
+            return True
+        if len(self.holdout) < 100:
+            return False  # too little evidence either way: keep training
+        hb = self.hasher.batch(list(self.holdout))
+        cand, live = logloss(self.model, hb), logloss(self.live, hb)
+        if cand <= live * (1.0 + self.s.ctr_gate_tolerance):
+            self._publish()
+            return True
+        self.rejected += 1
+        log.warning("candidate log-loss %.4f worse than live %.4f on held-back samples: rolled back", cand, live)
+        self.model.load_state_dict(self.live.state_dict())
+        self.opts = optimizers(self.model, self.cfg.lr)
+        return False
+
+    def _control(self, boost: float) -> None:
+        """Tell workers to explore more (after drift) or go back to normal."""
+        if self.store is not None:
+            eps = self.s.ctr_drift_epsilon if boost > 1.0 else self.s.epsilon
+            self.store.set(control_key(self.s), orjson.dumps({"epsilon": eps, "drift": boost > 1.0}))
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "samples": self.samples,
+            "batches": self.batches,
+            "drifts": self.drifts,
+            "rejected": self.rejected,
+            "boosted": self.boost_left > 0,
+            "boosted_batches": self.boosted_batches,
+            "ctr": self.progress.as_dict(),
+            "logreg": self.baseline_progress.as_dict(),
+        }
+
+
+def decode_samples(values: list[bytes | None]) -> tuple[list[Sample], int]:
+    out, bad = [], 0
+    for v in values:
+        try:
+            out.append(Sample.from_obj(orjson.loads(v or b"null")))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            bad += 1
+    return out, bad
+
+
+def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: float = math.inf) -> Trainer:
+    """Consume the samples topic until ``stop`` is set (or nothing arrives for ``max_idle_s``)."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    r = redis.Redis.from_url(s.redis_url)
+    t = Trainer(s, r)
+    stop = stop or threading.Event()
+    c = Consumer({**consumer_config(s), "group.id": f"{s.group_id}-trainer", "enable.auto.offset.store": True})
+    c.subscribe([s.samples_topic])
+    log.info("trainer consuming %s; checkpoints in %s", s.samples_topic, t.dir)
+    idle_since = time.monotonic()
+    last_report = time.monotonic()
+    bad = 0
+    try:
+        while not stop.is_set():
+            msgs = c.consume(num_messages=s.ctr_batch_size, timeout=0.5)
+            msgs = [m for m in msgs if m.error() is None]
+            if not msgs:
+                if time.monotonic() - idle_since > max_idle_s:
+                    break
+                continue
+            idle_since = time.monotonic()
+            batch, nbad = decode_samples([m.value() for m in msgs])
+            bad += nbad
+            t.step(batch)
+            c.commit(asynchronous=True)
+            if time.monotonic() - last_report > 5:
+                last_report = time.monotonic()
+                m = t.metrics()
+                r.set(metrics_key(s), orjson.dumps({**m, "invalid": bad}))
+                log.info(
+                    "samples %d  AUC %.4f (logreg %.4f)  log-loss %.4f  version %d  drifts %d",
+                    m["samples"],
+                    m["ctr"]["auc"],
+                    m["logreg"]["auc"],
+                    m["ctr"]["logloss"],
+                    m["version"],
+                    m["drifts"],
+                )
+    finally:
+        t.gate()
+        r.set(metrics_key(s), orjson.dumps({**t.metrics(), "invalid": bad}))
+        if t.batches:
+            c.commit(asynchronous=False)
+        c.close()
+    return t

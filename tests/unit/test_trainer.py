@@ -1,0 +1,75 @@
+"""The trainer's batch logic without Kafka: progressive metrics, the gate, checkpoints, drift."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.ctr import Sample
+from stream_app.config import Settings
+from stream_app.trainer import Trainer
+
+
+def _samples(n: int, seed: int, flip: bool = False) -> list[Sample]:
+    """Users click items of the group their history is in (or, with ``flip``, of any other)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        g = int(rng.integers(10))
+        hist = tuple(f"g{g}-{int(x)}" for x in rng.integers(0, 30, 8))
+        same = bool(rng.random() < 0.5)
+        tg = g if same else int((g + rng.integers(1, 10)) % 10)
+        out.append(
+            Sample(f"u{k % 500}", f"g{tg}-{int(rng.integers(30))}", None, hist, float(same != flip), seed * n + k)
+        )
+    return out
+
+
+def _settings(tmp: Path, **kw: object) -> Settings:
+    base: dict[str, object] = {"model_dir": tmp, "ctr_buckets": 4096, "ctr_dim": 8, "ctr_hist_len": 8, "ctr_lr": 0.01}
+    return Settings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def _feed(t: Trainer, samples: list[Sample], size: int = 256) -> None:
+    for s in range(0, len(samples), size):
+        t.step(samples[s : s + size])
+
+
+def test_progressive_auc_beats_logistic_regression_and_versions_survive_a_restart(tmp_path: Path) -> None:
+    t = Trainer(_settings(tmp_path, ctr_publish_batches=20))
+    _feed(t, _samples(50_000, 1))
+    m = t.metrics()
+    assert m["ctr"]["auc"] > 0.9 and m["logreg"]["auc"] < 0.6, m  # AUC over the last 20,000 samples
+    assert 0 < m["samples"] < 50_000  # the held-back share was not trained on
+    assert t.version >= 2 and len(list(tmp_path.glob("ctr-*.pt"))) == min(t.version, 5)
+    again = Trainer(_settings(tmp_path))
+    assert again.version == t.version and again.live is not None and t.live is not None
+    for a, b in zip(again.model.state_dict().values(), t.live.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_gate_rolls_back_a_candidate_that_does_worse(tmp_path: Path) -> None:
+    t = Trainer(_settings(tmp_path, ctr_publish_batches=10_000))
+    _feed(t, _samples(40_000, 2))
+    assert t.gate() and t.version == 1  # with no live version, the first gate publishes at once
+    _feed(t, _samples(5_000, 6))
+    assert t.gate() and t.version == 2  # still learning the same task: no worse, published
+    good = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with torch.no_grad():
+        for p in t.model.mlp.parameters():
+            p.mul_(-1.0)  # a damaged candidate
+    assert not t.gate() and t.version == 2 and t.rejected == 1
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(v, good[k])  # back to the live weights
+
+
+def test_a_preference_shift_is_detected_and_boosts_learning(tmp_path: Path) -> None:
+    t = Trainer(_settings(tmp_path, ctr_drift_batches=30))
+    _feed(t, _samples(40_000, 3))
+    assert t.drifts == 0, t.metrics()  # learning (a falling loss) is not drift
+    _feed(t, _samples(12_000, 4, flip=True))
+    assert t.drifts >= 1 and t.boosted_batches > 0  # learned faster for a while
+    _feed(t, _samples(30_000, 5, flip=True))
+    assert t.progress.recent_logloss.get() < 0.5  # it has learned the new preferences
