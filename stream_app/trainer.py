@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 import redis
 import torch
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from river import drift, metrics, utils
 
 from models.ctr import DIN, CtrBatch, CtrConfig, FeatureHasher, LogReg, Sample, predict, train_step
@@ -312,7 +312,10 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
     finally:
         t.gate()
         r.set(metrics_key(s), orjson.dumps({**t.metrics(), "invalid": bad}))
-        if t.batches:
+        try:
             c.commit(asynchronous=False)
+        except KafkaException as e:
+            if e.args[0].code() != KafkaError._NO_OFFSET:  # nothing new since the last commit
+                raise
         c.close()
     return t
