@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from models.events import Event
-from models.ranking import RecList, recommend
+from models.ranking import RecList, Rescorer, recommend
 from models.state import BatchEffect, PartitionState
 
 
@@ -19,12 +19,19 @@ class StepOutput:
     effect: BatchEffect
 
 
-def step(state: PartitionState, events: Iterable[Event], blocked: Collection[str] = ()) -> StepOutput:
+def step(
+    state: PartitionState,
+    events: Iterable[Event],
+    blocked: Collection[str] = (),
+    rescorer: Rescorer | None = None,
+    epsilon: float | None = None,
+) -> StepOutput:
     """Fold ``events`` into ``state`` and build the lists of every user they touched.
 
     The result depends only on the state and the events, so the same batches in the same order
     give the same outputs (what makes replay and exactly-once restarts testable). ``blocked``
-    item ids (unavailable in the catalogue) are left out of the lists.
+    item ids (unavailable in the catalogue) are left out of the lists. ``rescorer`` and
+    ``epsilon``: see ``recommend`` (with them the lists also depend on the model version).
     """
     eff = state.apply(events)
-    return StepOutput(recommend(state, eff.users, blocked), eff)
+    return StepOutput(recommend(state, eff.users, blocked, rescorer, epsilon), eff)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -110,13 +110,59 @@ _DENSE_CELLS = 1 << 20
 _DENSE_MIN_USERS = 32
 
 
-def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collection[str] = ()) -> list[RecList]:
+class Rescorer(Protocol):
+    """Scores every user's ranked candidates in one call (e.g. a CTR model, batched).
+
+    ``histories[r]`` are user r's recent item ids (oldest first) and ``candidates[r]`` the ids to
+    score; returns one array of scores in [0, 1] per user, aligned with ``candidates[r]``.
+    """
+
+    weight: float
+
+    def score(
+        self, user_ids: Sequence[str], histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]
+    ) -> list[np.ndarray]: ...
+
+
+def _rescore(state: PartitionState, uids: Sequence[str], ranked: list[_Ranked], rescorer: Rescorer) -> list[_Ranked]:
+    """Blend: ``score / max(score) + weight * rescore``, then re-sort (ties by item index)."""
+    ids = state.item_ids
+    hists = [[ids[i] for i, _, _ in state.users[u].history] for u in uids]
+    cands = [[ids[i] for i in r[0]] for r in ranked]
+    extra = rescorer.score(uids, hists, cands)
+    out: list[_Ranked] = []
+    for (items, scores, srcs, vecs), x in zip(ranked, extra, strict=True):
+        if not items:
+            out.append((items, scores, srcs, vecs))
+            continue
+        s = np.asarray(scores)
+        top = float(s.max())
+        blended = (s / top if top > 0 else s) + rescorer.weight * np.asarray(x, dtype=np.float64)
+        order = np.lexsort((np.asarray(items), -blended)).tolist()
+        b = blended.tolist()
+        out.append(
+            ([items[k] for k in order], [b[k] for k in order], [srcs[k] for k in order], [vecs[k] for k in order])
+        )
+    return out
+
+
+def recommend(
+    state: PartitionState,
+    user_ids: Sequence[str],
+    blocked: Collection[str] = (),
+    rescorer: Rescorer | None = None,
+    epsilon: float | None = None,
+) -> list[RecList]:
     """Lists for ``user_ids`` from the state as it is now (call after ``state.apply``).
 
     Items the user has seen and ``blocked`` items are never candidates. Users are scored a chunk
     at a time with array operations: a dense (users x items) score matrix while the catalogue
     is small enough, else a table of (user, item) rows reduced by sorting. Per-user Python is
     limited to picking sources, exploration and building the output.
+
+    With a ``rescorer`` (the CTR model), every chunk's candidates are re-ranked by the blend in
+    one batched call before exploration. ``epsilon`` overrides the exploration rate (raised for
+    a while after the trainer detects drift).
     """
     p = state.params
     n = state.n_items
@@ -137,16 +183,19 @@ def recommend(state: PartitionState, user_ids: Sequence[str], blocked: Collectio
     if not dense:
         chunk = len(user_ids)
     k = p.n_recs + p.explore_pool
+    eps = p.epsilon if epsilon is None else epsilon
     ids = state.item_ids
     out: list[RecList] = []
     for c0 in range(0, len(user_ids), chunk):
         uids = user_ids[c0 : c0 + chunk]
         cand = _gather(state, uids, excluded, trend, pool, pos)
         ranked = _rank_dense(cand, n, k, pop_term, p) if dense else _rank_table(cand, n, k, pop_term, p)
+        if rescorer is not None and rescorer.weight > 0:
+            ranked = _rescore(state, uids, ranked, rescorer)
         for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
             u = state.users[uid]
             info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))
-            slots = epsilon_greedy(items[: p.n_recs], items[p.n_recs :], p.n_recs, p.epsilon, p.seed, uid, u.n_events)
+            slots = epsilon_greedy(items[: p.n_recs], items[p.n_recs :], p.n_recs, eps, p.seed, uid, u.n_events)
             rec = []
             for sl in slots:
                 sc_j, src_j, vec_j = info[sl.item]

@@ -77,6 +77,8 @@ class Settings(BaseSettings):
     ctr_drift_lr_boost: float = Field(3.0, ge=1.0)
     ctr_drift_batches: int = Field(100, ge=1)
     ctr_drift_epsilon: float = Field(0.3, ge=0.0, le=1.0)
+    w_ctr: float = Field(0.0, ge=0.0, description="weight of the CTR score in the ranking; 0: no CTR model")
+    ctr_poll_s: float = Field(5.0, gt=0, description="how often workers look for a new CTR model version")
     model_dir: Path | None = None  # trainer checkpoints; default <data_dir>/models/<group_id>
     # data
     data_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamrec"

@@ -37,6 +37,7 @@ from models.events import Event, EventSchema, InvalidEvent
 from models.ranking import RecList, sim_list, trending
 from models.state import PartitionState
 from stream_app.config import Settings
+from stream_app.ctr_runtime import ModelWatcher
 from stream_app.kafka_io import DeadLetters, consumer_config
 from stream_app.redis_store import RedisStore
 from stream_app.snapshots import ForkedSnapshots
@@ -136,6 +137,10 @@ class Pipeline:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-redis")
         self._pending: PendingWrite | None = None
         self.error: BaseException | None = None
+        # the CTR model, when its weight is set: picked up from Redis as the trainer publishes
+        self.categories: dict[str, str] = {}
+        self.watcher = ModelWatcher(settings, client, self.categories) if settings.w_ctr > 0 else None
+        self._ranker: tuple[Any, float | None, str] = (None, None, settings.model_version)
         self.forked = (
             ForkedSnapshots(settings.redis_url, settings.redis_prefix, settings.group_id, settings.events_topic)
             if settings.snapshot_fork and ForkedSnapshots.available()
@@ -151,6 +156,8 @@ class Pipeline:
             [self.s.events_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         log.info("pipeline consuming %s as group %s", self.s.events_topic, self.s.group_id)
+        if self.watcher is not None:
+            self.watcher.start()
         try:
             # small matrices, latency-bound: BLAS threads would only compete with ours for cores
             with threadpool_limits(limits=1, user_api="blas"):
@@ -251,6 +258,9 @@ class Pipeline:
         now = time.monotonic()
         self._periodic_snapshots(now)  # the state now matches what Redis shows
         t1 = time.perf_counter()
+        w = self.watcher
+        # one model for the whole iteration, even if a new version lands meanwhile
+        self._ranker = (w.rescorer, w.epsilon, w.label) if w is not None else (None, None, self.s.model_version)
         lists: list[RecList] = []
         processed: list[PartitionRun] = []
         for run in self.runs.values():
@@ -265,7 +275,7 @@ class Pipeline:
         if lists or sims or processed:
             trend = self._trending() if processed else None
             offsets = {r.partition: r.next_offset for r in processed}
-            self._pending = PendingWrite(self._writer.submit(self._write, lists, sims, trend), offsets)
+            self._pending = PendingWrite(self._writer.submit(self._write, lists, sims, trend, self._ranker[2]), offsets)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "iteration: %d messages, %d blocks, %d lists, %d sims; models %.1f ms, waited for redis %.1f ms",
@@ -342,7 +352,14 @@ class Pipeline:
             smp = run.samples.feed(events)  # before the state moves on: features as at event time
             self.dlq.send_samples(self.s.samples_topic, [(x.user_id.encode(), orjson.dumps(x.as_obj())) for x in smp])
             self.stats.samples += len(smp)
-        out = step(run.state, events, blocked=self._blocked_items())
+        if self.watcher is not None:
+            cats = self.categories
+            for e in events:
+                c = e.props.get("category") if e.props else None
+                if isinstance(c, str):
+                    cats[e.item_id] = c
+        rescorer, epsilon, _ = self._ranker
+        out = step(run.state, events, blocked=self._blocked_items(), rescorer=rescorer, epsilon=epsilon)
         run.sim_dirty |= out.effect.items
         run.next_offset = offset_of(block[-1]) + 1
         st = self.stats
@@ -385,8 +402,11 @@ class Pipeline:
                 total[st.item_ids[i]] = total.get(st.item_ids[i], 0.0) + s
         return sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[: self.params.trending_len]
 
-    def _write(self, lists: list[RecList], sims: list[Any], trend: list[tuple[str, float]] | None) -> None:
-        self._retry(lambda: self.store.write(lists, sims, trend, self.s.model_version))
+    def _write(
+        self, lists: list[RecList], sims: list[Any], trend: list[tuple[str, float]] | None, model: str | None = None
+    ) -> None:
+        label = model or self.s.model_version
+        self._retry(lambda: self.store.write(lists, sims, trend, label))
 
     def _commit(self, sync: bool, runs: list[PartitionRun]) -> None:
         assert self.consumer is not None and self.dlq is not None

@@ -39,8 +39,10 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from river import drift, metrics, utils
 
-from models.ctr import DIN, CtrBatch, CtrConfig, FeatureHasher, LogReg, Sample, predict, train_step
-from models.ctr.train import optimizers
+from models.ctr.din import DIN, CtrConfig
+from models.ctr.features import CtrBatch, FeatureHasher, Sample
+from models.ctr.logreg import LogReg
+from models.ctr.train import optimizers, predict, train_step
 from models.state import stable_hash
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config

@@ -4,11 +4,7 @@
 grows), ``din`` is the DIN-style model (target attention over the user's recent items),
 ``logreg`` the logistic-regression baseline on the same features, and ``train`` holds the plain
 ``train_step`` and ``predict`` functions. Nothing here does IO.
+
+The package itself imports nothing: workers use ``samples`` and ``features`` without loading
+torch (importing it costs a worker about 190 MB and, measured, half its throughput).
 """
-
-from models.ctr.din import DIN, CtrConfig
-from models.ctr.features import CtrBatch, FeatureHasher, Sample
-from models.ctr.logreg import LogReg
-from models.ctr.train import predict, train_step
-
-__all__ = ["DIN", "CtrBatch", "CtrConfig", "FeatureHasher", "LogReg", "Sample", "predict", "train_step"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import orjson
 import redis
 
 from stream_app.processes import WorkerProcess, wait_caught_up
-from stream_app.trainer import from_bytes, metrics_key, model_key
+from stream_app.trainer import from_bytes, metrics_key, model_key, to_bytes
 from tests.integration.conftest import settings_from
 from tests.integration.harness import create_topics, produce, read_topic
 
@@ -63,3 +64,34 @@ def test_worker_samples_feed_the_trainer_which_publishes_versions(
     version, model = from_bytes(r.hget(model_key(s), "blob") or b"")
     assert version == m["version"] == int(r.hget(model_key(s), "version") or 0)
     assert len(list((tmp_path / "models").glob("ctr-*.pt"))) == min(version, 5)
+
+    # a worker with the CTR model in its ranking picks up published versions without a restart
+    more = ml100k[20_000:24_000]
+    env2 = {**env, "STREAMREC_W_CTR": "0.5", "STREAMREC_CTR_POLL_S": "0.3", "STREAMREC_SAMPLES": "false"}
+    w2 = WorkerProcess(env2, tmp_path / "worker2.log").start()
+    try:
+        produce(broker, s.events_topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in more[:2000]])
+        wait_caught_up(broker, s.group_id, s.events_topic, 1, w2)
+        doc = orjson.loads(r.get(f"{s.redis_prefix}rec:{more[1999]['user_id']}") or b"{}")
+        assert doc["model"] == f"{s.model_version}+ctr-v{version}", doc
+        r.hset(
+            model_key(s),
+            mapping={"version": version + 1, "blob": _republish(r.hget(model_key(s), "blob"), version + 1)},
+        )
+        deadline = time.monotonic() + 30
+        while f"CTR model version {version + 1} loaded" not in w2.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        produce(broker, s.events_topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in more[2000:]])
+        wait_caught_up(broker, s.group_id, s.events_topic, 1, w2)
+        doc = orjson.loads(r.get(f"{s.redis_prefix}rec:{more[-1]['user_id']}") or b"{}")
+        assert doc["model"] == f"{s.model_version}+ctr-v{version + 1}", doc
+        seen = {e["item_id"] for e in ml100k[:24_000] if e["user_id"] == more[-1]["user_id"]}
+        assert len(doc["items"]) == s.n_recs and not seen & {x["item_id"] for x in doc["items"]}
+    finally:
+        assert w2.stop() == 0, w2.log()[-3000:]
+
+
+def _republish(blob: bytes | None, version: int) -> bytes:
+    """The same weights under a new version number, as the trainer would publish them."""
+    _, model = from_bytes(blob or b"")
+    return to_bytes(model, version, {})

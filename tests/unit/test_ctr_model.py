@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.ctr import DIN, CtrConfig, FeatureHasher, LogReg, Sample, predict, train_step
-from models.ctr.train import optimizers
+from models.ctr.din import DIN, CtrConfig
+from models.ctr.features import FeatureHasher, Sample
+from models.ctr.logreg import LogReg
+from models.ctr.train import optimizers, predict, train_step
 
 
 def _task(n: int, seed: int) -> list[Sample]:

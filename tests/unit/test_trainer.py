@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.ctr import Sample
+from models.ctr.features import Sample
 from stream_app.config import Settings
 from stream_app.trainer import Trainer
 

@@ -1,0 +1,64 @@
+"""The worker's side of the CTR model: published versions picked up without a restart.
+
+A daemon thread polls Redis every ``ctr_poll_s`` for the version the trainer published (and
+for its exploration control); a new version is loaded off the event path and swapped in with
+one reference assignment, so a block is always ranked with one whole model. torch is imported
+only here, and only when ``w_ctr > 0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import orjson
+import redis
+
+from stream_app.config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelWatcher:
+    def __init__(self, s: Settings, r: redis.Redis, categories: dict[str, str]) -> None:
+        self.s, self.r, self.categories = s, r, categories
+        self.rescorer: Any = None  # models.ctr.rescorer.CtrRescorer once a version is published
+        self.epsilon: float | None = None  # the trainer's override after drift
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ctr-model-watcher", daemon=True)
+
+    def start(self) -> ModelWatcher:
+        self.poll()
+        self.thread.start()
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model string written into every list."""
+        r = self.rescorer
+        return self.s.model_version if r is None else f"{self.s.model_version}+ctr-v{r.version}"
+
+    def poll(self) -> None:
+        from stream_app.trainer import control_key, from_bytes, model_key
+
+        try:
+            ctl = self.r.get(control_key(self.s))
+            self.epsilon = float(orjson.loads(ctl)["epsilon"]) if ctl else None
+            raw = self.r.hget(model_key(self.s), "version")
+            if raw is None or (self.rescorer is not None and int(raw) == self.rescorer.version):
+                return
+            blob = self.r.hget(model_key(self.s), "blob")
+            if blob is None:
+                return
+            from models.ctr.rescorer import CtrRescorer
+
+            version, model = from_bytes(bytes(blob))  # type: ignore[arg-type]
+            self.rescorer = CtrRescorer(model, version, self.s.w_ctr, self.categories)
+            log.info("CTR model version %d loaded", version)
+        except (redis.RedisError, ValueError, KeyError, RuntimeError) as e:
+            log.warning("CTR model poll failed (%s); keeping the current version", type(e).__name__)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.s.ctr_poll_s):
+            self.poll()
