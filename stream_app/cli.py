@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 import typer
@@ -195,14 +196,40 @@ def bench(
     seconds: float = typer.Option(20.0, help="length of the freshness run"),
     partitions: int = typer.Option(1, help="partitions of the benchmark topic"),
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
+    ctr: bool = typer.Option(False, "--ctr", help="instead: the CTR model's progressive AUC and speed"),
+    threads: int = typer.Option(1, help="torch threads for --ctr"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
-    from stream_app.bench import run_bench
+    if ctr:
+        res = _bench_ctr(_settings(config), events, threads)
+    else:
+        from stream_app.bench import run_bench
 
-    res = run_bench(_settings(config), events, rate, seconds, partitions)
+        res = run_bench(_settings(config), events, rate, seconds, partitions)
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
+
+
+def _bench_ctr(s: Settings, n_events: int, threads: int) -> dict[str, Any]:
+    from stream_app.ctr_bench import run_ctr_bench
+    from stream_app.demo import demo_events
+
+    name, rows = demo_events(s, n_events or 100_000, use_ml100k=True)
+    if n_events:
+        rows = rows[:n_events]
+    schema = s.event_schema()
+    events = sorted((schema.from_obj(r) for r in rows), key=lambda e: e.ts)
+    res = run_ctr_bench(s, events, threads)
+    res["dataset"] = name
+    typer.echo(f"\nCTR task on {name}: {res['task']}")
+    typer.echo(f"{res['samples']:,} samples ({res['positives']:,} positive), {res['trained']:,} trained on\n")
+    typer.echo("| measure | DIN (torch) | logistic regression |\n|---|---|---|")
+    typer.echo(f"| progressive AUC | {res['ctr']['auc']:.4f} | {res['logreg']['auc']:.4f} |")
+    typer.echo(f"| progressive log-loss | {res['ctr']['logloss']:.4f} | {res['logreg']['logloss']:.4f} |")
+    typer.echo(f"\ntrainer: {res['trainer_samples_per_s']:,.0f} samples/s ({threads} torch thread(s))")
+    typer.echo(f"worker inference: {res['inference_scores_per_s']:,.0f} candidate scores/s (median)")
+    return res
 
 
 def main() -> None:

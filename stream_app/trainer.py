@@ -27,6 +27,7 @@ import logging
 import math
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,12 @@ import orjson
 import redis
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException
-from river import drift, metrics, utils
+from river import drift, metrics
 
 from models.ctr.din import DIN, CtrConfig
 from models.ctr.features import CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
 from models.ctr.train import optimizers, predict, train_step
-from models.state import stable_hash
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config
 
@@ -88,22 +88,31 @@ def from_bytes(blob: bytes) -> tuple[int, DIN]:
 
 @dataclass
 class Progress:
-    """Progressive-validation metrics of one model (scored before training)."""
+    """Progressive-validation metrics of one model (each batch scored before training on it).
+
+    AUC: river's ``RollingROCAUC`` (exact, over the last 20,000 samples), per sample. Log-loss
+    is summed with numpy per batch (cumulative, and an exponential average of batch means):
+    river's per-sample ``LogLoss`` alone cost a third of the trainer's time.
+    """
 
     auc: metrics.RollingROCAUC = field(default_factory=lambda: metrics.RollingROCAUC(window_size=20_000))
-    logloss: metrics.LogLoss = field(default_factory=metrics.LogLoss)
-    recent_logloss: Any = field(default_factory=lambda: utils.Rolling(metrics.LogLoss, window_size=20_000))
+    loss_sum: float = 0.0
+    n: int = 0
+    recent: float = math.nan
 
     def update(self, y: np.ndarray, p: np.ndarray) -> None:
-        pc = np.clip(p, 1e-7, 1 - 1e-7).tolist()
-        for yy, pp in zip((y > 0.5).tolist(), pc, strict=True):
-            self.auc.update(yy, pp)
-            self.logloss.update(yy, pp)
-            self.recent_logloss.update(yy, pp)
+        pc = np.clip(p, 1e-7, 1 - 1e-7)
+        auc = self.auc
+        for yy, pp in zip((y > 0.5).tolist(), pc.tolist(), strict=True):
+            auc.update(yy, pp)
+        losses = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+        self.loss_sum += float(losses.sum())
+        self.n += len(losses)
+        m = float(losses.mean())
+        self.recent = m if math.isnan(self.recent) else 0.95 * self.recent + 0.05 * m
 
     def as_dict(self) -> dict[str, float]:
-        recent = float(self.recent_logloss.get())
-        return {"auc": float(self.auc.get()), "logloss": float(self.logloss.get()), "recent_logloss": recent}
+        return {"auc": float(self.auc.get()), "logloss": self.loss_sum / max(self.n, 1), "recent_logloss": self.recent}
 
 
 def logloss(model: torch.nn.Module, b: CtrBatch) -> float:
@@ -178,7 +187,10 @@ class Trainer:
 
     # -- one batch -----------------------------------------------------------------------------
     def _held_back(self, smp: Sample) -> bool:
-        return stable_hash(self.s.seed, "holdout", smp.user_id, smp.ts) % 10_000 < self.s.ctr_holdout * 10_000
+        """Whether a sample belongs to the gate's test set: by a stable hash of user and time, so
+        a positive and its negatives fall on the same side."""
+        h = zlib.crc32(f"{self.s.seed}:{smp.user_id}:{smp.ts}".encode())
+        return h % 10_000 < self.s.ctr_holdout * 10_000
 
     def step(self, batch: list[Sample]) -> None:
         """Hold back, score (progressive validation), train, watch for drift, maybe publish."""

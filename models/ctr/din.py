@@ -17,11 +17,11 @@ from models.ctr.features import CtrBatch
 @dataclass(frozen=True)
 class CtrConfig:
     buckets: int = 1 << 18  # hashed ids share one embedding table (bucket 0 is padding)
-    dim: int = 16
-    hist_len: int = 20
+    dim: int = 8
+    hist_len: int = 10
     att_hidden: int = 32
     hidden: tuple[int, ...] = (64, 32)
-    lr: float = 3e-3
+    lr: float = 0.01
     n_dense: int = 0  # numeric inputs (``Sample.dense``) fed to the top MLP as they are
 
 

@@ -85,16 +85,33 @@ class FeatureHasher:
         if buckets < 2:
             raise ValueError("buckets must be at least 2")
         self.buckets, self.hist_len, self.n_dense, self.seed = buckets, hist_len, n_dense, seed
-        self._memo: dict[tuple[str, str], int] = {}
+        self._memo: dict[str, dict[str, int]] = {"u": {}, "i": {}, "c": {}}
+        self._hist_memo: dict[tuple[str, ...], np.ndarray] = {}
 
     def bucket(self, field: str, value: str) -> int:
-        key = (field, value)
-        b = self._memo.get(key)
+        memo = self._memo.setdefault(field, {})
+        b = memo.get(value)
         if b is None:
             b = 1 + stable_hash(self.seed, field, value) % (self.buckets - 1)
-            if len(self._memo) < 2_000_000:  # bounded: beyond it, hash every time
-                self._memo[key] = b
+            if len(memo) < 1_000_000:  # bounded: beyond it, hash every time
+                memo[value] = b
         return b
+
+    def history(self, h: tuple[str, ...]) -> np.ndarray:
+        """(L,) buckets of a history, right-aligned; memoised briefly, because a positive and its
+        sampled negatives share one history."""
+        row = self._hist_memo.get(h)
+        if row is None:
+            L = self.hist_len
+            row = np.zeros(L, dtype=np.int64)
+            hh = h[-L:]
+            if hh:
+                bk = self._memo["i"].get
+                row[L - len(hh) :] = [bk(x) or self.bucket("i", x) for x in hh]
+            if len(self._hist_memo) >= 4096:
+                self._hist_memo.clear()
+            self._hist_memo[h] = row
+        return row
 
     def batch(self, samples: Sequence[Sample]) -> CtrBatch:
         n, L = len(samples), self.hist_len
@@ -105,13 +122,13 @@ class FeatureHasher:
         label = np.empty(n, dtype=np.float32)
         dense = np.zeros((n, self.n_dense), dtype=np.float32)
         bk = self.bucket
+        hrow = self.history
         for r, s in enumerate(samples):
             user[r] = bk("u", s.user_id)
             item[r] = bk("i", s.item_id)
             cat[r] = bk("c", s.category) if s.category is not None else 0
-            h = s.history[-L:]
-            if h:
-                hist[r, L - len(h) :] = [bk("i", x) for x in h]
+            if s.history:
+                hist[r] = hrow(s.history)
             label[r] = s.label
             if s.dense:
                 dense[r, : len(s.dense)] = s.dense[: self.n_dense]
