@@ -142,6 +142,9 @@ def evaluate(
         False, "--served", help="score the lists the running system serves (broker, worker, Redis)"
     ),
     rate: float = typer.Option(2000.0, "--rate", min=1.0, help="events/s for --served"),
+    ctr: float | None = typer.Option(
+        None, "--ctr", min=0.0, help="also run streamrec with the CTR model (learning online) blended in at this weight"
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Prequential (test-then-train) HR@K and NDCG@K of streamrec and baselines, in-process."""
@@ -174,6 +177,7 @@ def evaluate(
             progress=lambda n: bar.update(task, completed=n),
             split=split,
             report_dir=report,
+            ctr_weight=ctr,
         )
     typer.echo(f"{res['events']:,} events, k={k}, {res['seconds']:.1f} s")
     typer.echo(f"| model | hr@{k} | ndcg@{k} | evaluated | coverage |\n|---|---|---|---|---|")

@@ -36,6 +36,7 @@ def run_evaluation(
     progress: Any = None,
     split: float | None = 0.5,
     report_dir: Path | None = None,
+    ctr_weight: float | None = None,
 ) -> dict[str, Any]:
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
@@ -44,6 +45,8 @@ def run_evaluation(
     # the ranking is evaluated without exploration, with lists of exactly k items
     params = dataclasses.replace(settings.params(), n_recs=k, epsilon=0.0, seed=seed)
     models = [make("streamrec", params, seed)] + [make(b, params, seed) for b in baselines]
+    if ctr_weight is not None:
+        models.insert(1, _with_ctr(settings, params, ctr_weight))
     t0 = time.perf_counter()
     result = prequential(events, models, k=k, progress=progress)
     out = result.as_dict(split)
@@ -54,3 +57,18 @@ def run_evaluation(
 
         out["report"] = str(write_report(result, out, report_dir))
     return out
+
+
+def _with_ctr(s: Settings, params: Any, weight: float) -> Any:
+    """streamrec with the CTR model trained online and blended in (torch loaded only here)."""
+    from models.ctr.online import StreamrecCtr
+    from models.ctr.samples import SampleParams
+    from stream_app.trainer import ctr_config
+
+    samples = SampleParams(
+        hist_len=s.ctr_hist_len,
+        window_ms=int(s.sample_window_s * 1000),
+        sampled_negatives=s.sample_negatives,
+        seed=params.seed,
+    )
+    return StreamrecCtr(params, weight, ctr_config(s), samples, s.ctr_batch_size)
