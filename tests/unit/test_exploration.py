@@ -35,3 +35,17 @@ def test_no_duplicates_when_pool_overlaps_ranking() -> None:
         slots = epsilon_greedy([1, 2, 3, 4], [3, 4, 5], 4, 0.5, 0, "u", v)
         items = [s.item for s in slots]
         assert len(items) == len(set(items)) == 4
+
+
+def test_exploration_rate_and_pool_draws_match_epsilon() -> None:
+    """Over many lists the share of explored slots is epsilon and the pool is drawn uniformly."""
+    from collections import Counter
+
+    from models.exploration import epsilon_greedy
+
+    slots = [s for v in range(4000) for s in epsilon_greedy(list(range(20)), list(range(100, 150)), 20, 0.1, 0, "u", v)]
+    explored = [s for s in slots if s.explore]
+    assert abs(len(explored) / len(slots) - 0.1) < 0.01
+    counts = Counter(s.item for s in explored)
+    assert set(counts) == set(range(100, 150))
+    assert max(counts.values()) < 2 * min(counts.values())
