@@ -349,7 +349,9 @@ class Pipeline:
             if offset_of(m) >= run.dlq_from:  # an earlier run already dead-lettered the rest
                 self.dlq.send(m.key(), m.value(), run.partition, offset_of(m), reason)
         if run.samples is not None:
-            smp = run.samples.feed(events)  # before the state moves on: features as at event time
+            # before the state moves on: features as at event time. This runs ahead of the state's
+            # event_id de-duplication, so a duplicated event also duplicates its samples.
+            smp = run.samples.feed(events)
             self.dlq.send_samples(self.s.samples_topic, [(x.user_id.encode(), orjson.dumps(x.as_obj())) for x in smp])
             self.stats.samples += len(smp)
         if self.watcher is not None:
