@@ -15,6 +15,7 @@ import orjson
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from models.ctr.samples import SampleParams
 from models.events import DEFAULT_TYPE_WEIGHTS, EventSchema
 from models.params import ModelParams
 
@@ -114,6 +115,15 @@ class Settings(BaseSettings):
 
     def event_schema(self) -> EventSchema:
         return EventSchema(types=frozenset(self.event_types), max_bytes=self.max_event_bytes)
+
+    def sample_params(self) -> SampleParams:
+        """How workers (and the evaluator) turn events into CTR samples."""
+        return SampleParams(
+            hist_len=self.ctr_hist_len,
+            window_ms=int(self.sample_window_s * 1000),
+            sampled_negatives=self.sample_negatives,
+            seed=self.seed,
+        )
 
     def params(self) -> ModelParams:
         return ModelParams(

@@ -23,8 +23,8 @@ import torch
 
 from models.ctr.features import Sample
 from models.ctr.rescorer import CtrRescorer
-from models.ctr.samples import SampleBuilder, SampleParams
-from models.ctr.train import predict
+from models.ctr.samples import SampleBuilder
+from models.ctr.train import log_losses
 from models.events import Event
 from stream_app.config import Settings
 from stream_app.trainer import Trainer
@@ -47,20 +47,8 @@ def exact_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / max(n1 * n0, 1))
 
 
-def log_loss(y: np.ndarray, p: np.ndarray) -> float:
-    q = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean())
-
-
 def build_samples(s: Settings, events: list[Event]) -> list[Sample]:
-    b = SampleBuilder(
-        SampleParams(
-            hist_len=s.ctr_hist_len,
-            window_ms=int(s.sample_window_s * 1000),
-            sampled_negatives=s.sample_negatives,
-            seed=s.seed,
-        )
-    )
+    b = SampleBuilder(s.sample_params())
     return b.feed(events) + b.flush()
 
 
@@ -68,22 +56,15 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
     torch.set_num_threads(threads)
     samples = build_samples(s, events)
     with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(s.model_copy(update={"model_dir": Path(tmp)}))
-        ys, pd_, pl_ = [], [], []
+        t = Trainer(s.model_copy(update={"model_dir": Path(tmp)}), record=True)
         step_s = 0.0
         bs = s.ctr_batch_size
         for k in range(0, len(samples), bs):
-            batch = samples[k : k + bs]
-            train = [x for x in batch if not t._held_back(x)]
-            if train:  # the progressive predictions, recorded for exact whole-run metrics
-                b = t.hasher.batch(train)
-                ys.append(b.label)
-                pd_.append(predict(t.model, b))
-                pl_.append(predict(t.baseline, b))
             t0 = time.perf_counter()
-            t.step(batch)
+            t.step(samples[k : k + bs])
             step_s += time.perf_counter() - t0
-        y, p_din, p_lr = np.concatenate(ys), np.concatenate(pd_), np.concatenate(pl_)
+        assert t.recorded is not None
+        y, p_din, p_lr = (np.concatenate(x) for x in zip(*t.recorded, strict=True))
         cats = {x.item_id: x.category for x in samples if x.category is not None}
         rescorer = CtrRescorer(t.model, t.version, 1.0, cats)
         inference = _inference(s, rescorer, samples)
@@ -92,8 +73,8 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
         "positives": int(sum(x.label for x in samples)),
         "task": "P(click or purchase | user, item, category, last items); negatives: unclicked views and "
         f"{s.sample_negatives} popularity-sampled items per positive",
-        "ctr": {"auc": exact_auc(y, p_din), "logloss": log_loss(y, p_din)},
-        "logreg": {"auc": exact_auc(y, p_lr), "logloss": log_loss(y, p_lr)},
+        "ctr": {"auc": exact_auc(y, p_din), "logloss": float(log_losses(y, p_din).mean())},
+        "logreg": {"auc": exact_auc(y, p_lr), "logloss": float(log_losses(y, p_lr).mean())},
         "trainer_samples_per_s": t.samples / step_s if step_s else 0.0,
         "trained": t.samples,
         "versions": t.version,

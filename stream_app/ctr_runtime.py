@@ -49,11 +49,11 @@ class ModelWatcher:
             if raw is None or (self.rescorer is not None and int(raw) == self.rescorer.version):
                 return
             blob = self.r.hget(model_key(self.s), "blob")
-            if blob is None:
+            if not isinstance(blob, bytes):  # absent (or a client set to decode responses)
                 return
             from models.ctr.rescorer import CtrRescorer
 
-            version, model = from_bytes(bytes(blob))  # type: ignore[arg-type]
+            version, model = from_bytes(blob)
             self.rescorer = CtrRescorer(model, version, self.s.w_ctr, self.categories)
             log.info("CTR model version %d loaded", version)
         except (redis.RedisError, ValueError, KeyError, RuntimeError) as e:

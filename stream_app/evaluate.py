@@ -62,13 +62,7 @@ def run_evaluation(
 def _with_ctr(s: Settings, params: Any, weight: float) -> Any:
     """streamrec with the CTR model trained online and blended in (torch loaded only here)."""
     from models.ctr.online import StreamrecCtr
-    from models.ctr.samples import SampleParams
     from stream_app.trainer import ctr_config
 
-    samples = SampleParams(
-        hist_len=s.ctr_hist_len,
-        window_ms=int(s.sample_window_s * 1000),
-        sampled_negatives=s.sample_negatives,
-        seed=params.seed,
-    )
+    samples = dataclasses.replace(s.sample_params(), seed=params.seed)
     return StreamrecCtr(params, weight, ctr_config(s), samples, s.ctr_batch_size)

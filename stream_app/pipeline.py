@@ -31,7 +31,7 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from threadpoolctl import threadpool_limits
 
-from models.ctr.samples import SampleBuilder, SampleParams
+from models.ctr.samples import SampleBuilder
 from models.engine import step
 from models.events import Event, EventSchema, InvalidEvent
 from models.ranking import RecList, sim_list, trending
@@ -206,15 +206,7 @@ class Pipeline:
     def _sample_builder(self, state: PartitionState) -> SampleBuilder:
         """A sample builder whose user histories continue those of ``state`` (views still open
         when the previous owner stopped are not carried over: at worst a few negatives are lost)."""
-        s = self.s
-        b = SampleBuilder(
-            SampleParams(
-                hist_len=s.ctr_hist_len,
-                window_ms=int(s.sample_window_s * 1000),
-                sampled_negatives=s.sample_negatives,
-                seed=s.seed,
-            )
-        )
+        b = SampleBuilder(self.s.sample_params())
         b.seed_from(state)
         return b
 

@@ -22,6 +22,7 @@ a running estimate, not an exactly-once aggregate).
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -43,7 +44,7 @@ from river import drift, metrics
 from models.ctr.din import DIN, CtrConfig
 from models.ctr.features import CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
-from models.ctr.train import optimizers, predict, train_step
+from models.ctr.train import log_losses, optimizers, predict, train_step
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config
 
@@ -101,11 +102,10 @@ class Progress:
     recent: float = math.nan
 
     def update(self, y: np.ndarray, p: np.ndarray) -> None:
-        pc = np.clip(p, 1e-7, 1 - 1e-7)
         auc = self.auc
-        for yy, pp in zip((y > 0.5).tolist(), pc.tolist(), strict=True):
+        for yy, pp in zip((y > 0.5).tolist(), np.clip(p, 1e-7, 1 - 1e-7).tolist(), strict=True):
             auc.update(yy, pp)
-        losses = -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+        losses = log_losses(y, p)
         self.loss_sum += float(losses.sum())
         self.n += len(losses)
         m = float(losses.mean())
@@ -116,15 +116,13 @@ class Progress:
 
 
 def logloss(model: torch.nn.Module, b: CtrBatch) -> float:
-    p = np.clip(predict(model, b), 1e-7, 1 - 1e-7)
-    y = b.label
-    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    return float(log_losses(b.label, predict(model, b)).mean())
 
 
 class Trainer:
     """The trainer's state and one-batch logic, apart from Kafka (which ``run`` adds)."""
 
-    def __init__(self, s: Settings, store: redis.Redis | None = None) -> None:
+    def __init__(self, s: Settings, store: redis.Redis | None = None, record: bool = False) -> None:
         self.s = s
         self.cfg = ctr_config(s)
         torch.manual_seed(s.seed)
@@ -149,6 +147,8 @@ class Trainer:
         self.rejected = 0
         self.since_publish = 0
         self.published_at = time.monotonic()
+        # with ``record``: every batch's (labels, model, baseline) progressive predictions
+        self.recorded: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = [] if record else None
         self._resume()
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -156,7 +156,8 @@ class Trainer:
         ckpts = sorted(self.dir.glob("ctr-*.pt")) if self.dir.exists() else []
         if not ckpts:
             return
-        version, model = from_bytes(ckpts[-1].read_bytes())
+        blob = ckpts[-1].read_bytes()
+        version, model = from_bytes(blob)
         if model.cfg != self.cfg:
             raise ValueError(
                 f"checkpoint {ckpts[-1]} was trained with {model.cfg}, the settings say {self.cfg}; "
@@ -165,7 +166,7 @@ class Trainer:
         self.model.load_state_dict(model.state_dict())
         self.version, self.live = version, model
         log.info("resumed from checkpoint %s (version %d)", ckpts[-1].name, version)
-        self._publish_redis(ckpts[-1].read_bytes())
+        self._publish_redis(blob)
 
     def _publish(self) -> None:
         self.version += 1
@@ -177,7 +178,7 @@ class Trainer:
         tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
         for old in sorted(self.dir.glob("ctr-*.pt"))[:-5]:
             old.unlink()  # keep the five newest, for rollback by hand
-        self.live = from_bytes(blob)[1]
+        self.live = copy.deepcopy(self.model).eval()
         self._publish_redis(blob)
         log.info("published CTR model version %d (%.1f kB)", self.version, len(blob) / 1e3)
 
@@ -201,9 +202,12 @@ class Trainer:
             return
         b = self.hasher.batch(train)
         p = predict(self.model, b)
+        pb = predict(self.baseline, b)
+        if self.recorded is not None:
+            self.recorded.append((b.label, p, pb))
         self.progress.update(b.label, p)
         errors = ((p > 0.5) != (b.label > 0.5)).tolist()
-        self.baseline_progress.update(b.label, predict(self.baseline, b))
+        self.baseline_progress.update(b.label, pb)
         scale = self.s.ctr_drift_lr_boost if self.boost_left > 0 else 1.0
         train_step(self.model, self.opts, b, lr_scale=scale)
         train_step(self.baseline, self.base_opts, b)
@@ -287,7 +291,6 @@ def decode_samples(values: list[bytes | None]) -> tuple[list[Sample], int]:
 
 def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: float = math.inf) -> Trainer:
     """Consume the samples topic until ``stop`` is set (or nothing arrives for ``max_idle_s``)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     r = redis.Redis.from_url(s.redis_url)
     t = Trainer(s, r)
     stop = stop or threading.Event()

@@ -133,27 +133,3 @@ class FeatureHasher:
             if s.dense:
                 dense[r, : len(s.dense)] = s.dense[: self.n_dense]
         return CtrBatch(user, item, cat, hist, dense, label)
-
-    def candidates(
-        self,
-        user_id: str,
-        history: Sequence[str],
-        items: Sequence[str],
-        cats: Sequence[str | None],
-        dense: np.ndarray | None = None,
-    ) -> CtrBatch:
-        """One user's candidates as a batch (labels 0): the history is encoded once."""
-        n, L = len(items), self.hist_len
-        bk = self.bucket
-        h = np.zeros(L, dtype=np.int64)
-        hh = list(history)[-L:]
-        if hh:
-            h[L - len(hh) :] = [bk("i", x) for x in hh]
-        return CtrBatch(
-            np.full(n, bk("u", user_id), dtype=np.int64),
-            np.fromiter((bk("i", x) for x in items), dtype=np.int64, count=n),
-            np.fromiter((bk("c", c) if c is not None else 0 for c in cats), dtype=np.int64, count=n),
-            np.broadcast_to(h, (n, L)),
-            dense.astype(np.float32) if dense is not None else np.zeros((n, self.n_dense), dtype=np.float32),
-            np.zeros(n, dtype=np.float32),
-        )

@@ -51,6 +51,13 @@ def train_step(
     return float(loss.detach())
 
 
+def log_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-sample binary cross-entropy of probabilities ``p`` (clipped away from 0 and 1)."""
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    out: np.ndarray = -(y * np.log(q) + (1 - y) * np.log(1 - q))
+    return out
+
+
 def predict(model: nn.Module, batch: CtrBatch) -> np.ndarray:
     """P(interaction) per row, (B,) float64; no gradients, no training-mode side effects."""
     model.eval()

@@ -8,33 +8,17 @@ import torch
 from models.ctr.din import DIN, CtrConfig
 from models.ctr.features import FeatureHasher, Sample
 from models.ctr.logreg import LogReg
+from models.ctr.rescorer import CtrRescorer
 from models.ctr.train import optimizers, predict, train_step
-
-
-def _task(n: int, seed: int) -> list[Sample]:
-    """Items belong to 10 groups; a user clicks an item iff it is in the group of their history.
-    Only an interaction of target and history can tell: ids alone carry no signal."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        g = int(rng.integers(10))
-        hist = tuple(f"g{g}-{int(x)}" for x in rng.integers(0, 30, 8))
-        same = bool(rng.random() < 0.5)
-        tg = g if same else int((g + rng.integers(1, 10)) % 10)
-        out.append(Sample(f"u{k}", f"g{tg}-{int(rng.integers(30))}", None, hist, float(same), k))
-    return out
-
-
-def _auc(y: np.ndarray, p: np.ndarray) -> float:
-    pos, neg = p[y == 1], p[y == 0]
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+from stream_app.ctr_bench import exact_auc
+from tests.unit.ctr_tasks import group_task
 
 
 def test_din_learns_target_attention_where_logistic_regression_cannot() -> None:
     torch.manual_seed(0)
     cfg = CtrConfig(buckets=1 << 12, dim=8, hist_len=8)
     fh = FeatureHasher(cfg.buckets, cfg.hist_len)
-    train, test = fh.batch(_task(20_000, 1)), fh.batch(_task(2_000, 2))
+    train, test = fh.batch(group_task(20_000, 1)), fh.batch(group_task(2_000, 2))
     din, lr = DIN(cfg), LogReg(cfg)
     od, ol = optimizers(din, cfg.lr), optimizers(lr, 0.05)
     losses = []
@@ -44,7 +28,7 @@ def test_din_learns_target_attention_where_logistic_regression_cannot() -> None:
             losses.append(train_step(din, od, b))
             train_step(lr, ol, b)
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
-    auc_din, auc_lr = _auc(test.label, predict(din, test)), _auc(test.label, predict(lr, test))
+    auc_din, auc_lr = exact_auc(test.label, predict(din, test)), exact_auc(test.label, predict(lr, test))
     assert auc_din > 0.9 and auc_lr < 0.6, (auc_din, auc_lr)
 
 
@@ -57,8 +41,10 @@ def test_shapes_padding_and_dense_inputs() -> None:
     assert b.dense.tolist() == [[0.5, 1.0], [0.0, 0.0]] and b.cat[1] == 0
     p = predict(DIN(cfg), b)
     assert p.shape == (2,) and np.isfinite(p).all()  # an empty history is not a NaN
-    c = fh.candidates("u", ["a"], ["x", "y", "z"], ["c", None, "c"], np.ones((3, 2)))
-    assert len(c) == 3 and predict(LogReg(cfg), c).shape == (3,)
+    rs = CtrRescorer(DIN(cfg), 1, 1.0, {"x": "c", "z": "c"})
+    c = rs.batch(["u", "v"], [["a"], []], [["x", "y", "z"], ["y"]])
+    assert len(c) == 4 and c.user[2] == c.user[0] != c.user[3] and c.cat[1] == 0 and (c.hist[3] == 0).all()
+    assert predict(LogReg(cfg), c).shape == (4,) and [len(x) for x in rs.score(["u"], [["a"]], [["x", "y"]])] == [2]
 
 
 def test_sample_objects_round_trip_and_bad_ones_are_refused() -> None:

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from models.ctr.features import Sample
 from stream_app.config import Settings
 from stream_app.trainer import Trainer
-
-
-def _samples(n: int, seed: int, flip: bool = False) -> list[Sample]:
-    """Users click items of the group their history is in (or, with ``flip``, of any other)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        g = int(rng.integers(10))
-        hist = tuple(f"g{g}-{int(x)}" for x in rng.integers(0, 30, 8))
-        same = bool(rng.random() < 0.5)
-        tg = g if same else int((g + rng.integers(1, 10)) % 10)
-        out.append(
-            Sample(f"u{k % 500}", f"g{tg}-{int(rng.integers(30))}", None, hist, float(same != flip), seed * n + k)
-        )
-    return out
+from tests.unit.ctr_tasks import group_task
 
 
 def _settings(tmp: Path, **kw: object) -> Settings:
@@ -39,7 +24,7 @@ def _feed(t: Trainer, samples: list[Sample], size: int = 256) -> None:
 
 def test_progressive_auc_beats_logistic_regression_and_versions_survive_a_restart(tmp_path: Path) -> None:
     t = Trainer(_settings(tmp_path, ctr_publish_batches=20))
-    _feed(t, _samples(50_000, 1))
+    _feed(t, group_task(50_000, 1))
     m = t.metrics()
     assert m["ctr"]["auc"] > 0.9 and m["logreg"]["auc"] < 0.6, m  # AUC over the last 20,000 samples
     assert 0 < m["samples"] < 50_000  # the held-back share was not trained on
@@ -52,9 +37,9 @@ def test_progressive_auc_beats_logistic_regression_and_versions_survive_a_restar
 
 def test_the_gate_rolls_back_a_candidate_that_does_worse(tmp_path: Path) -> None:
     t = Trainer(_settings(tmp_path, ctr_publish_batches=10_000))
-    _feed(t, _samples(40_000, 2))
+    _feed(t, group_task(40_000, 2))
     assert t.gate() and t.version == 1  # with no live version, the first gate publishes at once
-    _feed(t, _samples(5_000, 6))
+    _feed(t, group_task(5_000, 6))
     assert t.gate() and t.version == 2  # still learning the same task: no worse, published
     good = {k: v.clone() for k, v in t.model.state_dict().items()}
     with torch.no_grad():
@@ -67,9 +52,9 @@ def test_the_gate_rolls_back_a_candidate_that_does_worse(tmp_path: Path) -> None
 
 def test_a_preference_shift_is_detected_and_boosts_learning(tmp_path: Path) -> None:
     t = Trainer(_settings(tmp_path, ctr_drift_batches=30))
-    _feed(t, _samples(40_000, 3))
+    _feed(t, group_task(40_000, 3))
     assert t.drifts == 0, t.metrics()  # learning (a falling loss) is not drift
-    _feed(t, _samples(12_000, 4, flip=True))
+    _feed(t, group_task(12_000, 4, flip=True))
     assert t.drifts >= 1 and t.boosted_batches > 0  # learned faster for a while
-    _feed(t, _samples(30_000, 5, flip=True))
+    _feed(t, group_task(30_000, 5, flip=True))
     assert t.progress.recent < 0.5  # it has learned the new preferences
