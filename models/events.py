@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-DEFAULT_TYPE_WEIGHTS: Mapping[str, float] = {"view": 1.0, "click": 2.0, "purchase": 4.0}
+DEFAULT_TYPE_WEIGHTS: Mapping[str, float] = {"view": 1.0, "click": 1.5, "purchase": 2.0}
 MAX_ID_CHARS = 128
 # A timestamp outside [1970, 2300) is almost certainly seconds-vs-ms confusion or garbage.
 _MIN_TS_MS = 0

@@ -13,28 +13,36 @@ class ModelParams:
     """Every knob of the incremental models. Times are in hours of *event* time."""
 
     type_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS))
-    half_life_h: float = 24.0 * 14  # item-level decay: popularity and co-occurrence
+    half_life_h: float = 24.0 * 90  # item-level decay: popularity and co-occurrence
     user_half_life_h: float = 24.0 * 3  # how fast a user's older history loses weight
     history_len: int = 50  # recent items kept per user
     pair_window: int = 20  # a new event pairs with this many of the user's recent items
-    pair_decay: float = 1.0  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
-    neighbours: int = 100  # co-occurrence entries kept per item (pruned back from 2x)
-    sim_list_len: int = 30  # neighbours per item: the sim:{item} lists, and candidates per source
+    pair_decay: float = 0.9  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
+    neighbours: int = 400  # co-occurrence entries kept per item (pruned back from 2x)
+    sim_list_len: int = 200  # neighbours per item: the sim:{item} lists, and candidates per source
     sim_refresh: float = 0.2  # recompute a neighbour list once this share of its row's weight is new
     dim: int = 64  # item/user vector dimension (random-indexing sketch)
     n_recs: int = 20  # length of a user's list
     epsilon: float = 0.1  # per-slot exploration probability
     explore_pool: int = 50  # exploration draws from this many non-top candidates
     seed: int = 0
-    sources: int = 10  # recent history items that seed co-occurrence candidates
-    source_decay: float = 1.0  # the k-th most recent source (from 0) also weighs source_decay ** k
-    sim_beta: float = 0.5  # neighbour scores are c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)
+    sources: int = 20  # recent history items that seed co-occurrence candidates
+    source_decay: float = 0.8  # the k-th most recent source (from 0) also weighs source_decay ** k
+    sim_beta: float = 0.3  # neighbour scores are c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)
     vector_candidates: int = 50  # items taken from the user-vector search
     vector_pool: int = 20_000  # the user-vector search covers the most popular items only
     trending_len: int = 50
     w_cooc: float = 1.0
-    w_vec: float = 0.2
-    w_pop: float = 0.05
+    w_vec: float = 0.0  # the user vectors are kept up to date either way
+    w_pop: float = 0.01
+    # long-term taste, an item regression refitted every ``long_refit_events`` (models.longterm)
+    w_long: float = 0.5  # 0: no long-term model, no fits
+    long_items: int = 2000  # the regression covers this many of the most popular items
+    long_lambda: float = 200.0  # its L2 penalty
+    long_refit_events: int = 5000
+    long_users: int = 20_000  # the most recently active users whose profiles a fit learns from
+    long_half_life: float = 10.0  # in items: how fast older history items lose weight in a user's score
+    long_candidates: int = 200  # items per user taken from the regression's scores
     max_users: int = 1_000_000  # per partition; least recently active users are evicted beyond it
     max_seen: int = 10_000  # per user; the oldest seen items are forgotten beyond it
     dedupe_window: int = 100_000  # recent event_ids remembered per partition
@@ -44,10 +52,23 @@ class ModelParams:
             raise ValueError("epsilon must be in [0, 1]")
         if self.half_life_h <= 0 or self.user_half_life_h <= 0:
             raise ValueError("half-lives must be positive")
-        for name in ("history_len", "pair_window", "neighbours", "dim", "n_recs", "sources"):
+        for name in (
+            "history_len",
+            "pair_window",
+            "neighbours",
+            "dim",
+            "n_recs",
+            "sources",
+            "long_items",
+            "long_refit_events",
+            "long_users",
+            "long_candidates",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not (0.0 < self.pair_decay <= 1.0 and 0.0 < self.source_decay <= 1.0):
             raise ValueError("pair_decay and source_decay must be in (0, 1]")
+        if self.w_long < 0 or self.long_lambda <= 0 or self.long_half_life <= 0:
+            raise ValueError("w_long must be >= 0, long_lambda and long_half_life positive")
         if any(w <= 0 for w in self.type_weights.values()):
             raise ValueError("event type weights must be positive")

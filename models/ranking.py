@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from models.exploration import epsilon_greedy
+from models.longterm import recency_weights
 from models.params import ModelParams
 from models.state import PartitionState, UserState
 
@@ -101,6 +102,9 @@ class _Candidates:
     v_score: np.ndarray
     trend: np.ndarray  # trending items, candidates for every user
     hsum: np.ndarray  # per user: total source weight, normalises the co-occurrence score
+    l_user: np.ndarray  # long-term model rows (models.longterm); empty without one
+    l_item: np.ndarray
+    l_score: np.ndarray
 
 
 # A user's ranking: items best first, with score, contributing source (-1: none) and vector score.
@@ -204,7 +208,7 @@ def recommend(
                 elif src_j >= 0:
                     reason = "similar to " + ids[src_j]
                 elif vec_j > 0:
-                    reason = "close to your recent taste"
+                    reason = "close to your taste"
                 else:
                     reason = "trending"
                 rec.append(RecItem(ids[sl.item], sc_j, sl.explore, sl.p, reason))
@@ -234,18 +238,22 @@ def _gather(
         seen_item = np.concatenate([seen_item, np.tile(excluded, nu)])
         seen_user = np.concatenate([seen_user, np.repeat(ar, excluded.size)])
 
-    # nearest items to each user vector (one matrix product), seen ones masked out
-    vecs = state.user_vectors(user_ids)
-    sims = vecs @ state.unit[pool].T
-    if pos is None:
-        sims[seen_user, seen_item] = -np.inf
+    # nearest items to each user vector (one matrix product), seen ones masked out; skipped
+    # when the vector score has no weight
+    kv = min(p.vector_candidates, len(pool)) if p.w_vec > 0 else 0
+    if kv:
+        vecs = state.user_vectors(user_ids)
+        sims = vecs @ state.unit[pool].T
+        if pos is None:
+            sims[seen_user, seen_item] = -np.inf
+        else:
+            ps = pos[seen_item]
+            ok = ps >= 0
+            sims[seen_user[ok], ps[ok]] = -np.inf
+        vpos = np.argpartition(-sims, kv - 1, axis=1)[:, :kv] if kv < sims.shape[1] else np.tile(np.arange(kv), (nu, 1))
+        vval = np.take_along_axis(sims, vpos, axis=1).ravel()
     else:
-        ps = pos[seen_item]
-        ok = ps >= 0
-        sims[seen_user[ok], ps[ok]] = -np.inf
-    kv = min(p.vector_candidates, sims.shape[1])
-    vpos = np.argpartition(-sims, kv - 1, axis=1)[:, :kv] if kv < sims.shape[1] else np.tile(np.arange(kv), (nu, 1))
-    vval = np.take_along_axis(sims, vpos, axis=1).ravel()
+        vpos, vval = np.zeros((nu, 0), dtype=np.int64), _EMPTY_F
     fin = np.isfinite(vval)
 
     # co-occurrence neighbours of each user's recent items
@@ -270,6 +278,7 @@ def _gather(
                 lens.append(nb.size)
                 cnt += nb.size
         per_user.append(cnt)
+    l_user, l_item, l_score = _long_term(state, users, seen_user, seen_item)
     if nb_parts:
         c_item = np.concatenate(nb_parts)
         c_contrib = np.concatenate(sc_parts) * np.repeat(np.asarray(h_rep), lens)
@@ -289,7 +298,31 @@ def _gather(
         np.maximum(vval[fin], 0.0),
         trend,
         hsum,
+        l_user,
+        l_item,
+        l_score,
     )
+
+
+def _long_term(
+    state: PartitionState, users: Sequence[UserState], seen_user: np.ndarray, seen_item: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's best unseen items by the long-term model: (user row, item, positive score)."""
+    lt, p = state.long, state.params
+    if lt is None or p.w_long <= 0:
+        return _EMPTY_I, _EMPTY_I, _EMPTY_F
+    hists = [np.fromiter((i for i, _, _ in u.history), dtype=np.int64, count=len(u.history)) for u in users]
+    sc = lt.scores(hists, [recency_weights(len(h), p.long_half_life) for h in hists])
+    ok = seen_item < len(lt.pos)
+    ps = lt.pos[seen_item[ok]]
+    hit = ps >= 0
+    sc[seen_user[ok][hit], ps[hit]] = -np.inf
+    m = sc.shape[1]
+    kl = min(p.long_candidates, m)
+    top = np.argpartition(-sc, kl - 1, axis=1)[:, :kl] if kl < m else np.tile(np.arange(m), (len(users), 1))
+    val = np.take_along_axis(sc, top, axis=1).ravel()
+    good = val > 0
+    return np.repeat(np.arange(len(users)), kl)[good], lt.pool[top.ravel()[good]], val[good].astype(np.float64)
 
 
 def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
@@ -307,7 +340,18 @@ def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     member.reshape(nu, n)[:, c.trend] = True
     member[c.seen_user * n + c.seen_item] = False
     safe = np.where(c.hsum > 0, c.hsum, 1.0)
-    score = (pop_term + p.w_cooc * cooc.reshape(nu, n) / safe[:, None] + p.w_vec * vec.reshape(nu, n)).ravel()
+    cooc_term = p.w_cooc * cooc.reshape(nu, n) / safe[:, None]
+    taste = p.w_vec * vec
+    if c.l_item.size:
+        lkey = c.l_user * n + c.l_item
+        member[lkey] = True
+        lng = np.zeros(cells)
+        lng[lkey] = c.l_score
+        lng2 = lng.reshape(nu, n)
+        unseen_cooc = np.where(member.reshape(nu, n), cooc_term, 0.0)
+        scale = _long_scale(unseen_cooc.max(axis=1), lng2.max(axis=1))
+        taste = taste + (p.w_long * lng2 * scale[:, None]).ravel()
+    score = (pop_term + cooc_term).ravel() + taste
     score[~member] = -np.inf
     score2 = score.reshape(nu, n)
     top = np.argpartition(-score2, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (nu, 1))
@@ -325,8 +369,15 @@ def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     # rows are sorted best first, so the candidates (finite scores) are a prefix of each row
     counts = np.isfinite(vals).sum(axis=1).tolist()
     at = np.arange(nu)[:, None] * n + top
-    t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src[at].tolist(), vec[at].tolist()
+    t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src[at].tolist(), taste[at].tolist()
     return [(t_l[r][:m], v_l[r][:m], s_l[r][:m], w_l[r][:m]) for r, m in enumerate(counts)]
+
+
+def _long_scale(cooc_max: np.ndarray, long_max: np.ndarray) -> np.ndarray:
+    """Per user, the factor that puts the long-term scores on the co-occurrence scores' scale
+    (their maxima equal), so that ``w_long`` is a relative weight; 1/max without co-occurrence."""
+    c = np.where(cooc_max > 0, cooc_max, 1.0)
+    return np.asarray(c / np.where(long_max > 0, long_max, 1.0))
 
 
 def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
@@ -335,11 +386,13 @@ def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     nu = c.nu
     ar = np.arange(nu)
     nt = c.trend.size
-    n_other = c.v_item.size + nu * nt
-    item = np.concatenate([c.c_item, c.v_item, np.tile(c.trend, nu)])
-    user = np.concatenate([c.c_user, c.v_user, np.repeat(ar, nt)])
+    nl = c.l_item.size
+    n_other = c.v_item.size + nu * nt + nl
+    item = np.concatenate([c.c_item, c.v_item, np.tile(c.trend, nu), c.l_item])
+    user = np.concatenate([c.c_user, c.v_user, np.repeat(ar, nt), c.l_user])
     contrib = np.concatenate([c.c_contrib, np.zeros(n_other)])
-    vsc = np.concatenate([np.zeros(c.c_item.size), c.v_score, np.zeros(nu * nt)])
+    vsc = np.concatenate([np.zeros(c.c_item.size), c.v_score, np.zeros(nu * nt + nl)])
+    lsc = np.concatenate([np.zeros(item.size - nl), c.l_score])
     src = np.concatenate([c.c_src, np.full(n_other, -1, dtype=np.int64)])
     key = user * n + item
     order = np.lexsort((-contrib, key))  # per key, the biggest contribution first (ties: newest source)
@@ -348,16 +401,24 @@ def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     g_key = key[first]
     g_cooc = np.add.reduceat(contrib[order], first)
     g_vec = np.maximum.reduceat(vsc[order], first)
+    g_long = np.maximum.reduceat(lsc[order], first)
     g_src = np.where(g_cooc > 0, src[order][first], -1)
     keep = ~np.isin(g_key, c.seen_user * n + c.seen_item)
-    g_key, g_cooc, g_vec, g_src = g_key[keep], g_cooc[keep], g_vec[keep], g_src[keep]
+    g_key, g_cooc, g_vec, g_long, g_src = g_key[keep], g_cooc[keep], g_vec[keep], g_long[keep], g_src[keep]
     g_user, g_item = g_key // n, g_key % n
     safe = np.where(c.hsum > 0, c.hsum, 1.0)
-    score = pop_term[g_item] + p.w_cooc * g_cooc / safe[g_user] + p.w_vec * g_vec
+    cooc_term = p.w_cooc * g_cooc / safe[g_user]
+    taste = p.w_vec * g_vec
+    if nl:
+        cmax, lmax = np.zeros(nu), np.zeros(nu)
+        np.maximum.at(cmax, g_user, cooc_term)
+        np.maximum.at(lmax, g_user, g_long)
+        taste = taste + p.w_long * g_long * _long_scale(cmax, lmax)[g_user]
+    score = pop_term[g_item] + cooc_term + taste
     rank = np.lexsort((g_item, -score, g_user))  # per user: best first, ties by item index
     starts = np.searchsorted(g_user[rank], ar)
     ends = np.searchsorted(g_user[rank], ar, side="right")
-    t_l, v_l, s_l, w_l = (a[rank].tolist() for a in (g_item, score, g_src, g_vec))
+    t_l, v_l, s_l, w_l = (a[rank].tolist() for a in (g_item, score, g_src, taste))
     bounds = zip(starts.tolist(), np.minimum(ends, starts + k).tolist(), strict=True)
     return [(t_l[a:b], v_l[a:b], s_l[a:b], w_l[a:b]) for a, b in bounds]
 

@@ -24,13 +24,15 @@ import math
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field, fields
-from itertools import chain
+from itertools import chain, islice
 
 import numpy as np
 import scipy.sparse as sp
 
 from models.events import Event
+from models.longterm import PROFILE_LEN, FitInput, ItemRegression, fit
 from models.params import ModelParams
 
 _DENSE_PAIRS = 4096  # below this many pair updates, the dense context update is faster
@@ -94,6 +96,14 @@ class PartitionState:
         self.row_mass = np.zeros(0, dtype=np.float64)  # co-occurrence weight ever added to each row
         self.max_ts = 0
         self.events_applied = 0
+        # the long-term model (``models.longterm``): the fitted one, and the next one, whose
+        # inputs were taken at one event count and which is installed at a later one
+        self.long: ItemRegression | None = None
+        self.long_next_fit = params.long_refit_events
+        self.long_pending: tuple[int, FitInput] | None = None
+        self._long_future: Future[ItemRegression] | None = None
+        # where fits run; None: in ``apply`` itself. Not part of the state (not pickled).
+        self.executor: Executor | None = None
 
     _STRUCTURAL = ("dim", "seed", "half_life_h")
 
@@ -115,6 +125,20 @@ class PartitionState:
             )
         self.params = params
         return changed
+
+    def __getstate__(self) -> dict[str, object]:
+        """A running fit is left out; a restored state fits again from the same inputs, at the
+        same event count, so it ranks as an uninterrupted one."""
+        d = self.__dict__.copy()
+        d["_long_future"] = None
+        d["executor"] = None
+        return d
+
+    def __setstate__(self, d: dict[str, object]) -> None:
+        self.__dict__.update(d)
+        if "long" not in d:  # a snapshot from before the long-term model
+            self.long, self.long_pending = None, None
+            self.long_next_fit = self.params.long_refit_events
 
     # -- items ---------------------------------------------------------------------------------
     @property
@@ -285,7 +309,51 @@ class PartitionState:
         if uv_user:
             self._update_user_vectors(list(touched), uv_user, uv_item, uv_ts, uv_w)
         eff.users = [uid for uid in touched if uid in users]
+        if p.w_long > 0 and eff.applied:
+            self._long_term()
         return eff
+
+    def _long_term(self) -> None:
+        """Install a fit once the stream reaches its install point; take the next fit's inputs
+        every ``long_refit_events`` events. A fit is installed ``long_refit_events / 2`` events
+        after its inputs were taken, whether it ran on the executor or runs here now: the lists
+        depend only on the events, not on how long a fit took."""
+        p = self.params
+        if self.long_pending is not None and self.events_applied >= self.long_pending[0]:
+            fut = self._long_future
+            self.long = fut.result() if fut is not None else fit(self.long_pending[1])
+            self.long_pending, self._long_future = None, None
+        if self.long_pending is None and self.events_applied >= self.long_next_fit:
+            every = p.long_refit_events
+            inp = self._fit_input()
+            self.long_next_fit = (self.events_applied // every + 1) * every
+            self.long_pending = (self.events_applied + max(every // 2, 1), inp)
+            if self.executor is not None:
+                self._long_future = self.executor.submit(fit, inp)
+
+    def _fit_input(self) -> FitInput:
+        """X for the next fit: the newest ``PROFILE_LEN`` items of the ``long_users`` most recently
+        active users, over the ``long_items`` most popular items."""
+        p = self.params
+        n = self.n_items
+        pool = np.argsort(-self.pop[:n], kind="stable")[: p.long_items]
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[pool] = np.arange(len(pool))
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        for r, u in enumerate(islice(reversed(self.users.values()), p.long_users)):
+            q = pos[np.frombuffer(u.seen_arr, dtype=np.int64)[-PROFILE_LEN:]]
+            q = q[q >= 0]
+            cols.append(q)
+            rows.append(np.full(len(q), r, dtype=np.int64))
+        return FitInput(
+            pool,
+            np.concatenate(rows) if rows else _EMPTY_I,
+            np.concatenate(cols) if cols else _EMPTY_I,
+            len(rows),
+            n,
+            p.long_lambda,
+        )
 
     def _update_context(
         self, ev_i: list[int], ev_gsw: list[float], ev_js: list[list[int]], ev_sws: list[list[float]]

@@ -49,16 +49,26 @@ class Settings(BaseSettings):
     n_recs: int = Field(20, ge=1)
     epsilon: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
-    half_life_hours: float = Field(24.0 * 14, gt=0)
+    half_life_hours: float = Field(24.0 * 90, gt=0)
     user_half_life_hours: float = Field(24.0 * 3, gt=0)
     history_len: int = Field(50, ge=1)
     pair_window: int = Field(20, ge=1)
-    neighbours: int = Field(100, ge=1)
-    sim_list_len: int = Field(30, ge=1)
-    sources: int = Field(10, ge=1)
+    neighbours: int = Field(400, ge=1)
+    sim_list_len: int = Field(200, ge=1)
+    sources: int = Field(20, ge=1)
+    source_decay: float = Field(0.8, gt=0.0, le=1.0)
+    sim_beta: float = Field(0.3, ge=0.0, le=1.0)
+    pair_decay: float = Field(0.9, gt=0.0, le=1.0)
     w_cooc: float = Field(1.0, ge=0.0)
-    w_vec: float = Field(0.2, ge=0.0)
-    w_pop: float = Field(0.05, ge=0.0)
+    w_vec: float = Field(0.0, ge=0.0)
+    w_pop: float = Field(0.01, ge=0.0)
+    w_long: float = Field(0.5, ge=0.0)
+    long_items: int = Field(2000, ge=1)
+    long_lambda: float = Field(200.0, gt=0.0)
+    long_refit_events: int = Field(5000, ge=1)
+    long_users: int = Field(20_000, ge=1)
+    long_half_life: float = Field(10.0, gt=0.0)
+    long_candidates: int = Field(200, ge=1)
     max_users: int = Field(1_000_000, ge=1)
     max_seen: int = Field(10_000, ge=1)
     # CTR samples (produced by workers) and the trainer
@@ -135,9 +145,19 @@ class Settings(BaseSettings):
             neighbours=self.neighbours,
             sim_list_len=self.sim_list_len,
             sources=self.sources,
+            source_decay=self.source_decay,
+            sim_beta=self.sim_beta,
+            pair_decay=self.pair_decay,
             w_cooc=self.w_cooc,
             w_vec=self.w_vec,
             w_pop=self.w_pop,
+            w_long=self.w_long,
+            long_items=self.long_items,
+            long_lambda=self.long_lambda,
+            long_refit_events=self.long_refit_events,
+            long_users=self.long_users,
+            long_half_life=self.long_half_life,
+            long_candidates=self.long_candidates,
             n_recs=self.n_recs,
             epsilon=self.epsilon,
             seed=self.seed,

@@ -93,7 +93,7 @@ def ev(u: str, i: str, t: int, typ: str = "view", eid: str | None = None) -> Eve
 
 
 def test_cooccurrence_is_symmetric_and_type_weighted() -> None:
-    s = PartitionState(ModelParams())
+    s = PartitionState(ModelParams(type_weights={"view": 1.0, "click": 2.0, "purchase": 4.0}))
     s.apply([ev("u", "a", 0, "view"), ev("u", "b", 1, "purchase"), ev("v", "a", 2, "view"), ev("v", "c", 3, "view")])
     a, b, c = (s.item_index[x] for x in "abc")
     assert s.cooc[a][b] == s.cooc[b][a]

@@ -1,0 +1,96 @@
+"""Long-term taste: an item-to-item regression (EASE, Steck 2019), refitted as the stream flows.
+
+Co-occurrence over a user's recent items captures the current session; it forgets what the user
+liked fifty items ago, and raw co-occurrence favours what is popular anyway. EASE learns the
+weights ``B`` (items x items) that best rebuild every user's profile from the rest of it:
+
+    min_B ||X - X B||^2 + lam ||B||^2  with diag(B) = 0
+    => P = (X^T X + lam I)^-1,  B = -P / diag(P) (column-wise), diag(B) = 0
+
+so an item is scored by how much the user's items *jointly* predict it, with what other items
+already explain discounted. A user's scores are ``x_u B``, ``x_u`` their recent items weighted by
+recency. The closed form needs no training loop and has one knob (``lam``).
+
+Bounded for the stream: ``B`` covers only a pool of the ``long_items`` most popular items, ``X``
+holds the last ``PROFILE_LEN`` items of the ``long_users`` most recently active users, and a fit
+(O(M^3) for M pool items, float32 Cholesky) runs on the inputs taken at one point of the stream,
+off the hot path; ``PartitionState`` decides when (``FitSchedule``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg as sla
+
+PROFILE_LEN = 500  # a user's newest items that enter X
+_CHUNK_USERS = 2048  # X^T X is summed over dense chunks of this many users (BLAS, no GIL)
+
+
+@dataclass(frozen=True)
+class FitInput:
+    """What a fit needs, copied out of the state at one point: ``pool`` (M,) item indices, X as
+    (row, pool position) pairs of ones, the catalogue size then, and the penalty."""
+
+    pool: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    n_rows: int
+    n_items: int
+    lam: float
+
+
+@dataclass(frozen=True)
+class ItemRegression:
+    """A fitted model: ``pool`` (M,) item indices, ``pos`` (n_items,) pool position or -1, and
+    ``weights`` (M, M) float32, row i = how much item i predicts each pool item."""
+
+    pool: np.ndarray
+    pos: np.ndarray
+    weights: np.ndarray
+
+    def scores(self, histories: Sequence[np.ndarray], recency: Sequence[np.ndarray]) -> np.ndarray:
+        """(users, M) scores: per user, ``sum_k recency[k] * weights[pos(history[k])]``.
+
+        ``histories[r]`` are user r's item indices, ``recency[r]`` their weights; items outside
+        the pool (or newer than the fit) are skipped.
+        """
+        out = np.zeros((len(histories), len(self.pool)), dtype=np.float32)
+        n = len(self.pos)
+        for r, (h, w) in enumerate(zip(histories, recency, strict=True)):
+            ok = h < n
+            p = self.pos[h[ok]]
+            keep = p >= 0
+            if keep.any():
+                out[r] = w[ok][keep].astype(np.float32) @ self.weights[p[keep]]
+        return out
+
+
+def fit(inp: FitInput) -> ItemRegression:
+    """The closed-form EASE solution for ``inp`` (see the module docstring)."""
+    m = len(inp.pool)
+    gram = np.zeros((m, m), dtype=np.float32)
+    order = np.argsort(inp.rows, kind="stable")
+    rows, cols = inp.rows[order], inp.cols[order]
+    bounds = np.searchsorted(rows, np.arange(0, inp.n_rows + _CHUNK_USERS, _CHUNK_USERS))
+    for a, b, r0 in zip(bounds[:-1], bounds[1:], range(0, inp.n_rows, _CHUNK_USERS), strict=False):
+        if a == b:
+            continue
+        x = np.zeros((_CHUNK_USERS, m), dtype=np.float32)
+        x[rows[a:b] - r0, cols[a:b]] = 1.0
+        gram += x.T @ x
+    gram[np.diag_indices(m)] += np.float32(inp.lam)
+    chol = sla.cho_factor(gram, lower=True, overwrite_a=True, check_finite=False)
+    p = sla.cho_solve(chol, np.eye(m, dtype=np.float32), overwrite_b=True, check_finite=False)
+    weights = (p / -np.diag(p)).astype(np.float32)  # column j divided by -P_jj
+    weights[np.diag_indices(m)] = 0.0
+    pos = np.full(inp.n_items, -1, dtype=np.int64)
+    pos[inp.pool] = np.arange(m)
+    return ItemRegression(inp.pool, pos, weights)
+
+
+def recency_weights(n: int, half_life: float) -> np.ndarray:
+    """(n,) weights of a history oldest first: the newest item 1, halving every ``half_life`` items."""
+    return np.asarray(0.5 ** ((n - 1 - np.arange(n)) / half_life), dtype=np.float64)
