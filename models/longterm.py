@@ -13,7 +13,7 @@ recency. The closed form needs no training loop and has one knob (``lam``).
 
 Bounded for the stream: ``B`` covers only a pool of the ``long_items`` most popular items, ``X``
 holds the last ``PROFILE_LEN`` items of the ``long_users`` most recently active users, and a fit
-(O(M^3) for M pool items, float32 Cholesky) runs on the inputs taken at one point of the stream,
+(O(M^3) for M pool items) runs on the inputs taken at one point of the stream,
 off the hot path; ``PartitionState`` decides when (``FitSchedule``).
 """
 
@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg as sla
 
 PROFILE_LEN = 500  # a user's newest items that enter X
 _CHUNK_USERS = 2048  # X^T X is summed over dense chunks of this many users (BLAS, no GIL)
@@ -82,8 +81,9 @@ def fit(inp: FitInput) -> ItemRegression:
         x[rows[a:b] - r0, cols[a:b]] = 1.0
         gram += x.T @ x
     gram[np.diag_indices(m)] += np.float32(inp.lam)
-    chol = sla.cho_factor(gram, lower=True, overwrite_a=True, check_finite=False)
-    p = sla.cho_solve(chol, np.eye(m, dtype=np.float32), overwrite_b=True, check_finite=False)
+    # numpy's LAPACK calls release the GIL (scipy's hold it for their whole run), so a fit on
+    # another thread does not stall the event loop
+    p = np.linalg.inv(gram)
     weights = (p / -np.diag(p)).astype(np.float32)  # column j divided by -P_jj
     weights[np.diag_indices(m)] = 0.0
     pos = np.full(inp.n_items, -1, dtype=np.int64)

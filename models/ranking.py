@@ -369,7 +369,9 @@ def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     # rows are sorted best first, so the candidates (finite scores) are a prefix of each row
     counts = np.isfinite(vals).sum(axis=1).tolist()
     at = np.arange(nu)[:, None] * n + top
-    t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src[at].tolist(), taste[at].tolist()
+    # the reason names a source only where co-occurrence weighs more than taste
+    src_at = np.where(taste[at] > cooc_term.ravel()[at], -1, src[at])
+    t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src_at.tolist(), taste[at].tolist()
     return [(t_l[r][:m], v_l[r][:m], s_l[r][:m], w_l[r][:m]) for r, m in enumerate(counts)]
 
 
@@ -415,6 +417,7 @@ def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
         np.maximum.at(lmax, g_user, g_long)
         taste = taste + p.w_long * g_long * _long_scale(cmax, lmax)[g_user]
     score = pop_term[g_item] + cooc_term + taste
+    g_src = np.where(taste > cooc_term, -1, g_src)  # the reason names a source only where it weighs most
     rank = np.lexsort((g_item, -score, g_user))  # per user: best first, ties by item index
     starts = np.searchsorted(g_user[rank], ar)
     ends = np.searchsorted(g_user[rank], ar, side="right")

@@ -136,6 +136,9 @@ class Pipeline:
         # work; a batch's offsets are committed only after its write has landed.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-redis")
         self._pending: PendingWrite | None = None
+        # long-term model fits (models.longterm) run here, off the batch loop; when each is
+        # installed is decided by the event count, so lists do not depend on how long one took
+        self._fits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-fit")
         self.error: BaseException | None = None
         # the CTR model, when its weight is set: picked up from Redis as the trainer publishes
         self.categories: dict[str, str] = {}
@@ -170,6 +173,7 @@ class Pipeline:
             raise
         finally:
             self._writer.shutdown(wait=True)
+            self._fits.shutdown(wait=False, cancel_futures=True)
             self.consumer.close()
             self.dlq.producer.flush(10)
 
@@ -198,6 +202,7 @@ class Pipeline:
                 offset, state = 0, PartitionState(self.params)
                 tp.offset = OFFSET_BEGINNING
                 log.info("partition %d: no snapshot, building state from the start of the log", tp.partition)
+            state.executor = self._fits
             run = self.runs[tp.partition] = PartitionRun(tp.partition, state, offset, max(done, 0), offset)
             if self.s.samples:
                 run.samples = self._sample_builder(state)

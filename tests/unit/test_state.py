@@ -2,6 +2,7 @@ import math
 import pickle
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -182,18 +183,23 @@ def test_batching_changes_no_count_and_vectors_only_by_rounding() -> None:
     assert np.allclose(whole.unit[:n], single.unit[:n], atol=1e-5)
 
 
-def test_dense_and_table_ranking_agree(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "blend", [{"long_refit_events": 1000}, {"w_long": 0.0, "w_vec": 0.2}], ids=["long-term", "user-vector"]
+)
+def test_dense_and_table_ranking_agree(monkeypatch, blend: dict) -> None:
     """The two scoring paths (small and large catalogues) rank the same way."""
     import models.ranking as ranking
     from stream_app.datasets import synthetic_events
 
-    p = ModelParams(epsilon=0.0)
+    p = ModelParams(epsilon=0.0, **blend)
     events = [
         Event(e["user_id"], e["item_id"], e["type"], e["ts"])
         for e in synthetic_events(n_users=60, n_items=300, n_events=4000, seed=5)
     ]
     s = PartitionState(p)
-    s.apply(events)
+    for k in range(0, len(events), 500):
+        s.apply(events[k : k + 500])
+    assert (s.long is not None) == (p.w_long > 0)
     users = list(s.users)
     dense = ranking.recommend(s, users)
     monkeypatch.setattr(ranking, "_DENSE_MIN_USERS", 10**9)
