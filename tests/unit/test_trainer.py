@@ -8,8 +8,8 @@ import torch
 
 from models.ctr.features import Sample
 from models.ctr.train import predict
-from stream_app.ctr_bench import exact_auc
 from stream_app.config import Settings
+from stream_app.ctr_bench import exact_auc
 from stream_app.trainer import Trainer
 from tests.unit.ctr_tasks import group_task
 
