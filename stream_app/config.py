@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     user_half_life_hours: float = Field(24.0 * 3, gt=0)
     history_len: int = Field(50, ge=1)
     pair_window: int = Field(20, ge=1)
-    neighbours: int = Field(400, ge=1)
+    neighbours: int = Field(200, ge=1)
     sim_list_len: int = Field(200, ge=1)
     sources: int = Field(20, ge=1)
     source_decay: float = Field(0.8, gt=0.0, le=1.0)
