@@ -35,6 +35,7 @@ from models.events import Event
 from models.longterm import PROFILE_LEN, FitInput, ItemRegression, fit
 from models.params import ModelParams
 
+_FIRST_FIT = 1000  # events before the first long-term fit (or long_refit_events, if fewer)
 _DENSE_PAIRS = 4096  # below this many pair updates, the dense context update is faster
 _REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
 _MS_PER_H = 3_600_000.0
@@ -99,7 +100,7 @@ class PartitionState:
         # the long-term model (``models.longterm``): the fitted one, and the next one, whose
         # inputs were taken at one event count and which is installed at a later one
         self.long: ItemRegression | None = None
-        self.long_next_fit = params.long_refit_events
+        self.long_next_fit = min(params.long_refit_events, _FIRST_FIT)
         self.long_pending: tuple[int, FitInput] | None = None
         self._long_future: Future[ItemRegression] | None = None
         # where fits run; None: in ``apply`` itself. Not part of the state (not pickled).
@@ -138,7 +139,7 @@ class PartitionState:
         self.__dict__.update(d)
         if "long" not in d:  # a snapshot from before the long-term model
             self.long, self.long_pending = None, None
-            self.long_next_fit = self.params.long_refit_events
+            self.long_next_fit = min(self.params.long_refit_events, _FIRST_FIT)
 
     # -- items ---------------------------------------------------------------------------------
     @property
@@ -320,13 +321,20 @@ class PartitionState:
         depend only on the events, not on how long a fit took."""
         p = self.params
         if self.long_pending is not None and self.events_applied >= self.long_pending[0]:
-            fut = self._long_future
-            self.long = fut.result() if fut is not None else fit(self.long_pending[1])
+            fut, inp = self._long_future, self.long_pending[1]
+            try:
+                self.long = fut.result() if fut is not None else fit(inp)
+            except np.linalg.LinAlgError:
+                pass  # numerically singular (it should not be, with lam > 0): keep the current model
+            except Exception:  # the executor failed (e.g. its process died): fit here instead
+                self.long = fit(inp)
             self.long_pending, self._long_future = None, None
         if self.long_pending is None and self.events_applied >= self.long_next_fit:
-            every = p.long_refit_events
+            # young models change fastest: refit after every quarter's growth of the stream,
+            # at most every long_refit_events
+            every = max(min(p.long_refit_events, self.events_applied // 4), 1)
             inp = self._fit_input()
-            self.long_next_fit = (self.events_applied // every + 1) * every
+            self.long_next_fit = self.events_applied + every
             self.long_pending = (self.events_applied + max(every // 2, 1), inp)
             if self.executor is not None:
                 self._long_future = self.executor.submit(fit, inp)

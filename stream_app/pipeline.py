@@ -20,9 +20,10 @@ after a restart from a snapshot, which makes lists reproducible, not only state.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,9 +137,15 @@ class Pipeline:
         # work; a batch's offsets are committed only after its write has landed.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-redis")
         self._pending: PendingWrite | None = None
-        # long-term model fits (models.longterm) run here, off the batch loop; when each is
-        # installed is decided by the event count, so lists do not depend on how long one took
-        self._fits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamrec-fit")
+        # long-term model fits (models.longterm) run in a process of their own (LAPACK holds the
+        # GIL), off the batch loop; when each is installed is decided by the event count, so
+        # lists do not depend on how long one took. Started at once: a spawn takes a second.
+        self._fits: ProcessPoolExecutor | None = None
+        if self.params.w_long > 0:
+            self._fits = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_blas_thread
+            )
+            self._fits.submit(int)
         self.error: BaseException | None = None
         # the CTR model, when its weight is set: picked up from Redis as the trainer publishes
         self.categories: dict[str, str] = {}
@@ -173,7 +180,8 @@ class Pipeline:
             raise
         finally:
             self._writer.shutdown(wait=True)
-            self._fits.shutdown(wait=False, cancel_futures=True)
+            if self._fits is not None:
+                self._fits.shutdown(wait=False, cancel_futures=True)
             self.consumer.close()
             self.dlq.producer.flush(10)
 
@@ -470,3 +478,9 @@ class Pipeline:
                 log.warning("redis unavailable (%s); retrying in %.1fs", type(e).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+def _one_blas_thread() -> None:
+    """In the fit process: one BLAS thread. A second would only compete for the cores with the
+    batch loop, the broker and Redis (and OpenBLAS threads spin while they wait)."""
+    threadpool_limits(limits=1, user_api="blas")

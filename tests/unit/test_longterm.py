@@ -71,9 +71,10 @@ def test_fits_are_taken_and_installed_at_fixed_event_counts() -> None:
         state.apply([e])
         if state.long is not before:
             installed.append(k)
-    # inputs at 100, 200, 300; each installed half a period later
-    assert installed == [150, 250, 350]
-    assert state.long_pending is None and state.long_next_fit == 400
+    # inputs taken at 100, then after each quarter's growth (at most every 100 events): 125,
+    # 156, 195, 243, 303, 378; each fit installed half its period later
+    assert installed == [100 + 12, 125 + 15, 156 + 19, 195 + 24, 243 + 30, 303 + 37]
+    assert state.long_pending is None and state.long_next_fit == 378
 
 
 def test_a_background_fit_gives_the_same_lists_as_an_inline_one() -> None:
@@ -90,7 +91,7 @@ def test_a_background_fit_gives_the_same_lists_as_an_inline_one() -> None:
 def test_a_snapshot_with_a_fit_pending_restores_to_the_same_lists() -> None:
     events = cluster_log()
     state, _ = run(events[:120], LONG, [120])
-    assert state.long_pending is not None  # inputs taken at 120, installed at 170
+    assert state.long_pending is not None  # inputs taken at 120, installed at 120 + 15
     with ThreadPoolExecutor(1) as pool:
         state.executor = pool
         restored = pickle.loads(pickle.dumps(state))
