@@ -359,16 +359,21 @@ def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelPa
     order = np.lexsort((top, -vals), axis=-1)  # best first, ties by item index
     top = np.take_along_axis(top, order, axis=1)
     vals = np.take_along_axis(vals, order, axis=1)
-    # the source that contributed most to each (user, item); ties: the newest source
+    at = np.arange(nu)[:, None] * n + top
+    # the source that contributed most to each listed (user, item); ties: the newest source.
+    # Only the rows of listed cells take part: a user has thousands of candidate rows.
+    listed = np.zeros(cells, dtype=bool)
+    listed[at] = True
+    rows = np.flatnonzero(listed[ckey] & (c.c_contrib > 0))
+    lk, lc = ckey[rows], c.c_contrib[rows]
     best = np.zeros(cells)
-    np.maximum.at(best, ckey, c.c_contrib)
-    m = np.flatnonzero((c.c_contrib == best[ckey]) & (c.c_contrib > 0))
+    np.maximum.at(best, lk, lc)
+    m = rows[lc == best[lk]]
     uk, first = np.unique(ckey[m], return_index=True)
     src = np.full(cells, -1, dtype=np.int64)
     src[uk] = c.c_src[m[first]]
     # rows are sorted best first, so the candidates (finite scores) are a prefix of each row
     counts = np.isfinite(vals).sum(axis=1).tolist()
-    at = np.arange(nu)[:, None] * n + top
     # the reason names a source only where co-occurrence weighs more than taste
     src_at = np.where(taste[at] > cooc_term.ravel()[at], -1, src[at])
     t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src_at.tolist(), taste[at].tolist()
