@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg as sla
+import scipy.sparse as sp
 
 PROFILE_LEN = 500  # a user's newest items that enter X
 _CHUNK_USERS = 512  # X^T X is summed over dense chunks of this many users (BLAS, no GIL)
@@ -57,15 +58,18 @@ class ItemRegression:
         ``histories[r]`` are user r's item indices, ``recency[r]`` their weights; items outside
         the pool (or newer than the fit) are skipped.
         """
-        out = np.zeros((len(histories), len(self.pool)), dtype=np.float32)
-        n = len(self.pos)
-        for r, (h, w) in enumerate(zip(histories, recency, strict=True)):
-            ok = h < n
-            p = self.pos[h[ok]]
-            keep = p >= 0
-            if keep.any():
-                out[r] = w[ok][keep].astype(np.float32) @ self.weights[p[keep]]
-        return out
+        n, m = len(self.pos), len(self.pool)
+        lens = [len(h) for h in histories]
+        h = np.concatenate(histories) if histories else np.zeros(0, dtype=np.int64)
+        w = np.concatenate(recency) if recency else np.zeros(0)
+        row = np.repeat(np.arange(len(histories)), lens)
+        ok = h < n
+        p = np.full(len(h), -1, dtype=np.int64)
+        p[ok] = self.pos[h[ok]]
+        keep = p >= 0
+        # (users x M) sparse recency weights times the dense weights: no rows are copied out
+        x = sp.csr_matrix((w[keep].astype(np.float32), (row[keep], p[keep])), shape=(len(histories), m))
+        return np.asarray(x @ self.weights, dtype=np.float32)
 
 
 def fit(inp: FitInput) -> ItemRegression:

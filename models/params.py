@@ -42,7 +42,7 @@ class ModelParams:
     long_refit_events: int = 5000
     long_users: int = 20_000  # the most recently active users whose profiles a fit learns from
     long_half_life: float = 10.0  # in items: how fast older history items lose weight in a user's score
-    long_candidates: int = 200  # items per user taken from the regression's scores
+    long_candidates: int = 100  # items per user taken from the regression's scores
     max_users: int = 1_000_000  # per partition; least recently active users are evicted beyond it
     max_seen: int = 10_000  # per user; the oldest seen items are forgotten beyond it
     dedupe_window: int = 100_000  # recent event_ids remembered per partition

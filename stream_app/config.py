@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     long_refit_events: int = Field(5000, ge=1)
     long_users: int = Field(20_000, ge=1)
     long_half_life: float = Field(10.0, gt=0.0)
-    long_candidates: int = Field(200, ge=1)
+    long_candidates: int = Field(100, ge=1)
     max_users: int = Field(1_000_000, ge=1)
     max_seen: int = Field(10_000, ge=1)
     # CTR samples (produced by workers) and the trainer
