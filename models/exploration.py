@@ -8,6 +8,7 @@ seeded from ``(seed, user, version)``: a replay of the same log places the same 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -56,7 +57,7 @@ def epsilon_greedy(
     rng = SplitMix64(stable_hash(seed, user_id, version))
     top = set(ranked[:n])
     remaining = [j for j in pool if j not in top]
-    explore = [rng.random() < epsilon for _ in range(n)] if remaining and epsilon > 0 else [False] * n
+    explore = _bernoulli_slots(rng, n, epsilon) if remaining else [False] * n
     q = 1.0 - epsilon if remaining else 1.0
     out: list[Slot] = []
     used: set[int] = set()
@@ -81,4 +82,20 @@ def epsilon_greedy(
             if item not in used:
                 out.append(Slot(item, False, 1.0))
                 used.add(item)
+    return out
+
+
+def _bernoulli_slots(rng: SplitMix64, n: int, epsilon: float) -> list[bool]:
+    """n independent coin flips of probability epsilon, drawn as geometric gaps between the
+    heads: about ``1 + n * epsilon`` draws instead of n."""
+    out = [False] * n
+    if epsilon <= 0.0:
+        return out
+    if epsilon >= 1.0:
+        return [True] * n
+    lq = math.log1p(-epsilon)
+    k = int(math.log1p(-rng.random()) / lq)  # tails before the next head
+    while k < n:
+        out[k] = True
+        k += 1 + int(math.log1p(-rng.random()) / lq)
     return out

@@ -52,23 +52,16 @@ class ItemRegression:
     pos: np.ndarray
     weights: np.ndarray
 
-    def scores(self, histories: Sequence[np.ndarray], recency: Sequence[np.ndarray]) -> np.ndarray:
-        """(users, M) scores: per user, ``sum_k recency[k] * weights[pos(history[k])]``.
-
-        ``histories[r]`` are user r's item indices, ``recency[r]`` their weights; items outside
-        the pool (or newer than the fit) are skipped.
-        """
+    def scores(self, items: np.ndarray, weights: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
+        """(n_rows, M) scores: row r is ``sum weights[k] * self.weights[pos(items[k])]`` over the
+        k with ``rows[k] == r``. Items outside the pool (or newer than the fit) are skipped."""
         n, m = len(self.pos), len(self.pool)
-        lens = [len(h) for h in histories]
-        h = np.concatenate(histories) if histories else np.zeros(0, dtype=np.int64)
-        w = np.concatenate(recency) if recency else np.zeros(0)
-        row = np.repeat(np.arange(len(histories)), lens)
-        ok = h < n
-        p = np.full(len(h), -1, dtype=np.int64)
-        p[ok] = self.pos[h[ok]]
+        ok = items < n
+        p = np.full(len(items), -1, dtype=np.int64)
+        p[ok] = self.pos[items[ok]]
         keep = p >= 0
         # (users x M) sparse recency weights times the dense weights: no rows are copied out
-        x = sp.csr_matrix((w[keep].astype(np.float32), (row[keep], p[keep])), shape=(len(histories), m))
+        x = sp.csr_matrix((weights[keep].astype(np.float32), (rows[keep], p[keep])), shape=(n_rows, m))
         return np.asarray(x @ self.weights, dtype=np.float32)
 
 
@@ -106,6 +99,10 @@ def fit(inp: FitInput) -> ItemRegression:
     return ItemRegression(inp.pool, pos, weights)
 
 
-def recency_weights(n: int, half_life: float) -> np.ndarray:
-    """(n,) weights of a history oldest first: the newest item 1, halving every ``half_life`` items."""
-    return np.asarray(0.5 ** ((n - 1 - np.arange(n)) / half_life), dtype=np.float64)
+def recency_weights(lens: Sequence[int], half_life: float) -> np.ndarray:
+    """Weights of histories laid end to end, each oldest first: a history's newest item weighs 1,
+    and the weight halves every ``half_life`` items back."""
+    total = int(sum(lens))
+    ends = np.repeat(np.cumsum(lens), lens)
+    age = ends - 1 - np.arange(total)
+    return np.asarray(0.5 ** (age / half_life), dtype=np.float64)

@@ -26,7 +26,7 @@ class ModelParams:
     epsilon: float = 0.1  # per-slot exploration probability
     explore_pool: int = 50  # exploration draws from this many non-top candidates
     seed: int = 0
-    sources: int = 20  # recent history items that seed co-occurrence candidates
+    sources: int = 10  # recent history items that seed co-occurrence candidates
     source_decay: float = 0.8  # the k-th most recent source (from 0) also weighs source_decay ** k
     sim_beta: float = 0.3  # neighbour scores are c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)
     vector_candidates: int = 50  # items taken from the user-vector search

@@ -311,8 +311,10 @@ def _long_term(
     lt, p = state.long, state.params
     if lt is None or p.w_long <= 0:
         return _EMPTY_I, _EMPTY_I, _EMPTY_F
-    hists = [np.fromiter((i for i, _, _ in u.history), dtype=np.int64, count=len(u.history)) for u in users]
-    sc = lt.scores(hists, [recency_weights(len(h), p.long_half_life) for h in hists])
+    lens = [len(u.history) for u in users]
+    items = np.array([i for u in users for i, _, _ in u.history], dtype=np.int64)
+    rows = np.repeat(np.arange(len(users)), lens)
+    sc = lt.scores(items, recency_weights(lens, p.long_half_life), rows, len(users))
     ok = seen_item < len(lt.pos)
     ps = lt.pos[seen_item[ok]]
     hit = ps >= 0

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     pair_window: int = Field(20, ge=1)
     neighbours: int = Field(200, ge=1)
     sim_list_len: int = Field(200, ge=1)
-    sources: int = Field(20, ge=1)
+    sources: int = Field(10, ge=1)
     source_decay: float = Field(0.8, gt=0.0, le=1.0)
     sim_beta: float = Field(0.3, ge=0.0, le=1.0)
     pair_decay: float = Field(0.9, gt=0.0, le=1.0)
