@@ -62,11 +62,11 @@ def trending(state: PartitionState, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(pop[i])) for i in top_indices(pop, k)]
 
 
-def sim_list(state: PartitionState, i: int) -> list[tuple[str, float]]:
-    """The published ``sim:{item}`` list: neighbours by cosine-normalised co-occurrence, now."""
+def sim_list(state: PartitionState, i: int, k: int) -> list[tuple[str, float]]:
+    """The published ``sim:{item}`` list: the k best neighbours by normalised co-occurrence, now."""
     idx, sc = state.compute_sim(i)
     ids = state.item_ids
-    return [(ids[j], s) for j, s in zip(idx.tolist(), sc.tolist(), strict=True)]
+    return [(ids[j], s) for j, s in zip(idx[:k].tolist(), sc[:k].tolist(), strict=True)]
 
 
 def _sources(u: UserState, k: int, decay: float, step: float = 1.0) -> tuple[list[int], list[float]]:

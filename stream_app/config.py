@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     snapshot_fork: bool = True  # write snapshots from a forked child (no pause); False: inline
     sim_publish_interval_s: float = Field(5.0, gt=0)
     sim_publish_batch: int = Field(100, ge=1)
+    sim_publish_len: int = Field(30, ge=1)
     max_event_bytes: int = Field(16_384, ge=256)
     topic_partitions: int = Field(4, ge=1, description="used when the worker has to create the events topic")
     model_version: str = "cf-1"

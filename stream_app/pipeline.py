@@ -395,7 +395,7 @@ class Pipeline:
         for run in self.runs.values():
             while run.sim_dirty and len(out) < budget:
                 i = run.sim_dirty.pop()
-                out.append((run.state.item_ids[i], sim_list(run.state, i)))
+                out.append((run.state.item_ids[i], sim_list(run.state, i, self.s.sim_publish_len)))
         if not any(run.sim_dirty for run in self.runs.values()):
             self._sims_at = now
         return out
