@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 
@@ -49,6 +50,10 @@ def _assert_matches_reference(env: dict[str, str], values: list[bytes]) -> None:
     got, want = fingerprint(state), fingerprint(ref_state)
     for part in ("items", "pop", "cooc", "context", "users"):
         assert got[part] == want[part], f"state differs in {part}"
+    # the long-term model the worker fitted in its own process is the one fitted in-process
+    assert state.long is not None and ref_state.long is not None
+    assert np.array_equal(state.long.pool, ref_state.long.pool)
+    assert np.array_equal(state.long.weights, ref_state.long.weights)
     r = redis.Redis.from_url(s.redis_url)
     users = sorted(ref_lists)
     docs = r.mget([f"{s.redis_prefix}rec:{u}" for u in users])
