@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -143,7 +144,7 @@ class Pipeline:
         self._fits: ProcessPoolExecutor | None = None
         if self.params.w_long > 0:
             self._fits = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_one_blas_thread
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_fit_process_init
             )
             self._fits.submit(int)
         self.error: BaseException | None = None
@@ -181,7 +182,7 @@ class Pipeline:
         finally:
             self._writer.shutdown(wait=True)
             if self._fits is not None:
-                self._fits.shutdown(wait=False, cancel_futures=True)
+                self._fits.shutdown(wait=True, cancel_futures=True)  # at most one fit to finish
             self.consumer.close()
             self.dlq.producer.flush(10)
 
@@ -480,7 +481,13 @@ class Pipeline:
                 delay = min(delay * 2, 5.0)
 
 
-def _one_blas_thread() -> None:
-    """In the fit process: one BLAS thread. A second would only compete for the cores with the
-    batch loop, the broker and Redis (and OpenBLAS threads spin while they wait)."""
+def _fit_process_init() -> None:
+    """In the fit process: one BLAS thread (a second would only compete for the cores with the
+    batch loop, the broker and Redis, and OpenBLAS threads spin while they wait), and no
+    reaction to the SIGTERM or SIGINT sent to the worker's process group: the worker shuts the
+    pool down itself, after the pipeline has stopped; a fit process that died first would leave
+    the pool broken and the worker's exit hanging. If the worker dies outright, the fit process
+    reads end-of-file from its queue and exits."""
     threadpool_limits(limits=1, user_api="blas")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
