@@ -19,7 +19,7 @@ class ModelParams:
     pair_window: int = 20  # a new event pairs with this many of the user's recent items
     pair_decay: float = 0.9  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
     neighbours: int = 200  # co-occurrence entries kept per item (pruned back from 2x)
-    sim_list_len: int = 200  # neighbours per item: the sim:{item} lists, and candidates per source
+    sim_list_len: int = 200  # neighbours per item taken as candidates per source
     sim_refresh: float = 0.2  # recompute a neighbour list once this share of its row's weight is new
     dim: int = 64  # item/user vector dimension (random-indexing sketch)
     n_recs: int = 20  # length of a user's list
@@ -35,7 +35,7 @@ class ModelParams:
     w_cooc: float = 1.0
     w_vec: float = 0.0  # the user vectors are kept up to date either way
     w_pop: float = 0.01
-    # long-term taste, an item regression refitted every ``long_refit_events`` (models.longterm)
+    # long-term taste, an item regression refitted at most every ``long_refit_events`` (models.longterm)
     w_long: float = 0.5  # 0: no long-term model, no fits
     long_items: int = 2000  # the regression covers this many of the most popular items
     long_lambda: float = 200.0  # its L2 penalty

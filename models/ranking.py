@@ -1,9 +1,10 @@
 """Top-N lists for a batch of users: candidates, blended scores, exploration, reasons.
 
-Candidates come from three places: co-occurrence neighbours of the user's recent items, items
-near the user vector (one matrix product for the whole batch), and trending items. Scores blend
-the three (weights in ``ModelParams``); seen items are never candidates. Exploration then
-replaces some slots (``models.exploration``).
+Candidates come from four places: co-occurrence neighbours of the user's recent items, the
+long-term model's best items (``models.longterm``, one sparse product for the whole batch),
+items near the user vector (when it has a weight) and trending items. Scores blend them
+(weights in ``ModelParams``); seen items are never candidates. Exploration then replaces some
+slots (``models.exploration``).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ class _Candidates:
     l_score: np.ndarray
 
 
-# A user's ranking: items best first, with score, contributing source (-1: none) and vector score.
+# A user's ranking: items best first, with score, contributing source (-1: none) and taste score
+# (user vector and long-term model).
 _Ranked = tuple[list[int], list[float], list[int], list[float]]
 # Dense scoring holds a (users x items) matrix; chunks of users keep it under this many cells.
 _DENSE_CELLS = 1 << 20

@@ -316,9 +316,10 @@ class PartitionState:
 
     def _long_term(self) -> None:
         """Install a fit once the stream reaches its install point; take the next fit's inputs
-        every ``long_refit_events`` events. A fit is installed ``long_refit_events / 2`` events
-        after its inputs were taken, whether it ran on the executor or runs here now: the lists
-        depend only on the events, not on how long a fit took."""
+        after each quarter's growth of the stream, at most every ``long_refit_events`` events. A
+        fit is installed half a period after its inputs were taken, whether it ran on the
+        executor or runs here now: the lists depend only on the events, not on how long a fit
+        took. If the executor fails (at submit or in the fit), the fit runs here instead."""
         p = self.params
         if self.long_pending is not None and self.events_applied >= self.long_pending[0]:
             fut, inp = self._long_future, self.long_pending[1]
@@ -337,7 +338,10 @@ class PartitionState:
             self.long_next_fit = self.events_applied + every
             self.long_pending = (self.events_applied + max(every // 2, 1), inp)
             if self.executor is not None:
-                self._long_future = self.executor.submit(fit, inp)
+                try:
+                    self._long_future = self.executor.submit(fit, inp)
+                except Exception:  # e.g. a broken process pool: fitted here at the install point
+                    self._long_future = None
 
     def _fit_input(self) -> FitInput:
         """X for the next fit: the newest ``PROFILE_LEN`` items of the ``long_users`` most recently

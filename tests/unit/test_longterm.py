@@ -130,3 +130,18 @@ def test_lists_with_the_long_term_model_never_contain_seen_items(events: list[Ev
             seen = {state.item_ids[i] for i in state.users[rl.user_id].seen}
             ids = [it.item_id for it in rl.items]
             assert not set(ids) & seen and len(ids) == len(set(ids))
+
+
+class _BrokenPool:
+    """An executor that refuses work, as a process pool does once its process has died."""
+
+    def submit(self, *args: object) -> None:
+        raise RuntimeError("pool is broken")
+
+
+def test_a_broken_executor_falls_back_to_inline_fits() -> None:
+    events = cluster_log()
+    sizes = [20] * (len(events) // 20)
+    a, la = run(events, LONG, sizes, _BrokenPool())
+    b, lb = run(events, LONG, sizes)
+    assert la == lb and a.long is not None
