@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from models.events import Event
-from models.ranking import RecList, Rescorer, recommend
+from models.ranking import Observer, RecList, Rescorer, recommend
 from models.state import BatchEffect, PartitionState
 
 
@@ -25,13 +25,15 @@ def step(
     blocked: Collection[str] = (),
     rescorer: Rescorer | None = None,
     epsilon: float | None = None,
+    observer: Observer | None = None,
 ) -> StepOutput:
     """Fold ``events`` into ``state`` and build the lists of every user they touched.
 
     The result depends only on the state and the events, so the same batches in the same order
     give the same outputs (what makes replay and exactly-once restarts testable). ``blocked``
     item ids (unavailable in the catalogue) are left out of the lists. ``rescorer`` and
-    ``epsilon``: see ``recommend`` (with them the lists also depend on the model version).
+    ``epsilon``: see ``recommend`` (with them the lists also depend on the model version);
+    ``observer`` sees the candidates (the worker's sample builder).
     """
     eff = state.apply(events)
-    return StepOutput(recommend(state, eff.users, blocked, rescorer, epsilon), eff)
+    return StepOutput(recommend(state, eff.users, blocked, rescorer, epsilon, observer), eff)

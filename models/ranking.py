@@ -119,23 +119,101 @@ _DENSE_MIN_USERS = 32
 class Rescorer(Protocol):
     """Scores every user's ranked candidates in one call (e.g. a CTR model, batched).
 
-    ``histories[r]`` are user r's recent item ids (oldest first) and ``candidates[r]`` the ids to
-    score; returns one array of scores in [0, 1] per user, aligned with ``candidates[r]``.
+    ``histories[r]`` are user r's recent item ids (oldest first), ``candidates[r]`` the ids to
+    score and ``context[r]`` their ``ranking_context`` rows; returns one array of scores per
+    user, aligned with ``candidates[r]``, on the scale of the normalised retrieval score (the
+    best candidate's is 1), which the blend adds them to.
     """
 
     weight: float
 
     def score(
-        self, user_ids: Sequence[str], histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray],
     ) -> list[np.ndarray]: ...
 
 
-def _rescore(state: PartitionState, uids: Sequence[str], ranked: list[_Ranked], rescorer: Rescorer) -> list[_Ranked]:
-    """Blend: ``score / max(score) + weight * rescore``, then re-sort (ties by item index)."""
+class Observer(Protocol):
+    """Sees every chunk of users' ranked candidates with their ``ranking_context`` (before any
+    rescoring): the worker's sample builder remembers them as the lists served."""
+
+    def observe(
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray],
+    ) -> None: ...
+
+
+# Columns of ``ranking_context``.
+RANK_FEATURES = 7
+
+
+def ranking_context(state: PartitionState, uids: Sequence[str], ranked: Sequence[_Ranked]) -> list[np.ndarray]:
+    """How retrieval saw each candidate, as inputs for a learned re-ranker: per user an
+    (n, RANK_FEATURES) float32 array, each column scaled to about [0, 1]:
+
+    score / best score, log(1 + rank) / 5, taste score / best score, popularity / the most
+    popular item's, similarity to the user's newest item, and two user columns (the same in
+    every row): log(1 + events) / 10 and log(1 + seconds between the user's last two events) / 20.
+    Everything is read from the state as it is now, so a list's context is what a sample of the
+    user's next event will carry (no feature from the future).
+    """
+    pop = state.pop[: state.n_items]
+    pmax = float(pop.max()) if pop.size else 0.0
+    pmax = pmax if pmax > 0 else 1.0
+    out: list[np.ndarray] = []
+    for uid, (items, scores, _, taste) in zip(uids, ranked, strict=True):
+        n = len(items)
+        x = np.zeros((n, RANK_FEATURES), dtype=np.float32)
+        if n:
+            u = state.users[uid]
+            idx = np.asarray(items, dtype=np.int64)
+            s = np.asarray(scores)
+            top = float(s.max())
+            top = top if top > 0 else 1.0
+            x[:, 0] = s / top
+            x[:, 1] = np.log1p(np.arange(n)) / 5.0
+            x[:, 2] = np.asarray(taste) / top
+            x[:, 3] = pop[idx] / pmax
+            if u.history:
+                nb, sc = state.sim_top(u.history[-1][0])
+                if nb.size:  # look the candidates up among the newest item's neighbours
+                    srt = np.argsort(nb)
+                    at = srt[np.searchsorted(nb, idx, sorter=srt).clip(max=nb.size - 1)]
+                    x[:, 4] = np.where(nb[at] == idx, sc[at], 0.0)
+            x[:, 5] = math.log1p(u.n_events) / 10.0
+            if len(u.history) > 1:
+                x[:, 6] = math.log1p(max(u.history[-1][1] - u.history[-2][1], 0) / 1000.0) / 20.0
+        out.append(x)
+    return out
+
+
+def _look(
+    state: PartitionState,
+    uids: Sequence[str],
+    ranked: list[_Ranked],
+    rescorer: Rescorer | None,
+    observer: Observer | None,
+) -> list[_Ranked]:
+    """Show the chunk's candidates to the observer and, with a rescorer, re-rank them."""
     ids = state.item_ids
     hists = [[ids[i] for i, _, _ in state.users[u].history] for u in uids]
     cands = [[ids[i] for i in r[0]] for r in ranked]
-    extra = rescorer.score(uids, hists, cands)
+    ctx = ranking_context(state, uids, ranked)
+    if observer is not None:
+        observer.observe(uids, hists, cands, ctx)
+    if rescorer is None or rescorer.weight <= 0:
+        return ranked
+    return _blend(ranked, rescorer.score(uids, hists, cands, ctx), rescorer.weight)
+
+
+def _blend(ranked: list[_Ranked], extra: list[np.ndarray], weight: float) -> list[_Ranked]:
+    """``score / max(score) + weight * rescore``, then re-sort (ties by item index)."""
     out: list[_Ranked] = []
     for (items, scores, srcs, vecs), x in zip(ranked, extra, strict=True):
         if not items:
@@ -143,7 +221,7 @@ def _rescore(state: PartitionState, uids: Sequence[str], ranked: list[_Ranked], 
             continue
         s = np.asarray(scores)
         top = float(s.max())
-        blended = (s / top if top > 0 else s) + rescorer.weight * np.asarray(x, dtype=np.float64)
+        blended = (s / top if top > 0 else s) + weight * np.asarray(x, dtype=np.float64)
         order = np.lexsort((np.asarray(items), -blended)).tolist()
         b = blended.tolist()
         out.append(
@@ -158,6 +236,7 @@ def recommend(
     blocked: Collection[str] = (),
     rescorer: Rescorer | None = None,
     epsilon: float | None = None,
+    observer: Observer | None = None,
 ) -> list[RecList]:
     """Lists for ``user_ids`` from the state as it is now (call after ``state.apply``).
 
@@ -168,7 +247,7 @@ def recommend(
 
     With a ``rescorer`` (the CTR model), every chunk's candidates are re-ranked by the blend in
     one batched call before exploration. ``epsilon`` overrides the exploration rate (raised for
-    a while after the trainer detects drift).
+    a while after the trainer detects drift). An ``observer`` sees every chunk's candidates.
     """
     p = state.params
     n = state.n_items
@@ -196,8 +275,8 @@ def recommend(
         uids = user_ids[c0 : c0 + chunk]
         cand = _gather(state, uids, excluded, trend, pool, pos)
         ranked = _rank_dense(cand, n, k, pop_term, p) if dense else _rank_table(cand, n, k, pop_term, p)
-        if rescorer is not None and rescorer.weight > 0:
-            ranked = _rescore(state, uids, ranked, rescorer)
+        if observer is not None or (rescorer is not None and rescorer.weight > 0):
+            ranked = _look(state, uids, ranked, rescorer, observer)
         for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
             u = state.users[uid]
             info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))

@@ -227,11 +227,19 @@ def _bench_ctr(s: Settings, n_events: int, threads: int) -> dict[str, Any]:
     res = run_ctr_bench(s, events, threads)
     res["dataset"] = name
     typer.echo(f"\nCTR task on {name}: {res['task']}")
-    typer.echo(f"{res['samples']:,} samples ({res['positives']:,} positive), {res['trained']:,} trained on\n")
+    typer.echo(
+        f"{res['samples']:,} samples ({res['positives']:,} single positives, {res['list_samples']:,} lists), "
+        f"{res['trained']:,} trained on\n"
+    )
     typer.echo("| measure | DIN (torch) | logistic regression |\n|---|---|---|")
     typer.echo(f"| progressive AUC | {res['ctr']['auc']:.4f} | {res['logreg']['auc']:.4f} |")
     typer.echo(f"| progressive log-loss | {res['ctr']['logloss']:.4f} | {res['logreg']['logloss']:.4f} |")
-    typer.echo(f"\ntrainer: {res['trainer_samples_per_s']:,.0f} samples/s ({threads} torch thread(s))")
+    ls = res["lists"]
+    typer.echo(
+        f"\nlists ({ls['lists']:,}, progressive): item taken ranked first among its sampled list "
+        f"{ls['first']:.4f} by the model, {ls['first_retrieval']:.4f} in the order served"
+    )
+    typer.echo(f"trainer: {res['trainer_samples_per_s']:,.0f} samples/s ({threads} torch thread(s))")
     typer.echo(f"worker inference: {res['inference_scores_per_s']:,.0f} candidate scores/s (median)")
     return res
 

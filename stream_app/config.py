@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     samples_topic: str = "samples"
     sample_window_s: float = Field(1800.0, gt=0, description="a view not clicked within this is a negative")
     sample_negatives: int = Field(4, ge=0, description="popularity-sampled negatives per positive")
+    sample_list_negatives: int = Field(
+        20, ge=0, description="candidates per list sample besides the item taken (0: no list samples)"
+    )
+    sample_served_users: int = Field(20_000, ge=1, description="users whose last served candidates are kept")
+    sample_list_types: str = Field(
+        "", description="comma-separated event types that take an item from a served list; empty: every type"
+    )
     ctr_batch_size: int = Field(1024, ge=16)
     ctr_dim: int = Field(8, ge=2)
     ctr_buckets: int = Field(1 << 18, ge=1024)
@@ -133,6 +140,9 @@ class Settings(BaseSettings):
             hist_len=self.ctr_hist_len,
             window_ms=int(self.sample_window_s * 1000),
             sampled_negatives=self.sample_negatives,
+            list_negatives=self.sample_list_negatives,
+            served_users=self.sample_served_users,
+            list_types=frozenset(t.strip() for t in self.sample_list_types.split(",") if t.strip()) or None,
             seed=self.seed,
         )
 

@@ -1,9 +1,11 @@
 """``streamrec bench --ctr``: the CTR model's accuracy and speed, measured on a real log.
 
-1. Samples: the log goes through ``SampleBuilder`` exactly as a worker would produce them.
+1. Samples: the log goes through the worker's engine in blocks of ``batch_size`` events, with
+   ``SampleBuilder`` beside it exactly as a worker runs it (list samples included).
 2. Progressive validation in one pass, as the trainer runs it: each micro-batch is scored by
    the DIN model and by logistic regression on the same features, then both train on it.
-   Reported: exact AUC and log-loss over every progressive prediction, both models.
+   Reported: exact AUC and log-loss over every progressive prediction on the single samples,
+   both models; on the list samples, how often the item taken is ranked first.
 3. Trainer throughput: samples/s of ``Trainer.step`` (hold-back, scoring, both train steps,
    drift watch, gates), sample building excluded.
 4. Worker inference: candidate scores/s of ``CtrRescorer.score`` for chunks of users with
@@ -25,7 +27,10 @@ from models.ctr.features import Sample
 from models.ctr.rescorer import CtrRescorer
 from models.ctr.samples import SampleBuilder
 from models.ctr.train import log_losses
+from models.engine import step
 from models.events import Event
+from models.ranking import RANK_FEATURES
+from models.state import PartitionState
 from stream_app.config import Settings
 from stream_app.trainer import Trainer
 
@@ -48,8 +53,16 @@ def exact_auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def build_samples(s: Settings, events: list[Event]) -> list[Sample]:
+    """The samples a worker would publish for ``events``: each block's samples are built before
+    the state takes the block, and the lists it then ranks become the users' served lists."""
     b = SampleBuilder(s.sample_params())
-    return b.feed(events) + b.flush()
+    state = PartitionState(s.params())
+    out: list[Sample] = []
+    for k in range(0, len(events), s.batch_size):
+        block = events[k : k + s.batch_size]
+        out += b.feed(block)
+        step(state, block, observer=b)
+    return out + b.flush()
 
 
 def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, Any]:
@@ -70,9 +83,11 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
         inference = _inference(s, rescorer, samples)
     return {
         "samples": len(samples),
-        "positives": int(sum(x.label for x in samples)),
+        "positives": int(sum(x.label for x in samples if x.group is None)),
+        "list_samples": len({x.group for x in samples if x.group is not None}),
         "task": "P(click or purchase | user, item, category, last items); negatives: unclicked views and "
         f"{s.sample_negatives} popularity-sampled items per positive",
+        "lists": t.list_progress.as_dict(),
         "ctr": {"auc": exact_auc(y, p_din), "logloss": float(log_losses(y, p_din).mean())},
         "logreg": {"auc": exact_auc(y, p_lr), "logloss": float(log_losses(y, p_lr).mean())},
         "trainer_samples_per_s": t.samples / step_s if step_s else 0.0,
@@ -93,7 +108,8 @@ def _inference(s: Settings, rescorer: CtrRescorer, samples: list[Sample], users:
     rates = []
     for _ in range(reps):
         cands = [[pool[j] for j in rng.integers(0, len(pool), k)] for _ in pos]
+        ctx = [rng.random((k, RANK_FEATURES)).astype(np.float32) for _ in pos]
         t0 = time.perf_counter()
-        rescorer.score([x.user_id for x in pos], [x.history for x in pos], cands)
+        rescorer.score([x.user_id for x in pos], [x.history for x in pos], cands, ctx)
         rates.append(len(pos) * k / (time.perf_counter() - t0))
     return statistics.median(rates)

@@ -367,7 +367,9 @@ class Pipeline:
                 if isinstance(c, str):
                     cats[e.item_id] = c
         rescorer, epsilon, _ = self._ranker
-        out = step(run.state, events, blocked=self._blocked_items(), rescorer=rescorer, epsilon=epsilon)
+        out = step(
+            run.state, events, blocked=self._blocked_items(), rescorer=rescorer, epsilon=epsilon, observer=run.samples
+        )
         run.sim_dirty |= out.effect.items
         run.next_offset = offset_of(block[-1]) + 1
         st = self.stats

@@ -1,19 +1,25 @@
 """``streamrec trainer``: fine-tunes the CTR model on the samples topic, and publishes versions.
 
-Per micro-batch of ``ctr_batch_size`` samples:
+The samples are of two kinds (``models.ctr.samples``): single (user, item) samples labelled
+click or not, trained with binary cross-entropy, and list samples (the item a user took and
+other candidates of the list they were served, with the inputs they were ranked with), trained
+with a softmax over the list: what makes the model a re-ranker. Per micro-batch of
+``ctr_batch_size`` samples:
 
 1. A deterministic share (``ctr_holdout``, by hash of user and time) is held back into a bounded
    buffer of recent samples: the promotion gate's test set, never trained on.
-2. Progressive validation: the rest is scored by the current model *before* it trains on them
-   (river ``RollingROCAUC`` and ``LogLoss``), for the DIN model and, alongside on the same
-   samples, the logistic-regression baseline.
+2. Progressive validation: the rest is scored by the current model *before* it trains on them:
+   river ``RollingROCAUC`` and log-loss on the single samples, for the DIN model and, alongside
+   on the same samples, the logistic-regression baseline; on the lists, their softmax loss and
+   how often the item taken is ranked first, by the model and by the order it was served in.
 3. One ``train_step`` each; the progressive 0/1 errors feed a river ``ADWIN`` detector. On drift the learning
    rate is raised ``ctr_drift_lr_boost``-fold and workers are told to explore more
    (``ctr_drift_epsilon``) for ``ctr_drift_batches`` batches.
 4. Every ``ctr_publish_batches`` batches or ``ctr_publish_interval_s`` seconds, the gate compares
-   the candidate with the live version on the held-back samples. If its log-loss is no worse than
-   the live one's by more than ``ctr_gate_tolerance`` (relative), it becomes the next version: a
-   checkpoint file, then Redis. Otherwise the weights roll back to the live version.
+   the candidate with the live version on the held-back samples. If its loss (the training
+   objective: log-loss plus list loss) is no worse than the live one's by more than
+   ``ctr_gate_tolerance`` (relative), it becomes the next version: a checkpoint file, then
+   Redis. Otherwise the weights roll back to the live version.
 
 Offsets are committed after each batch is trained on; on restart the trainer resumes from the
 newest checkpoint (samples after it and before the last commit are not replayed: the model is
@@ -42,9 +48,9 @@ from confluent_kafka import Consumer, KafkaError, KafkaException
 from river import drift, metrics
 
 from models.ctr.din import DIN, CtrConfig
-from models.ctr.features import CtrBatch, FeatureHasher, Sample
+from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
-from models.ctr.train import log_losses, optimizers, predict, train_step
+from models.ctr.train import batch_loss, list_losses, log_losses, logits, optimizers, train_step
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config
 
@@ -52,7 +58,7 @@ log = logging.getLogger(__name__)
 
 
 def ctr_config(s: Settings) -> CtrConfig:
-    return CtrConfig(buckets=s.ctr_buckets, dim=s.ctr_dim, hist_len=s.ctr_hist_len, lr=s.ctr_lr)
+    return CtrConfig(buckets=s.ctr_buckets, dim=s.ctr_dim, hist_len=s.ctr_hist_len, lr=s.ctr_lr, n_dense=N_DENSE)
 
 
 def model_dir(s: Settings) -> Path:
@@ -102,6 +108,8 @@ class Progress:
     recent: float = math.nan
 
     def update(self, y: np.ndarray, p: np.ndarray) -> None:
+        if y.size == 0:
+            return
         auc = self.auc
         for yy, pp in zip((y > 0.5).tolist(), np.clip(p, 1e-7, 1 - 1e-7).tolist(), strict=True):
             auc.update(yy, pp)
@@ -115,8 +123,44 @@ class Progress:
         return {"auc": float(self.auc.get()), "logloss": self.loss_sum / max(self.n, 1), "recent_logloss": self.recent}
 
 
-def logloss(model: torch.nn.Module, b: CtrBatch) -> float:
-    return float(log_losses(b.label, predict(model, b)).mean())
+@dataclass
+class ListProgress:
+    """Progressive validation of the re-ranking task, on list samples (each scored before
+    training on it): mean softmax cross-entropy, and how often the item taken is ranked first
+    among its sampled list by the model, against the retrieval order it was served in."""
+
+    lists: int = 0
+    loss_sum: float = 0.0
+    first: int = 0
+    first_retrieval: int = 0
+
+    def update(self, b: CtrBatch, z: np.ndarray) -> None:
+        ce, ranks = list_losses(b, z)
+        _, base = list_losses(b, b.dense[:, 0].astype(np.float64))
+        self.lists += len(ce)
+        self.loss_sum += float(ce.sum())
+        self.first += int((ranks == 0).sum())
+        self.first_retrieval += int((base == 0).sum())
+
+    def as_dict(self) -> dict[str, float | int]:
+        n = max(self.lists, 1)
+        return {
+            "lists": self.lists,
+            "loss": self.loss_sum / n,
+            "first": self.first / n,
+            "first_retrieval": self.first_retrieval / n,
+        }
+
+
+def holdout_loss(model: torch.nn.Module, b: CtrBatch) -> float:
+    """The training objective (``batch_loss``) of ``model`` on ``b``, without gradients."""
+    z = torch.from_numpy(logits(model, b).astype(np.float32))
+    return float(batch_loss(z, b))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = 1.0 / (1.0 + np.exp(-z))
+    return out
 
 
 class Trainer:
@@ -130,7 +174,7 @@ class Trainer:
         self.baseline = LogReg(self.cfg)
         self.opts = optimizers(self.model, self.cfg.lr)
         self.base_opts = optimizers(self.baseline, 0.05)
-        self.hasher = FeatureHasher(self.cfg.buckets, self.cfg.hist_len)
+        self.hasher = FeatureHasher(self.cfg.buckets, self.cfg.hist_len, n_dense=self.cfg.n_dense)
         self.dir = model_dir(s)
         self.store = store
         self.version = 0
@@ -138,6 +182,7 @@ class Trainer:
         self.holdout: deque[Sample] = deque(maxlen=20_000)
         self.progress = Progress()
         self.baseline_progress = Progress()
+        self.list_progress = ListProgress()
         self.adwin = drift.ADWIN()
         self.boost_left = 0
         self.drifts = 0
@@ -201,13 +246,17 @@ class Trainer:
         if not train:
             return
         b = self.hasher.batch(train)
-        p = predict(self.model, b)
-        pb = predict(self.baseline, b)
+        z = logits(self.model, b)
+        zb = logits(self.baseline, b)
+        # AUC and log-loss are about P(click): on the ungrouped samples; lists have their own
+        point = slice(None) if b.group is None else b.group < 0
+        y, p, pb = b.label[point], _sigmoid(z[point]), _sigmoid(zb[point])
         if self.recorded is not None:
-            self.recorded.append((b.label, p, pb))
-        self.progress.update(b.label, p)
-        errors = ((p > 0.5) != (b.label > 0.5)).tolist()
-        self.baseline_progress.update(b.label, pb)
+            self.recorded.append((y, p, pb))
+        self.progress.update(y, p)
+        self.baseline_progress.update(y, pb)
+        self.list_progress.update(b, z)
+        errors = ((p > 0.5) != (y > 0.5)).tolist()
         scale = self.s.ctr_drift_lr_boost if self.boost_left > 0 else 1.0
         train_step(self.model, self.opts, b, lr_scale=scale)
         train_step(self.baseline, self.base_opts, b)
@@ -249,12 +298,12 @@ class Trainer:
         if len(self.holdout) < 100:
             return False  # too little evidence either way: keep training
         hb = self.hasher.batch(list(self.holdout))
-        cand, live = logloss(self.model, hb), logloss(self.live, hb)
+        cand, live = holdout_loss(self.model, hb), holdout_loss(self.live, hb)
         if cand <= live * (1.0 + self.s.ctr_gate_tolerance):
             self._publish()
             return True
         self.rejected += 1
-        log.warning("candidate log-loss %.4f worse than live %.4f on held-back samples: rolled back", cand, live)
+        log.warning("candidate loss %.4f worse than live %.4f on held-back samples: rolled back", cand, live)
         self.model.load_state_dict(self.live.state_dict())
         self.opts = optimizers(self.model, self.cfg.lr)
         return False
@@ -276,6 +325,7 @@ class Trainer:
             "boosted_batches": self.boosted_batches,
             "ctr": self.progress.as_dict(),
             "logreg": self.baseline_progress.as_dict(),
+            "lists": self.list_progress.as_dict(),
         }
 
 
@@ -318,11 +368,15 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
                 m = t.metrics()
                 r.set(metrics_key(s), orjson.dumps({**m, "invalid": bad}))
                 log.info(
-                    "samples %d  AUC %.4f (logreg %.4f)  log-loss %.4f  version %d  drifts %d",
+                    "samples %d  AUC %.4f (logreg %.4f)  log-loss %.4f  lists %d, taken item first %.3f"
+                    " (retrieval order %.3f)  version %d  drifts %d",
                     m["samples"],
                     m["ctr"]["auc"],
                     m["logreg"]["auc"],
                     m["ctr"]["logloss"],
+                    m["lists"]["lists"],
+                    m["lists"]["first"],
+                    m["lists"]["first_retrieval"],
                     m["version"],
                     m["drifts"],
                 )

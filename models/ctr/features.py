@@ -7,19 +7,29 @@ reserved for padding (the empty history slots).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from models.ranking import RANK_FEATURES
 from models.state import stable_hash
+
+# Dense inputs of the model: a candidate's ranking context (``models.ranking.ranking_context``),
+# then the share of the user's last ``CATEGORY_WINDOW`` items in the candidate's category. Zero
+# for samples that were not ranked (a positive outside the served list, sampled negatives).
+N_DENSE = RANK_FEATURES + 1
+CATEGORY_WINDOW = 10
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One labelled (user, item) pair with the features it had at event time.
 
-    ``history`` holds the user's most recent items *before* the event, newest last.
+    ``history`` holds the user's most recent items *before* the event, newest last. Samples
+    with the same ``group`` are one served list (the item taken and candidates it was chosen
+    over), trained with a softmax over the list; ungrouped samples with per-row cross-entropy.
     """
 
     user_id: str
@@ -29,9 +39,10 @@ class Sample:
     label: float
     ts: int
     dense: tuple[float, ...] = ()  # numeric context, e.g. the candidate's retrieval score
+    group: str | None = None
 
     def as_obj(self) -> dict[str, object]:
-        return {
+        o: dict[str, object] = {
             "u": self.user_id,
             "i": self.item_id,
             "c": self.category,
@@ -40,6 +51,9 @@ class Sample:
             "ts": self.ts,
             "d": list(self.dense),
         }
+        if self.group is not None:
+            o["g"] = self.group
+        return o
 
     @classmethod
     def from_obj(cls, o: dict[str, object]) -> Sample:
@@ -56,13 +70,18 @@ class Sample:
         d = o.get("d", [])
         if not isinstance(d, list) or not all(isinstance(x, (int, float)) for x in d):
             raise TypeError("d must be a list of numbers")
-        return cls(str(o["u"]), str(o["i"]), c, tuple(h), y, int(o["ts"]), tuple(map(float, d)))  # type: ignore[call-overload]
+        g = o.get("g")
+        if g is not None and not isinstance(g, str):
+            raise TypeError("g must be a string or null")
+        return cls(str(o["u"]), str(o["i"]), c, tuple(h), y, int(o["ts"]), tuple(map(float, d)), g)  # type: ignore[call-overload]
 
 
 @dataclass(frozen=True, slots=True)
 class CtrBatch:
     """B samples as arrays: ``user``, ``item``, ``cat`` (B,) int64 buckets; ``hist`` (B, L) int64
-    buckets, 0 where empty; ``dense`` (B, F) float32; ``label`` (B,) float32 in {0, 1}."""
+    buckets, 0 where empty; ``dense`` (B, F) float32; ``label`` (B,) float32 in {0, 1};
+    ``group`` (B,) int64 or None (no lists): rows with the same id >= 0 are one served list,
+    trained with a softmax over the list; -1 marks rows trained with per-row cross-entropy."""
 
     user: np.ndarray
     item: np.ndarray
@@ -70,12 +89,16 @@ class CtrBatch:
     hist: np.ndarray
     dense: np.ndarray
     label: np.ndarray
+    group: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.item.shape[0])
 
     def take(self, idx: np.ndarray) -> CtrBatch:
-        return CtrBatch(self.user[idx], self.item[idx], self.cat[idx], self.hist[idx], self.dense[idx], self.label[idx])
+        g = None if self.group is None else self.group[idx]
+        return CtrBatch(
+            self.user[idx], self.item[idx], self.cat[idx], self.hist[idx], self.dense[idx], self.label[idx], g
+        )
 
 
 class FeatureHasher:
@@ -121,9 +144,13 @@ class FeatureHasher:
         hist = np.zeros((n, L), dtype=np.int64)
         label = np.empty(n, dtype=np.float32)
         dense = np.zeros((n, self.n_dense), dtype=np.float32)
+        group = np.full(n, -1, dtype=np.int64)
+        groups: dict[str, int] = {}
         bk = self.bucket
         hrow = self.history
         for r, s in enumerate(samples):
+            if s.group is not None:
+                group[r] = groups.setdefault(s.group, len(groups))
             user[r] = bk("u", s.user_id)
             item[r] = bk("i", s.item_id)
             cat[r] = bk("c", s.category) if s.category is not None else 0
@@ -132,4 +159,27 @@ class FeatureHasher:
             label[r] = s.label
             if s.dense:
                 dense[r, : len(s.dense)] = s.dense[: self.n_dense]
-        return CtrBatch(user, item, cat, hist, dense, label)
+        return CtrBatch(user, item, cat, hist, dense, label, group if groups else None)
+
+
+def rerank_inputs(
+    histories: Sequence[Sequence[str]],
+    candidates: Sequence[Sequence[str]],
+    context: Sequence[np.ndarray],
+    categories: Mapping[str, str],
+) -> list[np.ndarray]:
+    """Per user, the (n, N_DENSE) float32 dense inputs of its candidates: the ranking context
+    and each candidate's category share among the user's last ``CATEGORY_WINDOW`` items. The
+    worker's samples and its scoring both call this, so the model sees the same inputs."""
+    out = []
+    for h, cs, x in zip(histories, candidates, context, strict=True):
+        d = np.zeros((len(cs), N_DENSE), dtype=np.float32)
+        d[:, :RANK_FEATURES] = x
+        recent = list(h)[-CATEGORY_WINDOW:]
+        cnt = Counter(categories.get(i) for i in recent)
+        cnt.pop(None, None)
+        if cnt:
+            m = len(recent)
+            d[:, RANK_FEATURES] = [cnt.get(categories.get(i), 0) / m if i in categories else 0.0 for i in cs]
+        out.append(d)
+    return out

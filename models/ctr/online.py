@@ -1,15 +1,18 @@
 """streamrec with the CTR model in its ranking, learning online: for prequential evaluation.
 
-The same parts as the running system, in one process: ``SampleBuilder`` turns each event into
-samples, the DIN model trains on them in micro-batches (``train_step``), and ``recommend``
-blends its scores in through ``CtrRescorer``. What the evaluation then measures is the lift
-of the CTR model over the same system without it, in the same pass.
+The same parts as the running system, in one process: every list ``recommend`` ranks is shown
+to a ``SampleBuilder`` (as the worker's lists are), which turns each event into samples (list
+samples when the item taken was among the user's last candidates); the model trains on them in
+micro-batches of ``batch_size`` samples (``train_step``, as the trainer does) and re-ranks
+through ``CtrRescorer`` once it has taken a step. What the evaluation then measures is the
+lift of the CTR model over the same system without it, in the same pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
+import numpy as np
 import torch
 
 from models.baselines import Streamrec
@@ -23,6 +26,22 @@ from models.params import ModelParams
 from models.ranking import recommend
 
 
+class _Untrained:
+    """The rescorer until the model's first step: an untrained model would only add noise."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+
+    def score(
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray],
+    ) -> list[np.ndarray]:
+        return [np.zeros(len(c)) for c in candidates]
+
+
 class StreamrecCtr(Streamrec):
     name = "streamrec+ctr"
 
@@ -33,21 +52,26 @@ class StreamrecCtr(Streamrec):
         torch.manual_seed(params.seed)
         self.model = DIN(cfg)
         self.opts = optimizers(self.model, cfg.lr)
-        self.hasher = FeatureHasher(cfg.buckets, cfg.hist_len)
+        self.hasher = FeatureHasher(cfg.buckets, cfg.hist_len, n_dense=cfg.n_dense)
         self.builder = SampleBuilder(samples)
         self.rescorer = CtrRescorer(self.model, 0, weight, self.builder.categories)
+        self.untrained = _Untrained(weight)
         self.buffer: list[Sample] = []
         self.batch_size = batch_size
         self.steps = 0
+        self.lists = 0  # list samples made (events that took one of the user's candidates)
 
     def recommend(self, user: str, k: int, exclude: Collection[str]) -> list[str]:
-        if self.steps == 0 or user not in self.state.users:
+        if user not in self.state.users:
             return super().recommend(user, k, exclude)
-        (rl,) = recommend(self.state, [user], rescorer=self.rescorer)
+        rescorer = self.rescorer if self.steps else self.untrained
+        (rl,) = recommend(self.state, [user], rescorer=rescorer, observer=self.builder)
         return [it.item_id for it in rl.items][:k]
 
     def learn(self, event: Event) -> None:
-        self.buffer.extend(self.builder.feed([event]))
+        smp = self.builder.feed([event])
+        self.lists += sum(1 for x in smp if x.group is not None and x.label > 0)
+        self.buffer.extend(smp)
         if len(self.buffer) >= self.batch_size:
             train_step(self.model, self.opts, self.hasher.batch(self.buffer))
             self.buffer.clear()

@@ -8,22 +8,32 @@ import numpy as np
 import torch
 
 from models.ctr.din import DIN
-from models.ctr.features import CtrBatch, FeatureHasher
-from models.ctr.train import predict
+from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, rerank_inputs
+from models.ctr.train import logits, predict
 
 
 class CtrRescorer:
-    """Scores (user, candidate) pairs with a trained model; ``version`` names it in the lists."""
+    """Scores (user, candidate) pairs with a trained model; ``version`` names it in the lists.
+
+    A model with ``N_DENSE`` dense inputs reads each candidate's ranking context (a re-ranker,
+    trained with a softmax over served lists), and its logit is the score added to the blend.
+    A model without them (``n_dense = 0``) scores P(click) from ids alone.
+    """
 
     def __init__(self, model: DIN, version: int, weight: float, categories: Mapping[str, str]) -> None:
         self.model = model.eval()
         self.version = version
         self.weight = weight
         self.categories = categories
+        self.reranker = model.cfg.n_dense == N_DENSE
         self.hasher = FeatureHasher(model.cfg.buckets, model.cfg.hist_len, n_dense=model.cfg.n_dense)
 
     def batch(
-        self, user_ids: Sequence[str], histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray] | None = None,
     ) -> CtrBatch:
         """One batch of every user's candidates: rows grouped by user, in order."""
         bk, cats, L = self.hasher.bucket, self.categories, self.hasher.hist_len
@@ -35,22 +45,31 @@ class CtrRescorer:
             if hh:
                 hist[r, L - len(hh) :] = [bk("i", x) for x in hh]
         items = [x for c in candidates for x in c]
+        dense = np.zeros((n, self.hasher.n_dense), dtype=np.float32)
+        if self.reranker and n:
+            if context is None:
+                raise ValueError("a re-ranking model needs the candidates' ranking context")
+            dense[:] = np.concatenate(rerank_inputs(histories, candidates, context, cats))
         return CtrBatch(
             np.repeat(np.fromiter((bk("u", u) for u in user_ids), dtype=np.int64, count=len(user_ids)), counts),
             np.fromiter((bk("i", x) for x in items), dtype=np.int64, count=n),
             np.fromiter((bk("c", cats[x]) if x in cats else 0 for x in items), dtype=np.int64, count=n),
             np.repeat(hist, counts, axis=0),
-            np.zeros((n, self.hasher.n_dense), dtype=np.float32),
+            dense,
             np.zeros(n, dtype=np.float32),
         )
 
     def score(
-        self, user_ids: Sequence[str], histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
-        b = self.batch(user_ids, histories, candidates)
+        b = self.batch(user_ids, histories, candidates, context)
         if len(b) == 0:
             return [np.zeros(0) for _ in candidates]
         with torch.inference_mode():
-            p = predict(self.model, b)
+            p = logits(self.model, b) if self.reranker else predict(self.model, b)
         bounds = np.cumsum([len(c) for c in candidates])[:-1]
         return list(np.split(p, bounds))

@@ -10,6 +10,13 @@
 * When a stream has no impressions (ml-100k), each positive also gets ``sampled_negatives``
   items drawn in proportion to recent popularity (uniform draws from a ring buffer of recent
   events' items), seeded from (seed, user, event count) so the same log gives the same samples.
+* A served list is an impression too. The worker shows the builder every user's ranked
+  candidates with their ranking context (``observe``); when the user's next event (of
+  ``list_types``: by default any) is on one of them, that item and ``list_negatives`` of the
+  other candidates (seeded draws) form a list sample: rows sharing a ``group``, with the dense
+  inputs they were ranked with, which train the model as a re-ranker (softmax over the list).
+  This asks which candidate the user takes next, the question the ranking answers; the single
+  samples ask whether a user clicks an item.
 
 Every sample carries the user's history *before* its event, so no feature comes from the future.
 """
@@ -17,10 +24,12 @@ Every sample carries the user's history *before* its event, so no feature comes 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from models.ctr.features import Sample
+import numpy as np
+
+from models.ctr.features import Sample, rerank_inputs
 from models.events import Event
 from models.state import PartitionState, stable_hash
 
@@ -37,6 +46,11 @@ class SampleParams:
     sampled_negatives: int = 4  # popularity-sampled negatives per positive (0: none)
     pop_buffer: int = 100_000  # recent events whose items the negatives are drawn from
     max_users: int = 1_000_000
+    list_negatives: int = 20  # candidates per list sample besides the item taken (0: no list samples)
+    served_users: int = 20_000  # users whose last served list is kept (the least recently served go)
+    # events that take an item from the list served; None: every type. Every type is what the
+    # ranking aims at (a viewed item is an interaction it counts, and never listed again).
+    list_types: frozenset[str] | None = None
     seed: int = 0
 
 
@@ -60,6 +74,27 @@ class SampleBuilder:
         self.ring: list[str] = []
         self.ring_at = 0
         self.watermark = 0
+        # user -> (candidates of the last list served, their dense inputs (n, N_DENSE))
+        self.served: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
+
+    def observe(
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray],
+    ) -> None:
+        """Remember each user's newly ranked candidates (``ranking.Observer``)."""
+        if not self.p.list_negatives:
+            return
+        served = self.served
+        for u, c, d in zip(
+            user_ids, candidates, rerank_inputs(histories, candidates, context, self.categories), strict=True
+        ):
+            served[u] = (list(c), d)
+            served.move_to_end(u)
+        while len(served) > self.p.served_users:
+            served.popitem(last=False)
 
     def seed_from(self, state: PartitionState) -> None:
         """Continue from a restored partition state: user histories and the popularity buffer
@@ -105,6 +140,10 @@ class SampleBuilder:
                         Sample(ev.user_id, ev.item_id, category, hist, 0.0, ev.ts),
                     )
                     self.pending.move_to_end(key)
+            if p.list_types is None or ev.type in p.list_types:
+                got = self.served.pop(ev.user_id, None)
+                if got is not None and ev.item_id in got[0]:
+                    out.extend(self._list_sample(ev, u, hist, *got))
             u.history.append(ev.item_id)
             u.n += 1
             self._remember(ev.item_id)
@@ -122,6 +161,32 @@ class SampleBuilder:
             if item != ev.item_id and item not in had:
                 out.append(Sample(ev.user_id, item, self.categories.get(item), hist, 0.0, ev.ts))
         return out
+
+    def _list_sample(
+        self, ev: Event, u: _User, hist: tuple[str, ...], cands: list[str], dense: np.ndarray
+    ) -> list[Sample]:
+        """The item taken and up to ``list_negatives`` other candidates (seeded, without
+        replacement), with the dense inputs they were ranked with, as one group."""
+        k = cands.index(ev.item_id)
+        others = [j for j in range(len(cands)) if j != k]
+        m = min(self.p.list_negatives, len(others))
+        rng = np.random.default_rng(stable_hash(self.p.seed, "list", ev.user_id, u.n))
+        pick = [k] + [others[j] for j in sorted(rng.choice(len(others), size=m, replace=False).tolist())]
+        g = f"{ev.user_id}:{u.n}"
+        cats = self.categories
+        return [
+            Sample(
+                ev.user_id,
+                cands[j],
+                cats.get(cands[j]),
+                hist,
+                1.0 if j == k else 0.0,
+                ev.ts,
+                tuple(dense[j].tolist()),
+                g,
+            )
+            for j in pick
+        ]
 
     def _remember(self, item: str) -> None:
         if len(self.ring) < self.p.pop_buffer:

@@ -33,7 +33,7 @@ def optimizers(model: nn.Module, lr: float) -> list[torch.optim.Optimizer]:
 def train_step(
     model: nn.Module, opts: Sequence[torch.optim.Optimizer], batch: CtrBatch, lr_scale: float = 1.0
 ) -> float:
-    """One binary cross-entropy step on ``batch``; returns the batch's mean loss before the step.
+    """One step on ``batch`` (``batch_loss``); returns the batch's loss before the step.
 
     ``lr_scale`` multiplies every optimiser's base learning rate for this step (the trainer
     raises it for a while after drift).
@@ -43,18 +43,73 @@ def train_step(
         for g in o.param_groups:
             g["lr"] = g.setdefault("base_lr", g["lr"]) * lr_scale
         o.zero_grad(set_to_none=True)
-    logits = model.forward_batch(batch)  # type: ignore[operator]
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, torch.from_numpy(batch.label))
+    loss = batch_loss(model.forward_batch(batch), batch)  # type: ignore[operator]
     loss.backward()  # type: ignore[no-untyped-call]
     for o in opts:
         o.step()
     return float(loss.detach())
 
 
+def batch_loss(logits: torch.Tensor, batch: CtrBatch) -> torch.Tensor:
+    """Binary cross-entropy over the ungrouped rows plus ``list_loss`` over the served lists."""
+    label = torch.from_numpy(batch.label)
+    if batch.group is None:
+        return nn.functional.binary_cross_entropy_with_logits(logits, label)
+    group = torch.from_numpy(batch.group)
+    point = group < 0
+    loss = list_loss(logits[~point], label[~point], group[~point])
+    if bool(point.any()):
+        loss = loss + nn.functional.binary_cross_entropy_with_logits(logits[point], label[point])
+    return loss
+
+
+def list_loss(logits: torch.Tensor, label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of each list's chosen row: the mean of ``logsumexp(list) -
+    logit(chosen)`` over positive rows. ``group`` (B,) holds list ids >= 0; a list without a
+    positive (cut off by a micro-batch boundary) adds nothing. Ordering the candidates of one
+    list is what a re-ranker does, and this trains exactly that: in prequential tests on
+    MovieLens, per-row cross-entropy on the same lists ranked worse than no re-ranker at all."""
+    pos = label > 0
+    if group.numel() == 0 or not bool(pos.any()):
+        return logits.sum() * 0.0
+    g = int(group.max()) + 1
+    mx = torch.full((g,), float("-inf")).scatter_reduce(0, group, logits.detach(), "amax")
+    lse = torch.log(torch.zeros(g).index_add(0, group, torch.exp(logits - mx[group]))) + mx
+    return (lse[group[pos]] - logits[pos]).mean()
+
+
+def list_losses(batch: CtrBatch, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per served list with a positive: (softmax cross-entropy, rank of the positive, 0 = first)
+    under ``logits`` (B,). Empty arrays without lists."""
+    if batch.group is None:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    rows = np.flatnonzero(batch.group >= 0)
+    if rows.size == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    g, y, z = batch.group[rows], batch.label[rows] > 0, logits[rows]
+    n = int(g.max()) + 1
+    mx = np.full(n, -np.inf)
+    np.maximum.at(mx, g, z)
+    lse = np.log(np.bincount(g, weights=np.exp(z - mx[g]), minlength=n)) + mx
+    pos = np.flatnonzero(y)
+    best = np.full(n, -np.inf)
+    best[g[pos]] = z[pos]
+    ranks = np.bincount(g, weights=(z > best[g]).astype(np.float64), minlength=n)[g[pos]].astype(np.int64)
+    return lse[g[pos]] - z[pos], ranks
+
+
 def log_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Per-sample binary cross-entropy of probabilities ``p`` (clipped away from 0 and 1)."""
     q = np.clip(p, 1e-7, 1 - 1e-7)
     out: np.ndarray = -(y * np.log(q) + (1 - y) * np.log(1 - q))
+    return out
+
+
+def logits(model: nn.Module, batch: CtrBatch) -> np.ndarray:
+    """The model's logits per row, (B,) float64; no gradients."""
+    model.eval()
+    with torch.inference_mode():
+        out: np.ndarray = model.forward_batch(batch).double().numpy()  # type: ignore[operator]
     return out
 
 

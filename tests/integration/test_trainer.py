@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import redis
 
+from models.ctr.features import N_DENSE
 from stream_app.processes import WorkerProcess, wait_caught_up
 from stream_app.trainer import from_bytes, metrics_key, model_key, to_bytes
 from tests.integration.conftest import settings_from
@@ -41,13 +42,27 @@ def test_worker_samples_feed_the_trainer_which_publishes_versions(
         assert w.stop() == 0, w.log()[-3000:]
 
     samples = [orjson.loads(m.value()) for m in read_topic(broker, s.samples_topic)]
-    positives = [x for x in samples if x["y"] == 1.0]
+    single = [x for x in samples if "g" not in x]
+    positives = [x for x in single if x["y"] == 1.0]
     assert len(positives) == sum(e["type"] in ("click", "purchase") for e in events)
-    assert len(samples) > 2 * len(positives)  # view negatives and sampled negatives
+    assert len(single) > 2 * len(positives)  # view negatives and sampled negatives
     first = {(e["user_id"], e["item_id"]): k for k, e in enumerate(events)}
     for x in positives[:2000]:  # features as at event time: history holds only earlier items
         k = first[(x["u"], x["i"])]
         assert all(first[(x["u"], h)] < k for h in x["h"])
+    # list samples: the item taken from the candidates the worker ranked before the event, and
+    # other candidates of that list, none of which the user had touched by then
+    lists: dict[str, list[dict[str, Any]]] = {}
+    for x in samples:
+        if "g" in x:
+            lists.setdefault(x["g"], []).append(x)
+    assert len(lists) > 0.2 * len(positives), (len(lists), len(positives))
+    for rows in list(lists.values())[:2000]:
+        taken = [x for x in rows if x["y"] == 1.0]
+        assert len(taken) == 1 and 2 <= len(rows) <= 1 + s.sample_list_negatives
+        k = first[(taken[0]["u"], taken[0]["i"])]
+        assert all(first.get((x["u"], x["i"]), len(events)) > k for x in rows if x["y"] == 0.0)
+        assert all(len(x["d"]) == N_DENSE and 0 <= x["d"][0] <= 1 for x in rows)
 
     res = subprocess.run(
         [sys.executable, "-m", "stream_app.cli", "trainer", "--idle-exit", "5"],
@@ -61,6 +76,7 @@ def test_worker_samples_feed_the_trainer_which_publishes_versions(
     m = orjson.loads(r.get(metrics_key(s)) or b"{}")
     assert m["samples"] > 0.9 * len(samples) and m["version"] >= 2
     assert m["ctr"]["auc"] > 0.55, m
+    assert m["lists"]["lists"] > 0.8 * len(lists) * (1 - s.ctr_holdout) and m["lists"]["first"] > 0, m
     version, model = from_bytes(r.hget(model_key(s), "blob") or b"")
     assert version == m["version"] == int(r.hget(model_key(s), "version") or 0)
     assert len(list((tmp_path / "models").glob("ctr-*.pt"))) == min(version, 5)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 
 from models.ctr.din import CtrConfig
+from models.ctr.features import N_DENSE
 from models.ctr.online import StreamrecCtr
 from models.ctr.samples import SampleParams
 from models.events import Event
 from models.params import ModelParams
-from models.ranking import recommend
+from models.ranking import RANK_FEATURES, recommend
 from models.state import PartitionState
 from stream_app.datasets import synthetic_events
 
@@ -24,10 +26,15 @@ class Favour:
         self.calls = 0
 
     def score(
-        self, user_ids: Sequence[str], histories: Sequence[Sequence[str]], candidates: Sequence[Sequence[str]]
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray],
     ) -> list[np.ndarray]:
         self.calls += 1
-        assert len(user_ids) == len(histories) == len(candidates)
+        assert len(user_ids) == len(histories) == len(candidates) == len(context)
+        assert all(x.shape == (len(c), RANK_FEATURES) for x, c in zip(context, candidates, strict=True))
         return [np.array([1.0 if c == self.item else 0.0 for c in cs]) for cs in candidates]
 
 
@@ -59,7 +66,7 @@ def test_online_ctr_ranker_trains_and_recommends_unseen_items() -> None:
     m = StreamrecCtr(
         ModelParams(epsilon=0.0, n_recs=10),
         0.5,
-        CtrConfig(buckets=4096, dim=4, hist_len=5),
+        CtrConfig(buckets=4096, dim=4, hist_len=5, n_dense=N_DENSE),
         SampleParams(hist_len=5, sampled_negatives=2),
         batch_size=256,
     )
@@ -70,4 +77,29 @@ def test_online_ctr_ranker_trains_and_recommends_unseen_items() -> None:
         assert not set(top) & had.get(e.user_id, set())
         m.learn(e)
         had.setdefault(e.user_id, set()).add(e.item_id)
-    assert m.steps > 5
+    assert m.steps > 5 and m.rescorer.reranker and m.lists > 300
+
+
+def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> None:
+    st = _state()
+    users = list(st.users)[:5]
+    seen: list[tuple[list[str], list[np.ndarray]]] = []
+
+    class Keep:
+        def observe(
+            self, u: Sequence[str], h: Sequence[Sequence[str]], c: Sequence[Sequence[str]], x: Sequence[np.ndarray]
+        ) -> None:
+            seen.append(([list(cs) for cs in c], list(x)))
+
+    lists = recommend(st, users, observer=Keep())
+    ((cands, ctx),) = seen
+    for rl, cs, x in zip(lists, cands, ctx, strict=True):
+        assert [it.item_id for it in rl.items] == cs[: len(rl.items)]  # no exploration, no rescorer
+        assert x.shape == (len(cs), RANK_FEATURES) and x.dtype == np.float32
+        assert x[0, 0] == 1.0 and (np.diff(x[:, 0]) <= 1e-6).all() and (x >= 0).all()
+        assert x[:, 1].tolist() == pytest.approx(np.log1p(np.arange(len(cs))) / 5)
+        u = st.users[rl.user_id]
+        nb, sc = st.sim_top(u.history[-1][0])
+        sims = dict(zip(nb.tolist(), sc.tolist()))
+        assert x[:, 4].tolist() == pytest.approx([sims.get(st.item_index[c], 0.0) for c in cs])
+        assert len(set(x[:, 5].tolist())) == 1  # a user column

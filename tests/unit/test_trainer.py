@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.ctr.features import Sample
@@ -11,7 +12,7 @@ from models.ctr.train import predict
 from stream_app.config import Settings
 from stream_app.ctr_bench import exact_auc
 from stream_app.trainer import Trainer
-from tests.unit.ctr_tasks import group_task
+from tests.unit.ctr_tasks import group_task, list_task
 
 
 def _settings(tmp: Path, **kw: object) -> Settings:
@@ -66,3 +67,20 @@ def test_a_preference_shift_is_detected_and_boosts_learning(tmp_path: Path) -> N
     fresh = group_task(5_000, 7, flip=True)
     b = t.hasher.batch(fresh)
     assert exact_auc(b.label, predict(t.model, b)) > 0.8
+
+
+def test_list_samples_train_the_reranker_beside_the_click_task_and_pass_the_gate(tmp_path: Path) -> None:
+    t = Trainer(_settings(tmp_path, ctr_publish_batches=10_000, ctr_publish_interval_s=3600))
+    points, lists = group_task(48_000, 8), list_task(2_400, 9)
+    _feed(t, [s for k in range(0, 48_000, 1000) for s in points[k : k + 1000] + lists[k // 2 : k // 2 + 500]])
+    m = t.metrics()
+    assert m["lists"]["lists"] > 2_000 and m["lists"]["first"] > 0.5, m
+    assert abs(m["lists"]["first_retrieval"] - 0.1) < 0.03, m  # the served order is noise by construction
+    assert m["ctr"]["auc"] > 0.85 and m["logreg"]["auc"] < 0.6, m  # the click task, on ungrouped samples
+    assert t.gate() and t.version == 1
+    # lists are held back whole (by user and time), so the gate can weigh the list task too
+    held = t.hasher.batch(list(t.holdout))
+    assert held.group is not None
+    g = held.group[held.group >= 0]
+    assert np.bincount(g, weights=held.label[held.group >= 0]).tolist() == [1.0] * (int(g.max()) + 1)
+    assert np.bincount(g).min() == 10
