@@ -1,7 +1,8 @@
 """``streamrec bench --ctr``: the CTR model's accuracy and speed, measured on a real log.
 
-1. Samples: the log goes through the worker's engine in blocks of ``batch_size`` events, with
-   ``SampleBuilder`` beside it exactly as a worker runs it (list samples included).
+1. Samples: the log goes through the worker's engine in blocks of ``BLOCK`` events (a worker's
+   blocks at live rates; a backfill's are ``batch_size``), with ``SampleBuilder`` beside it
+   exactly as a worker runs it, list samples included.
 2. Progressive validation in one pass, as the trainer runs it: each micro-batch is scored by
    the DIN model and by logistic regression on the same features, then both train on it.
    Reported: exact AUC and log-loss over every progressive prediction on the single samples,
@@ -52,16 +53,22 @@ def exact_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float((ranks[pos].sum() - n1 * (n1 + 1) / 2) / max(n1 * n0, 1))
 
 
-def build_samples(s: Settings, events: list[Event]) -> list[Sample]:
+# Events per block: at 2,000 events/s a worker's blocks hold about this many (the freshness p50
+# is under 100 ms). A user's events within one block all follow the same served list, so only
+# the first of them can make a list sample.
+BLOCK = 100
+
+
+def build_samples(s: Settings, events: list[Event], block: int = BLOCK) -> list[Sample]:
     """The samples a worker would publish for ``events``: each block's samples are built before
     the state takes the block, and the lists it then ranks become the users' served lists."""
     b = SampleBuilder(s.sample_params())
     state = PartitionState(s.params())
     out: list[Sample] = []
-    for k in range(0, len(events), s.batch_size):
-        block = events[k : k + s.batch_size]
-        out += b.feed(block)
-        step(state, block, observer=b)
+    for k in range(0, len(events), block):
+        block_events = events[k : k + block]
+        out += b.feed(block_events)
+        step(state, block_events, observer=b)
     return out + b.flush()
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -51,31 +51,40 @@ def train_step(
 
 
 def batch_loss(logits: torch.Tensor, batch: CtrBatch) -> torch.Tensor:
-    """Binary cross-entropy over the ungrouped rows plus ``list_loss`` over the served lists."""
+    """Binary cross-entropy of the ungrouped rows and ``list_loss`` of the served lists, as one
+    mean in which every row weighs the same (a list of n rows counts n times its loss): a lone
+    list in a batch of single samples must not outweigh them all."""
     label = torch.from_numpy(batch.label)
     if batch.group is None:
         return nn.functional.binary_cross_entropy_with_logits(logits, label)
     group = torch.from_numpy(batch.group)
     point = group < 0
-    loss = list_loss(logits[~point], label[~point], group[~point])
+    total = list_loss(logits[~point], label[~point], group[~point], reduce="sum_rows")
     if bool(point.any()):
-        loss = loss + nn.functional.binary_cross_entropy_with_logits(logits[point], label[point])
-    return loss
+        total = total + nn.functional.binary_cross_entropy_with_logits(logits[point], label[point], reduction="sum")
+    return total / len(label)
 
 
-def list_loss(logits: torch.Tensor, label: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy of each list's chosen row: the mean of ``logsumexp(list) -
-    logit(chosen)`` over positive rows. ``group`` (B,) holds list ids >= 0; a list without a
-    positive (cut off by a micro-batch boundary) adds nothing. Ordering the candidates of one
-    list is what a re-ranker does, and this trains exactly that: in prequential tests on
-    MovieLens, per-row cross-entropy on the same lists ranked worse than no re-ranker at all."""
+def list_loss(
+    logits: torch.Tensor, label: torch.Tensor, group: torch.Tensor, reduce: Literal["mean", "sum_rows"] = "mean"
+) -> torch.Tensor:
+    """Softmax cross-entropy of each list's chosen row, ``logsumexp(list) - logit(chosen)``:
+    its mean over the lists with ``reduce="mean"``, or its sum weighted by each list's number
+    of rows with ``"sum_rows"``. ``group`` (B,) holds list ids >= 0; a list without a positive
+    (cut off by a micro-batch boundary) adds nothing. Ordering the candidates of one list is
+    what a re-ranker does, and this trains exactly that: in prequential tests on MovieLens,
+    per-row cross-entropy on the same lists ranked worse than no re-ranker at all."""
     pos = label > 0
     if group.numel() == 0 or not bool(pos.any()):
         return logits.sum() * 0.0
     g = int(group.max()) + 1
     mx = torch.full((g,), float("-inf")).scatter_reduce(0, group, logits.detach(), "amax")
     lse = torch.log(torch.zeros(g).index_add(0, group, torch.exp(logits - mx[group]))) + mx
-    return (lse[group[pos]] - logits[pos]).mean()
+    ce = lse[group[pos]] - logits[pos]
+    if reduce == "mean":
+        return ce.mean()
+    rows = torch.bincount(group, minlength=g)[group[pos]].to(ce.dtype)
+    return (ce * rows).sum()
 
 
 def list_losses(batch: CtrBatch, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -73,9 +73,13 @@ def test_the_list_loss_is_the_softmax_cross_entropy_of_the_item_taken() -> None:
     label = np.array([0, 1, 0, 1, 0, 1], dtype=np.float32)
     group = np.array([0, 0, 0, 1, 1, -1])
     b = CtrBatch(**_arrays(label, group))
-    lists = (torch.logsumexp(z[:3], 0) - z[1] + torch.logsumexp(z[3:5], 0) - z[3]) / 2
+    ce1, ce2 = torch.logsumexp(z[:3], 0) - z[1], torch.logsumexp(z[3:5], 0) - z[3]
     point = torch.nn.functional.binary_cross_entropy_with_logits(z[5:], torch.ones(1))
-    assert float(batch_loss(z, b)) == pytest.approx(float(lists + point), rel=1e-6)
+    # every row weighs the same: a list of 3 rows counts 3 times, one of 2 twice
+    assert float(batch_loss(z, b)) == pytest.approx(float((3 * ce1 + 2 * ce2 + point) / 6), rel=1e-6)
+    assert float(list_loss(z[:5], torch.from_numpy(label[:5]), torch.from_numpy(group[:5]))) == pytest.approx(
+        float((ce1 + ce2) / 2)
+    )
     ce, ranks = list_losses(b, z.double().numpy())
     assert ce.tolist() == pytest.approx(
         [float(torch.logsumexp(z[:3], 0) - z[1]), float(torch.logsumexp(z[3:5], 0) - z[3])]

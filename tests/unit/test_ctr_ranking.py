@@ -100,6 +100,6 @@ def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> N
         assert x[:, 1].tolist() == pytest.approx(np.log1p(np.arange(len(cs))) / 5)
         u = st.users[rl.user_id]
         nb, sc = st.sim_top(u.history[-1][0])
-        sims = dict(zip(nb.tolist(), sc.tolist()))
+        sims = dict(zip(nb.tolist(), sc.tolist(), strict=True))
         assert x[:, 4].tolist() == pytest.approx([sims.get(st.item_index[c], 0.0) for c in cs])
         assert len(set(x[:, 5].tolist())) == 1  # a user column
