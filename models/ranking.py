@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -163,34 +164,59 @@ def ranking_context(state: PartitionState, uids: Sequence[str], ranked: Sequence
     Everything is read from the state as it is now, so a list's context is what a sample of the
     user's next event will carry (no feature from the future).
     """
-    pop = state.pop[: state.n_items]
-    pmax = float(pop.max()) if pop.size else 0.0
-    pmax = pmax if pmax > 0 else 1.0
-    out: list[np.ndarray] = []
-    for uid, (items, scores, _, taste) in zip(uids, ranked, strict=True):
-        n = len(items)
-        x = np.zeros((n, RANK_FEATURES), dtype=np.float32)
-        if n:
+    lens = np.fromiter((len(r[0]) for r in ranked), dtype=np.int64, count=len(ranked))
+    n = int(lens.sum())
+    x = np.zeros((n, RANK_FEATURES), dtype=np.float32)
+    if n:
+        # one flat array for the chunk: row k belongs to user ``row[k]``, at rank ``rank[k]``
+        idx = np.fromiter(chain.from_iterable(r[0] for r in ranked), dtype=np.int64, count=n)
+        score = np.fromiter(chain.from_iterable(r[1] for r in ranked), dtype=np.float64, count=n)
+        taste = np.fromiter(chain.from_iterable(r[3] for r in ranked), dtype=np.float64, count=n)
+        row = np.repeat(np.arange(len(ranked)), lens)
+        starts = np.cumsum(lens) - lens
+        best = np.full(len(ranked), -np.inf)
+        np.maximum.at(best, row, score)
+        top = np.where(best > 0, best, 1.0)[row]
+        pop = state.pop[: state.n_items]
+        pmax = float(pop.max())
+        x[:, 0] = score / top
+        x[:, 1] = np.log1p(np.arange(n) - starts[row]) / 5.0
+        x[:, 2] = taste / top
+        x[:, 3] = pop[idx] / (pmax if pmax > 0 else 1.0)
+        x[:, 4] = _newest_item_similarity(state, uids, row, idx)
+        events = np.zeros(len(ranked))
+        gap = np.zeros(len(ranked))
+        for r, uid in enumerate(uids):
             u = state.users[uid]
-            idx = np.asarray(items, dtype=np.int64)
-            s = np.asarray(scores)
-            top = float(s.max())
-            top = top if top > 0 else 1.0
-            x[:, 0] = s / top
-            x[:, 1] = np.log1p(np.arange(n)) / 5.0
-            x[:, 2] = np.asarray(taste) / top
-            x[:, 3] = pop[idx] / pmax
-            if u.history:
-                nb, sc = state.sim_top(u.history[-1][0])
-                if nb.size:  # look the candidates up among the newest item's neighbours
-                    srt = np.argsort(nb)
-                    at = srt[np.searchsorted(nb, idx, sorter=srt).clip(max=nb.size - 1)]
-                    x[:, 4] = np.where(nb[at] == idx, sc[at], 0.0)
-            x[:, 5] = math.log1p(u.n_events) / 10.0
+            events[r] = math.log1p(u.n_events) / 10.0
             if len(u.history) > 1:
-                x[:, 6] = math.log1p(max(u.history[-1][1] - u.history[-2][1], 0) / 1000.0) / 20.0
-        out.append(x)
-    return out
+                gap[r] = math.log1p(max(u.history[-1][1] - u.history[-2][1], 0) / 1000.0) / 20.0
+        x[:, 5] = events[row]
+        x[:, 6] = gap[row]
+    return np.split(x, np.cumsum(lens)[:-1])
+
+
+def _newest_item_similarity(state: PartitionState, uids: Sequence[str], row: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per (user ``row``, candidate ``idx``): its similarity to the user's newest item (0 if not
+    among that item's neighbours), by one sorted lookup of (user, item) keys for the chunk."""
+    n = state.n_items
+    keys: list[np.ndarray] = []
+    vals: list[np.ndarray] = []
+    for r, uid in enumerate(uids):
+        h = state.users[uid].history
+        if h:
+            nb, sc = state.sim_top(h[-1][0])
+            keys.append(r * n + nb)
+            vals.append(sc)
+    k = np.concatenate(keys) if keys else _EMPTY_I
+    if k.size == 0:
+        return np.zeros(len(idx))
+    v = np.concatenate(vals)
+    order = np.argsort(k)
+    k, v = k[order], v[order]
+    want = row * n + idx
+    at = np.searchsorted(k, want).clip(max=k.size - 1)
+    return np.where(k[at] == want, v[at], 0.0)
 
 
 def _look(
