@@ -122,8 +122,8 @@ class Rescorer(Protocol):
 
     ``histories[r]`` are user r's recent item ids (oldest first), ``candidates[r]`` the ids to
     score and ``context[r]`` their ``ranking_context`` rows; returns one array of scores per
-    user, aligned with ``candidates[r]``, on the scale of the normalised retrieval score (the
-    best candidate's is 1), which the blend adds them to.
+    user, aligned with ``candidates[r]``, which the blend adds, times ``weight``, to the
+    retrieval score normalised so that the best candidate's is 1.
     """
 
     weight: float
@@ -168,7 +168,7 @@ def ranking_context(state: PartitionState, uids: Sequence[str], ranked: Sequence
     n = int(lens.sum())
     x = np.zeros((n, RANK_FEATURES), dtype=np.float32)
     if n:
-        # one flat array for the chunk: row k belongs to user ``row[k]``, at rank ``rank[k]``
+        # one flat array for the chunk: row k is a candidate of user ``row[k]``
         idx = np.fromiter(chain.from_iterable(r[0] for r in ranked), dtype=np.int64, count=n)
         score = np.fromiter(chain.from_iterable(r[1] for r in ranked), dtype=np.float64, count=n)
         taste = np.fromiter(chain.from_iterable(r[3] for r in ranked), dtype=np.float64, count=n)

@@ -50,7 +50,7 @@ from river import drift, metrics
 from models.ctr.din import DIN, CtrConfig
 from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
-from models.ctr.train import batch_loss, list_losses, log_losses, logits, optimizers, train_step
+from models.ctr.train import batch_loss, list_losses, log_losses, logits, optimizers, sigmoid, train_step
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config
 
@@ -158,11 +158,6 @@ def holdout_loss(model: torch.nn.Module, b: CtrBatch) -> float:
     return float(batch_loss(z, b))
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    out: np.ndarray = 1.0 / (1.0 + np.exp(-z))
-    return out
-
-
 class Trainer:
     """The trainer's state and one-batch logic, apart from Kafka (which ``run`` adds)."""
 
@@ -250,7 +245,7 @@ class Trainer:
         zb = logits(self.baseline, b)
         # AUC and log-loss are about P(click): on the ungrouped samples; lists have their own
         point = slice(None) if b.group is None else b.group < 0
-        y, p, pb = b.label[point], _sigmoid(z[point]), _sigmoid(zb[point])
+        y, p, pb = b.label[point], sigmoid(z[point]), sigmoid(zb[point])
         if self.recorded is not None:
             self.recorded.append((y, p, pb))
         self.progress.update(y, p)

@@ -7,6 +7,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from models.ctr.features import CtrBatch
@@ -124,7 +125,9 @@ def logits(model: nn.Module, batch: CtrBatch) -> np.ndarray:
 
 def predict(model: nn.Module, batch: CtrBatch) -> np.ndarray:
     """P(interaction) per row, (B,) float64; no gradients, no training-mode side effects."""
-    model.eval()
-    with torch.inference_mode():
-        p = torch.sigmoid(model.forward_batch(batch))  # type: ignore[operator]
-    return p.double().numpy()
+    return sigmoid(logits(model, batch))
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    out: np.ndarray = expit(z)  # no overflow warning for large |z|
+    return out
