@@ -25,6 +25,9 @@ class ModelParams:
     n_recs: int = 20  # length of a user's list
     epsilon: float = 0.1  # per-slot exploration probability
     explore_pool: int = 50  # exploration draws from this many non-top candidates
+    # candidates a learned re-ranker (and the sample builder that trains it) sees per user: it
+    # can lift items from below the served list's reach (at least n_recs + explore_pool)
+    rerank_pool: int = 120
     seed: int = 0
     sources: int = 10  # recent history items that seed co-occurrence candidates
     source_decay: float = 0.8  # the k-th most recent source (from 0) also weighs source_decay ** k
@@ -63,6 +66,7 @@ class ModelParams:
             "long_refit_events",
             "long_users",
             "long_candidates",
+            "rerank_pool",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

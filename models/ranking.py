@@ -274,6 +274,9 @@ def recommend(
     With a ``rescorer`` (the CTR model), every chunk's candidates are re-ranked by the blend in
     one batched call before exploration. ``epsilon`` overrides the exploration rate (raised for
     a while after the trainer detects drift). An ``observer`` sees every chunk's candidates.
+    Both see each user's best ``rerank_pool`` candidates, deeper than the ``n_recs +
+    explore_pool`` a list draws from, so a re-ranker can lift items retrieval placed lower;
+    without either, ranking stops at the shorter pool (the top of a deeper ranking is the same).
     """
     p = state.params
     n = state.n_items
@@ -294,15 +297,17 @@ def recommend(
     if not dense:
         chunk = len(user_ids)
     k = p.n_recs + p.explore_pool
+    looking = observer is not None or (rescorer is not None and rescorer.weight > 0)
+    k_look = max(k, p.rerank_pool) if looking else k  # a re-ranker sees a deeper pool
     eps = p.epsilon if epsilon is None else epsilon
     ids = state.item_ids
     out: list[RecList] = []
     for c0 in range(0, len(user_ids), chunk):
         uids = user_ids[c0 : c0 + chunk]
         cand = _gather(state, uids, excluded, trend, pool, pos)
-        ranked = _rank_dense(cand, n, k, pop_term, p) if dense else _rank_table(cand, n, k, pop_term, p)
-        if observer is not None or (rescorer is not None and rescorer.weight > 0):
-            ranked = _look(state, uids, ranked, rescorer, observer)
+        ranked = _rank_dense(cand, n, k_look, pop_term, p) if dense else _rank_table(cand, n, k_look, pop_term, p)
+        if looking:
+            ranked = [(a[:k], b[:k], c[:k], d[:k]) for a, b, c, d in _look(state, uids, ranked, rescorer, observer)]
         for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
             u = state.users[uid]
             info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))

@@ -11,10 +11,15 @@
 5. Freshness: produce new events at a fixed rate while a reader polls Redis; the latency of an
    event is the time from just before ``produce()`` to the moment a reader's ``MGET`` sees its
    user's list with ``event_ts`` at or past that event.
+
+With ``with_trainer`` the workers publish CTR samples and a ``streamrec trainer`` process trains
+on them throughout each run (2 and 3, and 5), as in a deployment with the CTR model; how many
+samples it trained on during the runs is reported beside the figures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -23,6 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,24 +216,58 @@ def wait_assigned(workers: list[WorkerProcess], partitions: int, quiet: float = 
     raise TimeoutError(f"the group did not settle on {partitions} partitions: {last}")
 
 
-def scale_run(svc: Any, events: list[dict[str, Any]], workers: int, partitions: int, run: str) -> float:
+@contextlib.contextmanager
+def trainer_beside(env: dict[str, str], enabled: bool, log_path: Path) -> Iterator[dict[str, int]]:
+    """With ``enabled``, a ``streamrec trainer`` on ``env``'s samples topic for the block's
+    duration; yields a dict that holds, afterwards, how many samples it trained on."""
+    out: dict[str, int] = {}
+    if not enabled:
+        yield out
+        return
+    from stream_app.trainer import metrics_key  # torch: only when a trainer runs
+
+    s = settings_from_env(env)
+    with tempfile.TemporaryDirectory() as models:
+        t = WorkerProcess({**env, "STREAMREC_MODEL_DIR": models}, log_path, command="trainer").start()
+        try:
+            yield out
+        finally:
+            code = t.stop()
+        raw = redis.Redis.from_url(s.redis_url).get(metrics_key(s))
+        if code != 0 or raw is None:
+            raise RuntimeError(f"the trainer failed (exit {code}):\n" + t.log()[-3000:])
+        m = orjson.loads(raw)
+        out.update(samples=int(m["samples"]), versions=int(m["version"]))
+
+
+def with_samples(env: dict[str, str], enabled: bool) -> dict[str, str]:
+    """``env`` with workers publishing CTR samples, for a trainer beside them."""
+    return {**env, "STREAMREC_SAMPLES": "true"} if enabled else env
+
+
+def scale_run(
+    svc: Any, events: list[dict[str, Any]], workers: int, partitions: int, run: str, with_trainer: bool = False
+) -> float:
     """End-to-end events/s of ``workers`` workers on a ``partitions``-partition topic."""
-    env = isolated_env(svc, f"bench-{run}-w{workers}")
+    env = with_samples(isolated_env(svc, f"bench-{run}-w{workers}"), with_trainer)
     s = settings_from_env(env)
     ensure_topics(s, partitions)
     logs = Path(tempfile.gettempdir())
-    procs = [WorkerProcess(env, logs / f"streamrec-bench-{run}-w{workers}-{k}.log").start() for k in range(workers)]
-    try:
-        wait_assigned(procs, partitions)
-        replay(producer_config(s), s.events_topic, events)  # the rate is taken after this returns
-        caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, procs[0])
-        if not all(w.alive() for w in procs):
-            raise RuntimeError("a worker exited during the run")
-        owners = [_ASSIGNED.findall(w.log())[-1] for w in procs]
-    finally:
-        for w in procs:
-            w.stop()
+    with trainer_beside(env, with_trainer, logs / f"streamrec-bench-{run}-w{workers}-trainer.log") as trainer:
+        procs = [WorkerProcess(env, logs / f"streamrec-bench-{run}-w{workers}-{k}.log").start() for k in range(workers)]
+        try:
+            wait_assigned(procs, partitions)
+            replay(producer_config(s), s.events_topic, events)  # the rate is taken after this returns
+            caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, procs[0])
+            if not all(w.alive() for w in procs):
+                raise RuntimeError("a worker exited during the run")
+            owners = [_ASSIGNED.findall(w.log())[-1] for w in procs]
+        finally:
+            for w in procs:
+                w.stop()
     typer.echo(f"end to end, {workers} worker(s), {partitions} partitions: {caught.rate:,.0f} events/s {owners}")
+    if trainer:
+        typer.echo(f"  beside a trainer that trained on {trainer['samples']:,} samples")
     _clear(svc.redis_url, s.redis_prefix)
     return caught.rate
 
@@ -238,13 +278,15 @@ def _clear(redis_url: str, prefix: str) -> None:
         r.delete(k)
 
 
-def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, partitions: int = 1) -> dict[str, Any]:
+def run_bench(
+    settings: Settings, n_events: int, rate: int, seconds: float, partitions: int = 1, with_trainer: bool = False
+) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     name, events = demo_events(settings, n_events or 100_000, use_ml100k=True)
     if n_events:
         events = events[:n_events]
     with local_services(settings) as svc:
-        env = isolated_env(svc, f"bench-{run}")
+        env = with_samples(isolated_env(svc, f"bench-{run}"), with_trainer)
         s = settings_from_env(env)
         ensure_topics(s, partitions)
         typer.echo(f"preloading {len(events):,} events ({name}) into {partitions} partition(s) ...")
@@ -253,19 +295,20 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
         typer.echo(f"raw ceiling: {raw['events_per_s']:,.0f} events/s")
         log_path = Path(tempfile.gettempdir()) / f"streamrec-bench-worker-{run}.log"
         typer.echo(f"worker log: {log_path}")
-        w = WorkerProcess(env, log_path).start()
-        try:
-            caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, w)
-            typer.echo(f"end to end: {caught.rate:,.0f} events/s")
-            rss = psutil.Process(w.pid).memory_info().rss
-            users = [str(e["user_id"]) for e in events]
-            items = [str(e["item_id"]) for e in events]
-            start_ts = max(int(e["ts"]) for e in events) + 1000
-            fresh = freshness(svc.bootstrap, svc.redis_url, s, users, items, rate, seconds, start_ts)
-        finally:
-            w.stop()
+        with trainer_beside(env, with_trainer, log_path.with_suffix(".trainer.log")) as trainer:
+            w = WorkerProcess(env, log_path).start()
+            try:
+                caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, w)
+                typer.echo(f"end to end: {caught.rate:,.0f} events/s")
+                rss = psutil.Process(w.pid).memory_info().rss
+                users = [str(e["user_id"]) for e in events]
+                items = [str(e["item_id"]) for e in events]
+                start_ts = max(int(e["ts"]) for e in events) + 1000
+                fresh = freshness(svc.bootstrap, svc.redis_url, s, users, items, rate, seconds, start_ts)
+            finally:
+                w.stop()
         _clear(svc.redis_url, s.redis_prefix)
-        scale = {n: scale_run(svc, events, n, 2, run) for n in (1, 2)}
+        scale = {n: scale_run(svc, events, n, 2, run, with_trainer) for n in (1, 2)}
     res = {
         "machine": {
             "cores": os.cpu_count(),
@@ -280,6 +323,11 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
         "scale_out_events_per_s": {"partitions": 2, "workers_1": scale[1], "workers_2": scale[2]},
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
+        "worker_log": str(log_path),
+        "ctr_versions_loaded": len(re.findall(r"CTR model version \d+ loaded", w.log())),
+        "trainer": trainer or None,  # samples trained on beside the one-worker runs (with_trainer)
+        "samples": s.samples,
+        "w_ctr": s.w_ctr,
     }
     f = fresh
     typer.echo("\n| measure | value |\n|---|---|")
@@ -295,5 +343,9 @@ def run_bench(settings: Settings, n_events: int, rate: int, seconds: float, part
         f"| same, events sent after the first 2 s: p50 / p99 | {f['steady_p50_ms']:.1f} / {f['steady_p99_ms']:.1f} ms |"
     )
     typer.echo(f"| events whose list update was seen | {f['observed']:,} of {f['events']:,} |")
+    if trainer:
+        typer.echo(f"| beside a trainer: samples it trained on during runs 2 and 5 | {trainer['samples']:,} |")
+    if s.w_ctr > 0:
+        typer.echo(f"| CTR model versions the worker loaded (W_CTR={s.w_ctr:g}) | {res['ctr_versions_loaded']} |")
     typer.echo(f"\n{os.cpu_count()} cores; dataset {name}; broker and Redis on this machine.")
     return res

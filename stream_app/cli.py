@@ -202,6 +202,9 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
     ctr: bool = typer.Option(False, "--ctr", help="instead: the CTR model's progressive AUC and speed"),
     threads: int = typer.Option(1, help="torch threads for --ctr"),
+    with_trainer: bool = typer.Option(
+        False, "--with-trainer", help="workers publish CTR samples and a trainer trains on them during each run"
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
@@ -210,7 +213,7 @@ def bench(
     else:
         from stream_app.bench import run_bench
 
-        res = run_bench(_settings(config), events, rate, seconds, partitions)
+        res = run_bench(_settings(config), events, rate, seconds, partitions, with_trainer)
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
 

@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     # models
     event_types: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS))
     n_recs: int = Field(20, ge=1)
+    rerank_pool: int = Field(120, ge=1, description="candidates per user a CTR re-ranker and its samples see")
     epsilon: float = Field(0.1, ge=0.0, le=1.0)
     seed: int = 0
     half_life_hours: float = Field(24.0 * 90, gt=0)
@@ -170,6 +171,7 @@ class Settings(BaseSettings):
             long_half_life=self.long_half_life,
             long_candidates=self.long_candidates,
             n_recs=self.n_recs,
+            rerank_pool=self.rerank_pool,
             epsilon=self.epsilon,
             seed=self.seed,
             max_users=self.max_users,

@@ -10,7 +10,7 @@
 3. Trainer throughput: samples/s of ``Trainer.step`` (hold-back, scoring, both train steps,
    drift watch, gates), sample building excluded.
 4. Worker inference: candidate scores/s of ``CtrRescorer.score`` for chunks of users with
-   ``n_recs + explore_pool`` candidates each, as the worker calls it.
+   ``rerank_pool`` candidates each (at least ``n_recs + explore_pool``), as the worker calls it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from models.ctr.samples import SampleBuilder
 from models.ctr.train import log_losses
 from models.engine import step
 from models.events import Event
+from models.params import ModelParams
 from models.ranking import RANK_FEATURES
 from models.state import PartitionState
 from stream_app.config import Settings
@@ -107,8 +108,8 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
 
 
 def _inference(s: Settings, rescorer: CtrRescorer, samples: list[Sample], users: int = 64, reps: int = 20) -> float:
-    """Median scores/s over ``reps`` calls of ``users`` users x (n_recs + explore_pool) candidates."""
-    k = s.n_recs + 50
+    """Median scores/s over ``reps`` calls of ``users`` users x ``rerank_pool`` candidates."""
+    k = max(s.n_recs + ModelParams.explore_pool, s.rerank_pool)
     pool = list({x.item_id: None for x in samples})
     rng = np.random.default_rng(0)
     pos = [x for x in samples if x.label > 0.5][:users]

@@ -30,16 +30,18 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
 
 @dataclass
 class WorkerProcess:
-    """``streamrec worker`` as a subprocess in its own process group (so kill -9 hits it all)."""
+    """``streamrec worker`` (or another ``command``, e.g. ``trainer``) as a subprocess in its own
+    process group (so kill -9 hits it all)."""
 
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    command: str = "worker"
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream_app.cli", "worker"],
+                [sys.executable, "-m", "stream_app.cli", self.command],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

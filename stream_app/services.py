@@ -57,6 +57,7 @@ def isolated_env(svc: Services, name: str) -> dict[str, str]:
             "STREAMREC_REDIS_PREFIX": f"{name}:",
             "STREAMREC_EVENTS_TOPIC": f"{name}-events",
             "STREAMREC_ITEMS_TOPIC": f"{name}-items",
+            "STREAMREC_SAMPLES_TOPIC": f"{name}-samples",
             "STREAMREC_GROUP_ID": name,
             "STREAMREC_SESSION_TIMEOUT_MS": "6000",  # group joins take about half of it on Tansu
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,26 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     assert f["events"] == 1500 and f["observed"] == 1500 and f["unobserved"] == 0
     assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"]
     assert "| end to end, 2 partitions: one worker / two workers |" in res.stdout
+
+
+def test_bench_with_a_trainer_trains_beside_every_worker_run(worker_env: dict[str, str], tmp_path: Path) -> None:
+    """``streamrec bench --with-trainer``: the workers publish samples, a trainer trains on them
+    while the worker runs, and the workers load the version it publishes (``W_CTR > 0``)."""
+    out = tmp_path / "bench.json"
+    env = {
+        **worker_env,
+        "STREAMREC_W_CTR": "1",
+        "STREAMREC_CTR_POLL_S": "0.5",
+        "STREAMREC_CTR_BUCKETS": "16384",
+        "STREAMREC_CTR_PUBLISH_BATCHES": "5",
+    }
+    args = ["bench", "--events", "8000", "--rate", "300", "--seconds", "3", "--with-trainer", "--json", str(out)]
+    res = _run(args, env, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = orjson.loads(out.read_bytes())
+    assert doc["samples"] is True and doc["w_ctr"] == 1.0
+    assert doc["trainer"]["samples"] > 8000 and doc["trainer"]["versions"] >= 1
+    assert doc["end_to_end_events_per_s"] > 0 and doc["freshness"]["unobserved"] == 0
+    assert res.stdout.count("beside a trainer that trained on") == 2  # both scale-out runs
+    assert doc["ctr_versions_loaded"] >= 1  # the worker ranked with the trainer's model
+    assert re.search(r"CTR model version \d+ loaded", Path(doc["worker_log"]).read_text())

@@ -103,3 +103,28 @@ def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> N
         sims = dict(zip(nb.tolist(), sc.tolist(), strict=True))
         assert x[:, 4].tolist() == pytest.approx([sims.get(st.item_index[c], 0.0) for c in cs])
         assert len(set(x[:, 5].tolist())) == 1  # a user column
+
+
+def test_a_reranker_sees_a_deeper_pool_than_a_list_draws_from() -> None:
+    st = PartitionState(ModelParams(epsilon=0.0, n_recs=5, explore_pool=5, rerank_pool=30))
+    rows = synthetic_events(n_users=40, n_items=200, n_events=3000, seed=2)
+    st.apply([Event(str(r["user_id"]), str(r["item_id"]), str(r["type"]), int(r["ts"])) for r in rows])
+    users = list(st.users)[:6]
+    plain = recommend(st, users)
+    seen: list[list[str]] = []
+
+    class Keep:
+        def observe(
+            self, u: Sequence[str], h: Sequence[Sequence[str]], c: Sequence[Sequence[str]], x: Sequence[np.ndarray]
+        ) -> None:
+            seen.extend(list(cs) for cs in c)
+
+    observed = recommend(st, users, observer=Keep())
+    assert [r.items for r in observed] == [r.items for r in plain]  # watching changes no list
+    assert [len(cs) for cs in seen] == [30] * len(users)
+    assert all(cs[:5] == [it.item_id for it in rl.items] for cs, rl in zip(seen, plain, strict=True))
+    deep = seen[0][25]  # below the 10 candidates a list is drawn from
+    assert deep not in {it.item_id for it in plain[0].items}
+    boosted = recommend(st, users, rescorer=Favour(deep, weight=5.0))
+    assert boosted[0].items[0].item_id == deep
+    assert len(boosted[0].items) == 5
