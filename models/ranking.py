@@ -225,8 +225,10 @@ def _look(
     ranked: list[_Ranked],
     rescorer: Rescorer | None,
     observer: Observer | None,
+    keep: int,
 ) -> list[_Ranked]:
-    """Show the chunk's candidates to the observer and, with a rescorer, re-rank them."""
+    """Show the chunk's candidates to the observer and, with a rescorer, re-rank them; the best
+    ``keep`` of each user's (re-ranked) candidates remain."""
     ids = state.item_ids
     hists = [[ids[i] for i, _, _ in state.users[u].history] for u in uids]
     cands = [[ids[i] for i in r[0]] for r in ranked]
@@ -234,26 +236,33 @@ def _look(
     if observer is not None:
         observer.observe(uids, hists, cands, ctx)
     if rescorer is None or rescorer.weight <= 0:
+        return [(a[:keep], b[:keep], c[:keep], d[:keep]) for a, b, c, d in ranked]
+    return _blend(ranked, rescorer.score(uids, hists, cands, ctx), rescorer.weight, keep)
+
+
+def _blend(ranked: list[_Ranked], extra: list[np.ndarray], weight: float, keep: int) -> list[_Ranked]:
+    """``score / max(score) + weight * rescore``, re-sorted (ties by item index), best ``keep``
+    per user: one flat sort for the whole chunk."""
+    lens = np.fromiter((len(r[0]) for r in ranked), dtype=np.int64, count=len(ranked))
+    n = int(lens.sum())
+    if n == 0:
         return ranked
-    return _blend(ranked, rescorer.score(uids, hists, cands, ctx), rescorer.weight)
-
-
-def _blend(ranked: list[_Ranked], extra: list[np.ndarray], weight: float) -> list[_Ranked]:
-    """``score / max(score) + weight * rescore``, then re-sort (ties by item index)."""
-    out: list[_Ranked] = []
-    for (items, scores, srcs, vecs), x in zip(ranked, extra, strict=True):
-        if not items:
-            out.append((items, scores, srcs, vecs))
-            continue
-        s = np.asarray(scores)
-        top = float(s.max())
-        blended = (s / top if top > 0 else s) + weight * np.asarray(x, dtype=np.float64)
-        order = np.lexsort((np.asarray(items), -blended)).tolist()
-        b = blended.tolist()
-        out.append(
-            ([items[k] for k in order], [b[k] for k in order], [srcs[k] for k in order], [vecs[k] for k in order])
-        )
-    return out
+    flat = chain.from_iterable
+    items = np.fromiter(flat(r[0] for r in ranked), dtype=np.int64, count=n)
+    score = np.fromiter(flat(r[1] for r in ranked), dtype=np.float64, count=n)
+    src = np.fromiter(flat(r[2] for r in ranked), dtype=np.int64, count=n)
+    taste = np.fromiter(flat(r[3] for r in ranked), dtype=np.float64, count=n)
+    row = np.repeat(np.arange(len(ranked)), lens)
+    starts = np.cumsum(lens) - lens
+    top = np.zeros(len(ranked))
+    has = lens > 0
+    top[has] = np.maximum.reduceat(score, starts[has])
+    norm = np.where(top > 0, top, 1.0)[row]  # a user whose best score is not positive: unscaled
+    blended = score / norm + weight * np.concatenate(extra).astype(np.float64)
+    order = np.lexsort((items, -blended, row))  # per user, best first, ties by item index
+    t_l, b_l, s_l, w_l = (a[order].tolist() for a in (items, blended, src, taste))
+    ends = np.minimum(lens, keep) + starts
+    return [(t_l[a:b], b_l[a:b], s_l[a:b], w_l[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 def recommend(
@@ -307,7 +316,7 @@ def recommend(
         cand = _gather(state, uids, excluded, trend, pool, pos)
         ranked = _rank_dense(cand, n, k_look, pop_term, p) if dense else _rank_table(cand, n, k_look, pop_term, p)
         if looking:
-            ranked = [(a[:k], b[:k], c[:k], d[:k]) for a, b, c, d in _look(state, uids, ranked, rescorer, observer)]
+            ranked = _look(state, uids, ranked, rescorer, observer, k)
         for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
             u = state.users[uid]
             info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))

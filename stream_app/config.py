@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     ctr_buckets: int = Field(1 << 18, ge=1024)
     ctr_hist_len: int = Field(10, ge=1)
     ctr_lr: float = Field(0.01, gt=0)
+    ctr_threads: int = Field(1, ge=0, description="torch threads of the trainer; 0: torch's default (every core)")
     ctr_publish_batches: int = Field(200, ge=1)
     ctr_publish_interval_s: float = Field(60.0, gt=0)
     ctr_holdout: float = Field(0.05, gt=0, lt=1, description="share of samples held back for the promotion gate")

@@ -51,8 +51,13 @@ class ModelWatcher:
             blob = self.r.hget(model_key(self.s), "blob")
             if not isinstance(blob, bytes):  # absent (or a client set to decode responses)
                 return
+            import torch
+
             from models.ctr.rescorer import CtrRescorer
 
+            # one thread: the worker's loop is single-threaded by design, and idle torch worker
+            # threads spinning between small batches take the cores the broker and Redis need
+            torch.set_num_threads(1)
             version, model = from_bytes(blob)
             self.rescorer = CtrRescorer(model, version, self.s.w_ctr, self.categories)
             log.info("CTR model version %d loaded", version)

@@ -336,12 +336,16 @@ def decode_samples(values: list[bytes | None]) -> tuple[list[Sample], int]:
 
 def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: float = math.inf) -> Trainer:
     """Consume the samples topic until ``stop`` is set (or nothing arrives for ``max_idle_s``)."""
+    if s.ctr_threads > 0:
+        torch.set_num_threads(s.ctr_threads)
     r = redis.Redis.from_url(s.redis_url)
     t = Trainer(s, r)
     stop = stop or threading.Event()
     c = Consumer({**consumer_config(s), "group.id": f"{s.group_id}-trainer", "enable.auto.offset.store": True})
     c.subscribe([s.samples_topic])
-    log.info("trainer consuming %s; checkpoints in %s", s.samples_topic, t.dir)
+    log.info(
+        "trainer consuming %s; checkpoints in %s; %d torch thread(s)", s.samples_topic, t.dir, torch.get_num_threads()
+    )
     idle_since = time.monotonic()
     last_report = time.monotonic()
     bad = 0

@@ -7,6 +7,7 @@ it get more weight. Shapes below use B (batch), L (history length) and D (embedd
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -37,8 +38,15 @@ class TargetAttention(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, hist: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        t = target.unsqueeze(1).expand_as(hist)
-        logits = self.mlp(torch.cat([hist, t, hist * t, hist - t], dim=-1)).squeeze(-1)  # (B, L)
+        # The first layer on the concatenation, W [h, t, h*t, h-t] + b, computed as
+        # [W1 + W4, W3] [h, h*t] + ((W2 - W4) t + b): the same function with half the work over
+        # the (B, L) history (the target's part is computed once per row, not once per slot).
+        first, last = cast(nn.Linear, self.mlp[0]), self.mlp[2]
+        w1, w2, w3, w4 = first.weight.chunk(4, dim=1)  # each (H, D)
+        t = target.unsqueeze(1)  # (B, 1, D)
+        pre = torch.cat([hist, hist * t], dim=-1) @ torch.cat([w1 + w4, w3], dim=1).T  # (B, L, H)
+        pre += t @ (w2 - w4).T + first.bias
+        logits = last(pre.relu_()).squeeze(-1)  # (B, L)
         logits = logits.masked_fill(~mask, float("-inf"))
         w = torch.softmax(logits, dim=1).nan_to_num(0.0)  # an all-empty row gives NaN: no weight
         return torch.bmm(w.unsqueeze(1), hist).squeeze(1)

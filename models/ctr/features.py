@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -107,18 +108,29 @@ class FeatureHasher:
     def __init__(self, buckets: int, hist_len: int, n_dense: int = 0, seed: int = 0) -> None:
         if buckets < 2:
             raise ValueError("buckets must be at least 2")
-        self.buckets, self.hist_len, self.n_dense, self.seed = buckets, hist_len, n_dense, seed
-        self._memo: dict[str, dict[str, int]] = {"u": {}, "i": {}, "c": {}}
+        self.n_buckets, self.hist_len, self.n_dense, self.seed = buckets, hist_len, n_dense, seed
+        # None (no category) is bucket 0, the padding row, like an empty history slot
+        self._memo: dict[str, dict[str | None, int]] = {"u": {}, "i": {}, "c": {None: 0}}
         self._hist_memo: dict[tuple[str, ...], np.ndarray] = {}
 
     def bucket(self, field: str, value: str) -> int:
         memo = self._memo.setdefault(field, {})
         b = memo.get(value)
         if b is None:
-            b = 1 + stable_hash(self.seed, field, value) % (self.buckets - 1)
+            b = 1 + stable_hash(self.seed, field, value) % (self.n_buckets - 1)
             if len(memo) < 1_000_000:  # bounded: beyond it, hash every time
                 memo[value] = b
         return b
+
+    def buckets(self, field: str, values: Sequence[str | None]) -> np.ndarray:
+        """``bucket`` of many values, (n,) int64, None -> 0: one pass in C when every value is
+        memoised (the common case: ids repeat), else value by value."""
+        memo = self._memo.setdefault(field, {})
+        n = len(values)
+        try:
+            return np.fromiter(map(memo.__getitem__, values), dtype=np.int64, count=n)
+        except KeyError:
+            return np.fromiter((0 if v is None else self.bucket(field, v) for v in values), dtype=np.int64, count=n)
 
     def history(self, h: tuple[str, ...]) -> np.ndarray:
         """(L,) buckets of a history, right-aligned; memoised briefly, because a positive and its
@@ -129,8 +141,7 @@ class FeatureHasher:
             row = np.zeros(L, dtype=np.int64)
             hh = h[-L:]
             if hh:
-                bk = self._memo["i"].get
-                row[L - len(hh) :] = [bk(x) or self.bucket("i", x) for x in hh]
+                row[L - len(hh) :] = self.buckets("i", hh)
             if len(self._hist_memo) >= 4096:
                 self._hist_memo.clear()
             self._hist_memo[h] = row
@@ -172,14 +183,15 @@ def rerank_inputs(
     and each candidate's category share among the user's last ``CATEGORY_WINDOW`` items. The
     worker's samples and its scoring both call this, so the model sees the same inputs."""
     out = []
+    cat = categories.get
     for h, cs, x in zip(histories, candidates, context, strict=True):
         d = np.zeros((len(cs), N_DENSE), dtype=np.float32)
         d[:, :RANK_FEATURES] = x
-        recent = list(h)[-CATEGORY_WINDOW:]
-        cnt = Counter(categories.get(i) for i in recent)
+        recent = h[-CATEGORY_WINDOW:]
+        cnt = Counter(map(cat, recent))
         cnt.pop(None, None)
         if cnt:
-            m = len(recent)
-            d[:, RANK_FEATURES] = [cnt.get(categories.get(i), 0) / m if i in categories else 0.0 for i in cs]
+            shares = np.fromiter(map(cnt.get, map(cat, cs), repeat(0)), dtype=np.float32, count=len(cs))
+            d[:, RANK_FEATURES] = shares / len(recent)
         out.append(d)
     return out

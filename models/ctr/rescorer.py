@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import chain
 
 import numpy as np
 import torch
@@ -36,24 +37,24 @@ class CtrRescorer:
         context: Sequence[np.ndarray] | None = None,
     ) -> CtrBatch:
         """One batch of every user's candidates: rows grouped by user, in order."""
-        bk, cats, L = self.hasher.bucket, self.categories, self.hasher.hist_len
+        fh, cats, L = self.hasher, self.categories, self.hasher.hist_len
         counts = np.fromiter(map(len, candidates), dtype=np.int64, count=len(candidates))
         n = int(counts.sum())
         hist = np.zeros((len(user_ids), L), dtype=np.int64)
         for r, h in enumerate(histories):
-            hh = list(h)[-L:]
+            hh = h[-L:]
             if hh:
-                hist[r, L - len(hh) :] = [bk("i", x) for x in hh]
-        items = [x for c in candidates for x in c]
-        dense = np.zeros((n, self.hasher.n_dense), dtype=np.float32)
+                hist[r, L - len(hh) :] = fh.buckets("i", hh)
+        items = list(chain.from_iterable(candidates))
+        dense = np.zeros((n, fh.n_dense), dtype=np.float32)
         if self.reranker and n:
             if context is None:
                 raise ValueError("a re-ranking model needs the candidates' ranking context")
             dense[:] = np.concatenate(rerank_inputs(histories, candidates, context, cats))
         return CtrBatch(
-            np.repeat(np.fromiter((bk("u", u) for u in user_ids), dtype=np.int64, count=len(user_ids)), counts),
-            np.fromiter((bk("i", x) for x in items), dtype=np.int64, count=n),
-            np.fromiter((bk("c", cats[x]) if x in cats else 0 for x in items), dtype=np.int64, count=n),
+            np.repeat(fh.buckets("u", user_ids), counts),
+            fh.buckets("i", items),
+            fh.buckets("c", list(map(cats.get, items))),
             np.repeat(hist, counts, axis=0),
             dense,
             np.zeros(n, dtype=np.float32),

@@ -74,6 +74,7 @@ def test_worker_samples_feed_the_trainer_which_publishes_versions(
         timeout=300,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "; 1 torch thread(s)" in res.stderr  # CTR_THREADS: one by default, beside the workers
     r = redis.Redis.from_url(s.redis_url)
     m = orjson.loads(r.get(metrics_key(s)) or b"{}")
     assert m["samples"] > 0.9 * len(samples) and m["version"] >= 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.ctr.din import DIN, CtrConfig
+from models.ctr.din import DIN, CtrConfig, TargetAttention
 from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
 from models.ctr.rescorer import CtrRescorer
@@ -32,6 +32,25 @@ def test_din_learns_target_attention_where_logistic_regression_cannot() -> None:
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     auc_din, auc_lr = exact_auc(test.label, predict(din, test)), exact_auc(test.label, predict(lr, test))
     assert auc_din > 0.9 and auc_lr < 0.6, (auc_din, auc_lr)
+
+
+def test_attention_is_the_mlp_of_the_concatenation_with_its_gradients() -> None:
+    """The factored first layer is the textbook one, MLP([h, t, h*t, h-t]), values and grads."""
+    torch.manual_seed(0)
+    att = TargetAttention(8, 32)
+    hist = torch.randn(40, 10, 8, requires_grad=True)
+    target = torch.randn(40, 8, requires_grad=True)
+    mask = torch.rand(40, 10) > 0.3
+    mask[0] = False  # an empty history: no weight, zeros out
+
+    t = target.unsqueeze(1).expand_as(hist)
+    w = att.mlp(torch.cat([hist, t, hist * t, hist - t], dim=-1)).squeeze(-1).masked_fill(~mask, float("-inf"))
+    want = torch.bmm(torch.softmax(w, dim=1).nan_to_num(0.0).unsqueeze(1), hist).squeeze(1)
+    got = att(hist, target, mask)
+    assert torch.allclose(got, want, atol=1e-6) and not got[0].any()
+    wrt = [hist, target, *att.parameters()]
+    for a, b in zip(torch.autograd.grad(got.sum(), wrt), torch.autograd.grad(want.sum(), wrt), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_shapes_padding_and_dense_inputs() -> None:
