@@ -50,6 +50,12 @@ class ModelParams:
     max_seen: int = 10_000  # per user; the oldest seen items are forgotten beyond it
     dedupe_window: int = 100_000  # recent event_ids remembered per partition
 
+    @property
+    def look_pool(self) -> int:
+        """Candidates per user that a re-ranker scores and the sample builder sees: at least
+        the ``n_recs + explore_pool`` a list is drawn from."""
+        return max(self.n_recs + self.explore_pool, self.rerank_pool)
+
     def __post_init__(self) -> None:
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError("epsilon must be in [0, 1]")

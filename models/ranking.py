@@ -307,7 +307,7 @@ def recommend(
         chunk = len(user_ids)
     k = p.n_recs + p.explore_pool
     looking = observer is not None or (rescorer is not None and rescorer.weight > 0)
-    k_look = max(k, p.rerank_pool) if looking else k  # a re-ranker sees a deeper pool
+    k_look = p.look_pool if looking else k  # a re-ranker sees a deeper pool
     eps = p.epsilon if epsilon is None else epsilon
     ids = state.item_ids
     out: list[RecList] = []

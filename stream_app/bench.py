@@ -13,8 +13,8 @@
    user's list with ``event_ts`` at or past that event.
 
 With ``with_trainer`` the workers publish CTR samples and a ``streamrec trainer`` process trains
-on them throughout each run (2 and 3, and 5), as in a deployment with the CTR model; how many
-samples it trained on during the runs is reported beside the figures.
+on them beside every worker run (3 to 5), as in a deployment with the CTR model; how many
+samples it trained on is reported beside the figures.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def run_bench(
     )
     typer.echo(f"| events whose list update was seen | {f['observed']:,} of {f['events']:,} |")
     if trainer:
-        typer.echo(f"| beside a trainer: samples it trained on during runs 2 and 5 | {trainer['samples']:,} |")
+        typer.echo(f"| beside a trainer: samples it trained on, one-worker runs | {trainer['samples']:,} |")
     if s.w_ctr > 0:
         typer.echo(f"| CTR model versions the worker loaded (W_CTR={s.w_ctr:g}) | {res['ctr_versions_loaded']} |")
     typer.echo(f"\n{os.cpu_count()} cores; dataset {name}; broker and Redis on this machine.")

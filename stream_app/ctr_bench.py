@@ -30,7 +30,6 @@ from models.ctr.samples import SampleBuilder
 from models.ctr.train import log_losses
 from models.engine import step
 from models.events import Event
-from models.params import ModelParams
 from models.ranking import RANK_FEATURES
 from models.state import PartitionState
 from stream_app.config import Settings
@@ -109,7 +108,7 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
 
 def _inference(s: Settings, rescorer: CtrRescorer, samples: list[Sample], users: int = 64, reps: int = 20) -> float:
     """Median scores/s over ``reps`` calls of ``users`` users x ``rerank_pool`` candidates."""
-    k = max(s.n_recs + ModelParams.explore_pool, s.rerank_pool)
+    k = s.params().look_pool
     pool = list({x.item_id: None for x in samples})
     rng = np.random.default_rng(0)
     pos = [x for x in samples if x.label > 0.5][:users]
