@@ -4,7 +4,7 @@
 2. Raw ceiling: confluent-kafka ``consume()`` + orjson decode of that same topic, no other work.
 3. End to end: start ``streamrec worker``; the rate is taken from the consumer group's committed
    offsets, from the first commit to the last (start-up and group joins excluded). The same for
-   one and for two workers sharing a two-partition topic: the workers join first, and once the
+   one and for two workers sharing a topic of ``scale_partitions`` (4) partitions: the workers join first, and once the
    group is stable the log is produced to them at full speed (so that no rebalance falls inside
    the run); the rate is taken from the first commit seen after the log is in to the last.
 4. Resident memory of the worker, now holding the whole log's state.
@@ -279,7 +279,13 @@ def _clear(redis_url: str, prefix: str) -> None:
 
 
 def run_bench(
-    settings: Settings, n_events: int, rate: int, seconds: float, partitions: int = 1, with_trainer: bool = False
+    settings: Settings,
+    n_events: int,
+    rate: int,
+    seconds: float,
+    partitions: int = 1,
+    with_trainer: bool = False,
+    scale_partitions: int = 4,
 ) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     name, events = demo_events(settings, n_events or 100_000, use_ml100k=True)
@@ -308,7 +314,7 @@ def run_bench(
             finally:
                 w.stop()
         _clear(svc.redis_url, s.redis_prefix)
-        scale = {n: scale_run(svc, events, n, 2, run, with_trainer) for n in (1, 2)}
+        scale = {n: scale_run(svc, events, n, scale_partitions, run, with_trainer) for n in (1, 2)}
     res = {
         "machine": {
             "cores": os.cpu_count(),
@@ -320,7 +326,7 @@ def run_bench(
         "partitions": partitions,
         "raw_ceiling_events_per_s": raw["events_per_s"],
         "end_to_end_events_per_s": caught.rate,
-        "scale_out_events_per_s": {"partitions": 2, "workers_1": scale[1], "workers_2": scale[2]},
+        "scale_out_events_per_s": {"partitions": scale_partitions, "workers_1": scale[1], "workers_2": scale[2]},
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
         "worker_log": str(log_path),
@@ -333,7 +339,10 @@ def run_bench(
     typer.echo("\n| measure | value |\n|---|---|")
     typer.echo(f"| raw ceiling (consume + orjson decode) | {res['raw_ceiling_events_per_s']:,.0f} events/s |")
     typer.echo(f"| end to end, one worker | {caught.rate:,.0f} events/s |")
-    typer.echo(f"| end to end, 2 partitions: one worker / two workers | {scale[1]:,.0f} / {scale[2]:,.0f} events/s |")
+    typer.echo(
+        f"| end to end, {scale_partitions} partitions: one worker / two workers | "
+        f"{scale[1]:,.0f} / {scale[2]:,.0f} events/s |"
+    )
     typer.echo(f"| worker resident memory after {len(events):,} events | {res['worker_rss_mb']:.0f} MiB |")
     typer.echo(
         f"| freshness at {f['rate_achieved']:,.0f} events/s: p50 / p95 / p99 / max | "

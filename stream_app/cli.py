@@ -198,7 +198,8 @@ def bench(
     events: int = typer.Option(0, help="events to preload (0: all of ml-100k, or 100k synthetic)"),
     rate: int = typer.Option(2000, help="events/s for the freshness run"),
     seconds: float = typer.Option(20.0, help="length of the freshness run"),
-    partitions: int = typer.Option(1, help="partitions of the benchmark topic"),
+    partitions: int = typer.Option(1, help="partitions of the topic the one-worker runs read"),
+    scale_partitions: int = typer.Option(4, help="partitions of the topic the one- and two-worker scale runs read"),
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
     ctr: bool = typer.Option(False, "--ctr", help="instead: the CTR model's progressive AUC and speed"),
     threads: int = typer.Option(1, help="torch threads for --ctr"),
@@ -213,7 +214,7 @@ def bench(
     else:
         from stream_app.bench import run_bench
 
-        res = run_bench(_settings(config), events, rate, seconds, partitions, with_trainer)
+        res = run_bench(_settings(config), events, rate, seconds, partitions, with_trainer, scale_partitions)
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
 
