@@ -14,9 +14,10 @@ from typing import Protocol
 import numpy as np
 
 from models.events import Event
+from models.hashing import stable_hash
 from models.params import ModelParams
-from models.ranking import recommend, top_indices
-from models.state import PartitionState, stable_hash
+from models.ranking import top_indices
+from models.simulation import TwoStage
 
 
 class OnlineRanker(Protocol):
@@ -185,35 +186,32 @@ class RiverFunkMF:
 
 
 class Streamrec:
-    """The project's own models: ``PartitionState`` updated per event, lists from ``recommend``
-    without exploration (evaluation scores the ranking); unknown users get trending items."""
+    """The project's own models in their two-stage topology (``models.simulation``), lists without
+    exploration (evaluation scores the ranking); unknown users get trending items."""
 
     name = "streamrec"
 
-    def __init__(self, params: ModelParams) -> None:
-        self.state = PartitionState(params)
+    def __init__(self, params: ModelParams, partitions: int = 1, lag: int = 0) -> None:
+        self.sim = TwoStage(params, partitions, lag)
 
     def recommend(self, user: str, k: int, exclude: Collection[str]) -> list[str]:
-        st = self.state
-        if user not in st.users:
-            pop = st.pop[: st.n_items]
-            ex = {st.item_index[x] for x in exclude if x in st.item_index}
-            top = [j for j in top_indices(pop, k + len(ex)).tolist() if j not in ex]
-            return [st.item_ids[j] for j in top[:k]]
-        (rl,) = recommend(st, [user])  # the state's own seen set equals ``exclude``
+        rl = self.sim.recommend(user)  # the user's own seen set equals ``exclude``
+        if rl is None:
+            return self.sim.trending(k, exclude)
         return [it.item_id for it in rl.items][:k]
 
     def learn(self, event: Event) -> None:
-        self.state.apply([event])
+        self.sim.learn(event)
 
 
 BASELINES = ("pop", "itemcf", "isgd", "funkmf")
 
 
-def make(name: str, params: ModelParams, seed: int) -> OnlineRanker:
-    """A model by its ``--baselines`` name, or ``streamrec``."""
+def make(name: str, params: ModelParams, seed: int, partitions: int = 1, lag: int = 0) -> OnlineRanker:
+    """A model by its ``--baselines`` name, or ``streamrec`` (with ``partitions`` user partitions
+    and a table ``lag`` events behind)."""
     if name == "streamrec":
-        return Streamrec(params)
+        return Streamrec(params, partitions, lag)
     if name == "pop":
         return Popularity()
     if name == "itemcf":

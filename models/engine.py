@@ -1,39 +1,95 @@
-"""One micro-batch through the models: update the state, then rank what changed."""
+"""One micro-batch through the models: the one boundary between them and the running system.
+
+``user_step`` is the user stage's: it folds a block of one events partition into the user state,
+ranks the lists of every user the block touched, and returns them with the block's item-level
+deltas, one message per item partition. ``item_step`` is the item stage's: it folds delta
+messages into an item partition and returns what to publish: table entries (neighbour lists for
+every worker's ranking), ``sim:`` lists, the trending list and long-term fits that came due.
+Both results depend only on the state and the inputs, so the same inputs in the same order give
+the same outputs; the lists also depend on the table they were ranked with.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
+from models.deltas import DeltaMessage, split
 from models.events import Event
+from models.items import ItemEffect, ItemPartition
+from models.longterm import FitInput
 from models.ranking import Observer, RecList, Rescorer, recommend
-from models.state import BatchEffect, PartitionState
+from models.table import ItemTable, TableEntry
+from models.users import BatchEffect, UserPartition
 
 
 @dataclass
-class StepOutput:
-    """The lists a batch asks the outside world to publish, and what it changed (the pipeline
-    publishes ``sim:`` lists of changed items and ``trending`` on its own schedule)."""
+class UserStepOutput:
+    """The lists a block asks the world to publish, and its deltas for the item stage (one
+    message per item partition; none when no event of the block was applied)."""
 
     lists: list[RecList]
     effect: BatchEffect
+    messages: list[DeltaMessage] = field(default_factory=list)
 
 
-def step(
-    state: PartitionState,
-    events: Iterable[Event],
+def user_step(
+    part: UserPartition,
+    table: ItemTable,
+    events: Sequence[Event],
+    offsets: Sequence[int] | None = None,
+    *,
+    source: int = 0,
+    span: tuple[int, int] | None = None,
+    item_partitions: int = 1,
     blocked: Collection[str] = (),
     rescorer: Rescorer | None = None,
     epsilon: float | None = None,
     observer: Observer | None = None,
-) -> StepOutput:
-    """Fold ``events`` into ``state`` and build the lists of every user they touched.
+) -> UserStepOutput:
+    """Fold ``events`` (at source ``offsets``) into ``part`` and build the lists of every user
+    they touched, ranked against ``table``.
 
-    The result depends only on the state and the events, so the same batches in the same order
-    give the same outputs (what makes replay and exactly-once restarts testable). ``blocked``
-    item ids (unavailable in the catalogue) are left out of the lists. ``rescorer`` and
-    ``epsilon``: see ``recommend`` (with them the lists also depend on the model version);
-    ``observer`` sees the candidates (the worker's sample builder).
+    ``span`` is the block's offset range ``[start, end)`` in source partition ``source`` (by
+    default the events' positions). ``blocked`` item ids are left out of the lists;
+    ``rescorer``, ``epsilon`` and ``observer``: see ``recommend``.
     """
-    eff = state.apply(events)
-    return StepOutput(recommend(state, eff.users, blocked, rescorer, epsilon, observer), eff)
+    eff = part.apply(events, offsets)
+    lists = recommend(part, table, eff.users, blocked, rescorer, epsilon, observer)
+    d = eff.deltas
+    if d is None or not len(d):
+        return UserStepOutput(lists, eff)
+    start, end = span if span is not None else (int(d.ev_offset[0]), int(d.ev_offset[-1]) + 1)
+    msgs = split(d, source, start, end, part.routes(item_partitions), item_partitions)
+    return UserStepOutput(lists, eff, msgs)
+
+
+@dataclass
+class ItemStepOutput:
+    """What the item stage publishes after some messages."""
+
+    effect: ItemEffect
+    entries: list[TableEntry]  # for the table topic: items whose list or popularity moved enough
+    sims: list[tuple[str, list[tuple[str, float]]]]  # fresh ``sim:`` lists
+    trending: list[tuple[str, float]] | None  # partition 0's, when popularity moved
+    fit: tuple[int, int, FitInput] | None  # (version, install point, inputs): a long-term fit due
+
+
+def item_step(
+    part: ItemPartition,
+    messages: Sequence[DeltaMessage],
+    sim_budget: int = 0,
+    sim_len: int = 0,
+    trending: bool = True,
+) -> ItemStepOutput:
+    """Fold ``messages`` into ``part``; ``sim_budget``: how many ``sim:`` lists (of ``sim_len``
+    items) to return now (0: none; the running system publishes them on a schedule);
+    ``trending``: whether to return partition 0's trending list when popularity moved."""
+    eff = part.apply(messages)
+    entries = part.due_entries(eff.items)
+    sims = part.sim_lists(sim_budget, sim_len) if sim_budget > 0 else []
+    moved = eff.applied > 0
+    want = trending and part.partition == 0 and moved
+    trend = part.trending(part.params.trending_len) if want else None
+    fit = part.long.due(part.pop[: part.n_items]) if part.long is not None and moved else None
+    return ItemStepOutput(eff, entries, sims, trend, fit)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from models.state import stable_hash
+from models.hashing import stable_hash
 
 _MASK = (1 << 64) - 1
 

@@ -13,21 +13,32 @@ recency. The closed form needs no training loop and has one knob (``lam``).
 
 Bounded for the stream: ``B`` covers only a pool of the ``long_items`` most popular items, ``X``
 holds the last ``PROFILE_LEN`` items of the ``long_users`` most recently active users, and a fit
-(O(M^3) for M pool items) runs on the inputs taken at one point of the stream; ``PartitionState``
-decides when, and the worker runs fits in a process of their own (LAPACK here holds the GIL).
+(O(M^3) for M pool items) runs on the inputs taken at one point of the stream.
+
+The model is global: ``LongTermOwner`` keeps every user's profile from the records the user
+partitions send to item partition 0, and whoever owns that partition decides when to fit, runs
+the fit in a process of its own (LAPACK here holds the GIL) and publishes each fitted model as a
+numbered version (``encode_model``) that every worker loads.
 """
 
 from __future__ import annotations
 
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import scipy.linalg as sla
 import scipy.sparse as sp
 
+from models.params import ModelParams
+
 PROFILE_LEN = 500  # a user's newest items that enter X
 _CHUNK_USERS = 512  # X^T X is summed over dense chunks of this many users (BLAS, no GIL)
+_FIRST_FIT = 1000  # events before the first fit (or long_refit_events, if fewer)
+_MODEL_MAGIC = b"SRL1"
 
 
 @dataclass(frozen=True)
@@ -106,3 +117,99 @@ def recency_weights(lens: Sequence[int], half_life: float) -> np.ndarray:
     ends = np.repeat(np.cumsum(lens), lens)
     age = ends - 1 - np.arange(total)
     return np.asarray(0.5 ** (age / half_life), dtype=np.float64)
+
+
+class LongTermOwner:
+    """The long-term model's global inputs and fit schedule, kept with item partition 0.
+
+    ``profiles``: per user, the items new to the user (``ev_new`` of the delta messages) in the
+    order seen, newest ``PROFILE_LEN`` kept, for the ``long_users`` most recently active users
+    (a user who drops out of them and comes back starts a new profile). Items are numbered by
+    the item partition that holds this owner. Fits come due after each quarter's growth of the
+    stream, at most every ``long_refit_events`` events.
+    """
+
+    def __init__(self, params: ModelParams) -> None:
+        self.params = params
+        self.profiles: OrderedDict[str, array[int]] = OrderedDict()
+        self.events = 0
+        self.next_fit = min(params.long_refit_events, _FIRST_FIT)
+        self.version = 0  # of the last fit whose inputs were taken
+
+    def feed(self, users: Sequence[str], items: np.ndarray, new: np.ndarray) -> None:
+        """One record per event, in order: the user, the event's item, whether it is new to them."""
+        profiles, cap = self.profiles, self.params.long_users
+        for u, i, nw in zip(users, items.tolist(), new.tolist(), strict=True):
+            prof = profiles.get(u)
+            if prof is None:
+                prof = profiles[u] = array("q")
+                if len(profiles) > cap:
+                    profiles.popitem(last=False)
+            else:
+                profiles.move_to_end(u)
+            if nw:
+                prof.append(i)
+                if len(prof) > PROFILE_LEN:
+                    del prof[0]
+        self.events += len(users)
+
+    def due(self, pop: np.ndarray) -> tuple[int, int, FitInput] | None:
+        """When a fit is due: (its version, the event count at which the simulation installs it,
+        its inputs) over the ``long_items`` most popular of the items ``pop`` covers; else None."""
+        if self.events < self.next_fit:
+            return None
+        every = max(min(self.params.long_refit_events, self.events // 4), 1)
+        self.next_fit = self.events + every
+        self.version += 1
+        return self.version, self.events + max(every // 2, 1), self.fit_input(pop)
+
+    def refit_soon(self) -> None:
+        """After a restore: a fit whose inputs were taken may never have been published."""
+        self.next_fit = min(self.next_fit, self.events)
+
+    def fit_input(self, pop: np.ndarray) -> FitInput:
+        p = self.params
+        n = len(pop)
+        pool = np.argsort(-pop, kind="stable")[: p.long_items]
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[pool] = np.arange(len(pool))
+        rows: list[np.ndarray] = []
+        cols: list[np.ndarray] = []
+        for r, prof in enumerate(reversed(self.profiles.values())):
+            q = np.frombuffer(prof, dtype=np.int64) if len(prof) else _EMPTY
+            q = pos[q[q < n]]
+            q = q[q >= 0]
+            cols.append(q)
+            rows.append(np.full(len(q), r, dtype=np.int64))
+        return FitInput(
+            pool,
+            np.concatenate(rows) if rows else _EMPTY,
+            np.concatenate(cols) if cols else _EMPTY,
+            len(rows),
+            n,
+            p.long_lambda,
+        )
+
+
+def encode_model(version: int, ids: Sequence[str], weights: np.ndarray) -> bytes:
+    """A fitted model for workers: its version, the pool's item ids and the (M, M) weights."""
+    header = orjson.dumps({"version": version, "ids": list(ids)})
+    w = np.ascontiguousarray(weights, dtype="<f4")
+    return _MODEL_MAGIC + len(header).to_bytes(4, "little") + header + w.tobytes()
+
+
+def decode_model(blob: bytes) -> tuple[int, list[str], np.ndarray]:
+    """(version, pool item ids, weights) of an ``encode_model`` blob; ValueError if not one."""
+    if blob[:4] != _MODEL_MAGIC:
+        raise ValueError("not a streamrec long-term model (bad magic)")
+    n = int.from_bytes(blob[4:8], "little")
+    h = orjson.loads(blob[8 : 8 + n])
+    ids = list(h["ids"])
+    m = len(ids)
+    if len(blob) != 8 + n + 4 * m * m:
+        raise ValueError("truncated long-term model")
+    w = np.frombuffer(blob, dtype="<f4", offset=8 + n).reshape(m, m)
+    return int(h["version"]), ids, w
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)

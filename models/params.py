@@ -18,7 +18,7 @@ class ModelParams:
     history_len: int = 50  # recent items kept per user
     pair_window: int = 20  # a new event pairs with this many of the user's recent items
     pair_decay: float = 0.9  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
-    neighbours: int = 200  # co-occurrence entries kept per item (pruned back from 2x)
+    neighbours: int = 1000  # co-occurrence entries kept per item row (pruned back from 2x)
     sim_list_len: int = 200  # neighbours per item taken as candidates per source
     sim_refresh: float = 0.2  # recompute a neighbour list once this share of its row's weight is new
     dim: int = 64  # item/user vector dimension (random-indexing sketch)

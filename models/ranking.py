@@ -1,10 +1,12 @@
 """Top-N lists for a batch of users: candidates, blended scores, exploration, reasons.
 
-Candidates come from four places: co-occurrence neighbours of the user's recent items, the
-long-term model's best items (``models.longterm``, one sparse product for the whole batch),
-items near the user vector (when it has a weight) and trending items. Scores blend them
-(weights in ``ModelParams``); seen items are never candidates. Exploration then replaces some
-slots (``models.exploration``).
+A list is ranked from two parts: the user's own state (``models.users``, their partition's) and
+the global item table (``models.table``: neighbour lists, popularity, item vectors and the
+long-term model, as the item stage last published them). Candidates come from four places:
+co-occurrence neighbours of the user's recent items, the long-term model's best items (one
+sparse product for the whole batch), items near the user vector (when it has a weight) and
+trending items. Scores blend them (weights in ``ModelParams``); seen items are never candidates.
+Exploration then replaces some slots (``models.exploration``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from models.exploration import epsilon_greedy
 from models.longterm import recency_weights
 from models.params import ModelParams
-from models.state import PartitionState, UserState
+from models.table import ItemTable
+from models.users import UserPartition, UserState
 
 _MS_PER_H = 3_600_000.0
 
@@ -56,19 +59,6 @@ def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
         part = np.arange(scores.size)
     order = np.lexsort((part, -scores[part]))
     return part[order][:k]
-
-
-def trending(state: PartitionState, k: int) -> list[tuple[int, float]]:
-    """The k most popular items with their decayed popularity (type-weighted events)."""
-    pop = state.decayed_pop()
-    return [(int(i), float(pop[i])) for i in top_indices(pop, k)]
-
-
-def sim_list(state: PartitionState, i: int, k: int) -> list[tuple[str, float]]:
-    """The published ``sim:{item}`` list: the k best neighbours by normalised co-occurrence, now."""
-    idx, sc = state.compute_sim(i)
-    ids = state.item_ids
-    return [(ids[j], s) for j, s in zip(idx[:k].tolist(), sc[:k].tolist(), strict=True)]
 
 
 def _sources(u: UserState, k: int, decay: float, step: float = 1.0) -> tuple[list[int], list[float]]:
@@ -154,15 +144,17 @@ class Observer(Protocol):
 RANK_FEATURES = 7
 
 
-def ranking_context(state: PartitionState, uids: Sequence[str], ranked: Sequence[_Ranked]) -> list[np.ndarray]:
+def ranking_context(
+    part: UserPartition, table: ItemTable, uids: Sequence[str], ranked: Sequence[_Ranked]
+) -> list[np.ndarray]:
     """How retrieval saw each candidate, as inputs for a learned re-ranker: per user an
     (n, RANK_FEATURES) float32 array, each column scaled to about [0, 1]:
 
     score / best score, log(1 + rank) / 5, taste score / best score, popularity / the most
     popular item's, similarity to the user's newest item, and two user columns (the same in
     every row): log(1 + events) / 10 and log(1 + seconds between the user's last two events) / 20.
-    Everything is read from the state as it is now, so a list's context is what a sample of the
-    user's next event will carry (no feature from the future).
+    Everything is read from the state and the table as they are now, so a list's context is what
+    a sample of the user's next event will carry (no feature from the future).
     """
     lens = np.fromiter((len(r[0]) for r in ranked), dtype=np.int64, count=len(ranked))
     n = int(lens.sum())
@@ -177,17 +169,17 @@ def ranking_context(state: PartitionState, uids: Sequence[str], ranked: Sequence
         best = np.full(len(ranked), -np.inf)
         np.maximum.at(best, row, score)
         top = np.where(best > 0, best, 1.0)[row]
-        pop = state.pop[: state.n_items]
-        pmax = float(pop.max())
+        pop = table.pop()
+        pmax = float(pop.max()) if len(pop) else 0.0
         x[:, 0] = score / top
         x[:, 1] = np.log1p(np.arange(n) - starts[row]) / 5.0
         x[:, 2] = taste / top
         x[:, 3] = pop[idx] / (pmax if pmax > 0 else 1.0)
-        x[:, 4] = _newest_item_similarity(state, uids, row, idx)
+        x[:, 4] = _newest_item_similarity(part, table, uids, row, idx)
         events = np.zeros(len(ranked))
         gap = np.zeros(len(ranked))
         for r, uid in enumerate(uids):
-            u = state.users[uid]
+            u = part.users[uid]
             events[r] = math.log1p(u.n_events) / 10.0
             if len(u.history) > 1:
                 gap[r] = math.log1p(max(u.history[-1][1] - u.history[-2][1], 0) / 1000.0) / 20.0
@@ -196,17 +188,20 @@ def ranking_context(state: PartitionState, uids: Sequence[str], ranked: Sequence
     return np.split(x, np.cumsum(lens)[:-1])
 
 
-def _newest_item_similarity(state: PartitionState, uids: Sequence[str], row: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _newest_item_similarity(
+    part: UserPartition, table: ItemTable, uids: Sequence[str], row: np.ndarray, idx: np.ndarray
+) -> np.ndarray:
     """Per (user ``row``, candidate ``idx``): its similarity to the user's newest item (0 if not
     among that item's neighbours), by one sorted lookup of (user, item) keys for the chunk."""
-    n = state.n_items
+    n = table.n_items
+    cat = part.catalogue_map(table)
     keys: list[np.ndarray] = []
     vals: list[np.ndarray] = []
     for r, uid in enumerate(uids):
-        h = state.users[uid].history
+        h = part.users[uid].history
         if h:
-            nb, sc = state.sim_top(h[-1][0])
-            keys.append(r * n + nb)
+            nb, sc = table.sim_top(int(cat[h[-1][0]]))
+            keys.append(r * n + nb.astype(np.int64))
             vals.append(sc)
     k = np.concatenate(keys) if keys else _EMPTY_I
     if k.size == 0:
@@ -220,7 +215,8 @@ def _newest_item_similarity(state: PartitionState, uids: Sequence[str], row: np.
 
 
 def _look(
-    state: PartitionState,
+    part: UserPartition,
+    table: ItemTable,
     uids: Sequence[str],
     ranked: list[_Ranked],
     rescorer: Rescorer | None,
@@ -229,10 +225,10 @@ def _look(
 ) -> list[_Ranked]:
     """Show the chunk's candidates to the observer and, with a rescorer, re-rank them; the best
     ``keep`` of each user's (re-ranked) candidates remain."""
-    ids = state.item_ids
-    hists = [[ids[i] for i, _, _ in state.users[u].history] for u in uids]
+    local, ids = part.item_ids, table.ids
+    hists = [[local[i] for i, _, _ in part.users[u].history] for u in uids]
     cands = [[ids[i] for i in r[0]] for r in ranked]
-    ctx = ranking_context(state, uids, ranked)
+    ctx = ranking_context(part, table, uids, ranked)
     if observer is not None:
         observer.observe(uids, hists, cands, ctx)
     if rescorer is None or rescorer.weight <= 0:
@@ -266,14 +262,16 @@ def _blend(ranked: list[_Ranked], extra: list[np.ndarray], weight: float, keep: 
 
 
 def recommend(
-    state: PartitionState,
+    part: UserPartition,
+    table: ItemTable,
     user_ids: Sequence[str],
     blocked: Collection[str] = (),
     rescorer: Rescorer | None = None,
     epsilon: float | None = None,
     observer: Observer | None = None,
 ) -> list[RecList]:
-    """Lists for ``user_ids`` from the state as it is now (call after ``state.apply``).
+    """Lists for ``user_ids`` of partition ``part`` (call after ``part.apply``), with the
+    item table as it is now.
 
     Items the user has seen and ``blocked`` items are never candidates. Users are scored a chunk
     at a time with array operations: a dense (users x items) score matrix while the catalogue
@@ -287,14 +285,15 @@ def recommend(
     explore_pool`` a list draws from, so a re-ranker can lift items retrieval placed lower;
     without either, ranking stops at the shorter pool (the top of a deeper ranking is the same).
     """
-    p = state.params
-    n = state.n_items
+    p = part.params
+    cat = part.catalogue_map(table)  # first: it may add the partition's items to the catalogue
+    n = table.n_items
     if not user_ids or n == 0:
         return []
-    pop = state.pop[:n]
+    pop = table.pop()
     pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
     trend = top_indices(pop, p.trending_len)
-    excluded = np.fromiter((state.item_index[b] for b in blocked if b in state.item_index), dtype=np.int64)
+    excluded = np.fromiter((table.index[b] for b in blocked if b in table.index), dtype=np.int64)
     if n > p.vector_pool:
         pool = top_indices(pop, p.vector_pool)
         pos = np.full(n, -1, dtype=np.int64)
@@ -309,16 +308,16 @@ def recommend(
     looking = observer is not None or (rescorer is not None and rescorer.weight > 0)
     k_look = p.look_pool if looking else k  # a re-ranker sees a deeper pool
     eps = p.epsilon if epsilon is None else epsilon
-    ids = state.item_ids
+    ids = table.ids
     out: list[RecList] = []
     for c0 in range(0, len(user_ids), chunk):
         uids = user_ids[c0 : c0 + chunk]
-        cand = _gather(state, uids, excluded, trend, pool, pos)
+        cand = _gather(part, table, cat, uids, excluded, trend, pool, pos)
         ranked = _rank_dense(cand, n, k_look, pop_term, p) if dense else _rank_table(cand, n, k_look, pop_term, p)
         if looking:
-            ranked = _look(state, uids, ranked, rescorer, observer, k)
+            ranked = _look(part, table, uids, ranked, rescorer, observer, k)
         for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
-            u = state.users[uid]
+            u = part.users[uid]
             info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))
             slots = epsilon_greedy(items[: p.n_recs], items[p.n_recs :], p.n_recs, eps, p.seed, uid, u.n_events)
             rec = []
@@ -338,21 +337,23 @@ def recommend(
 
 
 def _gather(
-    state: PartitionState,
+    part: UserPartition,
+    table: ItemTable,
+    cat: np.ndarray,
     user_ids: Sequence[str],
     excluded: np.ndarray,
     trend: np.ndarray,
     pool: np.ndarray,
     pos: np.ndarray | None,
 ) -> _Candidates:
-    p = state.params
+    p = part.params
     nu = len(user_ids)
-    users = [state.users[uid] for uid in user_ids]
+    users = [part.users[uid] for uid in user_ids]
     ar = np.arange(nu)
     decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
 
     # seen and blocked items, as (user row, item) pairs
-    seen_parts = [np.frombuffer(u.seen_arr, dtype=np.int64) for u in users]
+    seen_parts = [cat[np.frombuffer(u.seen_arr, dtype=np.int64)] for u in users]
     seen_item = np.concatenate(seen_parts)
     seen_user = np.repeat(ar, [len(x) for x in seen_parts])
     if excluded.size:
@@ -363,8 +364,8 @@ def _gather(
     # when the vector score has no weight
     kv = min(p.vector_candidates, len(pool)) if p.w_vec > 0 else 0
     if kv:
-        vecs = state.user_vectors(user_ids)
-        sims = vecs @ state.unit[pool].T
+        vecs = part.user_vectors(user_ids)
+        sims = vecs @ table.unit[pool].T
         if pos is None:
             sims[seen_user, seen_item] = -np.inf
         else:
@@ -389,8 +390,8 @@ def _gather(
         srcs, hs = _sources(u, p.sources, decay, p.source_decay)
         hsum[r] = sum(hs)
         cnt = 0
-        for j, h in zip(srcs, hs, strict=True):
-            nb, sc = state.sim_top(j)
+        for j, h in zip(cat[srcs].tolist(), hs, strict=True):
+            nb, sc = table.sim_top(j)
             if nb.size:
                 nb_parts.append(nb)
                 sc_parts.append(sc)
@@ -399,7 +400,7 @@ def _gather(
                 lens.append(nb.size)
                 cnt += nb.size
         per_user.append(cnt)
-    l_user, l_item, l_score = _long_term(state, users, seen_user, seen_item)
+    l_user, l_item, l_score = _long_term(table, cat, p, users, seen_user, seen_item)
     if nb_parts:
         c_item = np.concatenate(nb_parts)
         c_contrib = np.concatenate(sc_parts) * np.repeat(np.asarray(h_rep), lens)
@@ -426,14 +427,19 @@ def _gather(
 
 
 def _long_term(
-    state: PartitionState, users: Sequence[UserState], seen_user: np.ndarray, seen_item: np.ndarray
+    table: ItemTable,
+    cat: np.ndarray,
+    p: ModelParams,
+    users: Sequence[UserState],
+    seen_user: np.ndarray,
+    seen_item: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each user's best unseen items by the long-term model: (user row, item, positive score)."""
-    lt, p = state.long, state.params
+    lt = table.long
     if lt is None or p.w_long <= 0:
         return _EMPTY_I, _EMPTY_I, _EMPTY_F
     lens = [len(u.history) for u in users]
-    items = np.array([i for u in users for i, _, _ in u.history], dtype=np.int64)
+    items = cat[np.array([i for u in users for i, _, _ in u.history], dtype=np.int64)]
     rows = np.repeat(np.arange(len(users)), lens)
     sc = lt.scores(items, recency_weights(lens, p.long_half_life), rows, len(users))
     ok = seen_item < len(lt.pos)

@@ -1,9 +1,11 @@
 """The faust-streaming app that a ``streamrec worker`` process runs.
 
 faust hosts the process: lifecycle, signals, logging, timers, and agents for *low-rate* topics.
-The high-rate events topic is consumed by ``Pipeline`` (a batched confluent-kafka loop in its own
-thread), wrapped here as a faust Service, because faust's per-event overhead would cap a worker
-far below the throughput target (see ``stream_app.pipeline``).
+The high-rate topics are consumed by the stages this worker runs (``STREAMREC_ROLES``): the user
+stage (``stream_app.pipeline``, the events topic) and the item stage (``stream_app.item_stage``,
+the internal deltas topic), each a batched confluent-kafka loop in its own thread, wrapped here
+as a faust Service, because faust's per-event overhead would cap a worker far below the
+throughput target (see ``stream_app.stage``).
 
 Low-rate topic: ``items`` (``STREAMREC_ITEMS_TOPIC``), catalogue updates
 ``{"item_id": "42", "available": false}``. Unavailable items are kept in the Redis set
@@ -26,9 +28,11 @@ import orjson
 import redis
 
 from stream_app.config import Settings
+from stream_app.item_stage import ItemStage
 from stream_app.kafka_io import ensure_topics
 from stream_app.pipeline import Pipeline
 from stream_app.redis_store import RedisStore
+from stream_app.stage import StageLoop
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +56,14 @@ def parse_catalog_update(raw: bytes) -> tuple[str, bool]:
 
 
 def create_app(settings: Settings) -> faust.App:
-    """Build the app: the pipeline service, the catalogue agent and a stats timer."""
+    """Build the app: the stages' service, the catalogue agent and a stats timer."""
     client = redis.Redis.from_url(settings.redis_url)
     store = RedisStore(client, settings.redis_prefix)
-    pipeline = Pipeline(settings, client)
+    roles = settings.role_set
+    stages: list[StageLoop[Any]] = []
+    pipeline = Pipeline(settings, client) if "user" in roles else None
+    items = ItemStage(settings, redis.Redis.from_url(settings.redis_url)) if "item" in roles else None
+    stages = [x for x in (pipeline, items) if x is not None]
     app = faust.App(
         f"{settings.group_id}-catalog",
         broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
@@ -65,9 +73,9 @@ def create_app(settings: Settings) -> faust.App:
         topic_disable_leader=True,
         topic_partitions=1,
     )
-    items = app.topic(settings.items_topic, value_serializer="raw", partitions=1)
+    catalogue = app.topic(settings.items_topic, value_serializer="raw", partitions=1)
 
-    @app.agent(items)
+    @app.agent(catalogue)
     async def catalog(stream: faust.StreamT[bytes]) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         async for raw in stream:
@@ -80,52 +88,74 @@ def create_app(settings: Settings) -> faust.App:
             yield None
 
     @app.service
-    class PipelineService(faust.Service):
-        """Runs ``Pipeline.run`` in a thread; crashes the worker if the pipeline dies, so a
+    class StagesService(faust.Service):
+        """Runs each stage's ``run`` in a thread; crashes the worker if a stage dies, so a
         supervisor restarts it instead of leaving a worker that silently stopped consuming."""
 
-        thread: threading.Thread | None = None
+        threads: list[threading.Thread] = []
 
         async def on_start(self) -> None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, ensure_topics, settings)
-            self.thread = threading.Thread(target=self._run, name="streamrec-pipeline", daemon=True)
-            self.thread.start()
-
-        def _run(self) -> None:
-            # errors are logged by the pipeline; the watchdog below then crashes the app
-            with contextlib.suppress(BaseException):
-                pipeline.run()
+            for st in stages:
+                t = threading.Thread(target=_quiet(st.run), name=f"streamrec-{st.name.split()[0]}", daemon=True)
+                t.start()
+                self.threads.append(t)
 
         @faust.Service.task
         async def _watchdog(self) -> None:
             while not self.should_stop:
                 await asyncio.sleep(0.5)
-                if self.thread is not None and not self.thread.is_alive() and not pipeline.stop_event.is_set():
-                    err = pipeline.error or RuntimeError("pipeline thread exited")
-                    await app.crash(err)
-                    return
+                for st, t in zip(stages, self.threads, strict=False):
+                    if not t.is_alive() and not st.stop_event.is_set():
+                        await app.crash(st.error or RuntimeError(f"{st.name} thread exited"))
+                        return
 
         async def on_stop(self) -> None:
-            pipeline.stop()
-            if self.thread is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 60)
+            for st in stages:
+                st.stop()
+            for t in self.threads:
+                await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
 
     @app.timer(10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
-        st = pipeline.stats
-        log.info(
-            "events=%d invalid=%d duplicates=%d lists=%d batches=%d snapshots=%d partitions=%s",
-            st.events,
-            st.invalid,
-            st.duplicates,
-            st.lists,
-            st.batches,
-            st.snapshots,
-            sorted(pipeline.runs),
-        )
+        if pipeline is not None:
+            st = pipeline.stats
+            log.info(
+                "user stage: events=%d invalid=%d duplicates=%d lists=%d batches=%d deltas=%d partitions=%s "
+                "table_items=%d",
+                st.events,
+                st.invalid,
+                st.duplicates,
+                st.lists,
+                st.batches,
+                st.deltas,
+                sorted(pipeline.runs),
+                pipeline.table.n_items,
+            )
+        if items is not None:
+            it = items.stats
+            log.info(
+                "item stage: events=%d skipped=%d messages=%d entries=%d sims=%d fits=%d partitions=%s",
+                it.events,
+                it.skipped,
+                it.messages,
+                it.entries,
+                it.sims,
+                it.fits,
+                sorted(items.runs),
+            )
 
     return app
+
+
+def _quiet(run: Any) -> Any:
+    def target() -> None:
+        # errors are logged by the stage; the watchdog then crashes the app
+        with contextlib.suppress(BaseException):
+            run()
+
+    return target
 
 
 def return_large_blocks_to_the_os(threshold: int = 10 << 20) -> None:

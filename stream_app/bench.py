@@ -42,6 +42,7 @@ from stream_app.config import Settings, settings_from_env
 from stream_app.demo import demo_events
 from stream_app.kafka_io import end_offsets, ensure_topics, producer_config
 from stream_app.processes import WorkerProcess, wait_caught_up
+from stream_app.redis_store import RedisStore
 from stream_app.replay import replay
 from stream_app.services import isolated_env, local_services
 
@@ -224,8 +225,6 @@ def trainer_beside(env: dict[str, str], enabled: bool, log_path: Path) -> Iterat
     if not enabled:
         yield out
         return
-    from stream_app.trainer import metrics_key  # torch: only when a trainer runs
-
     s = settings_from_env(env)
     with tempfile.TemporaryDirectory() as models:
         t = WorkerProcess({**env, "STREAMREC_MODEL_DIR": models}, log_path, command="trainer").start()
@@ -233,10 +232,9 @@ def trainer_beside(env: dict[str, str], enabled: bool, log_path: Path) -> Iterat
             yield out
         finally:
             code = t.stop()
-        raw = redis.Redis.from_url(s.redis_url).get(metrics_key(s))
-        if code != 0 or raw is None:
+        m = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix).ctr_metrics()
+        if code != 0 or m is None:
             raise RuntimeError(f"the trainer failed (exit {code}):\n" + t.log()[-3000:])
-        m = orjson.loads(raw)
         out.update(samples=int(m["samples"]), versions=int(m["version"]))
 
 

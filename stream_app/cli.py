@@ -111,8 +111,7 @@ def recs(user_id: str, config: Path | None = ConfigOpt) -> None:
     store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
     doc = store.get_rec(user_id)
     if doc is None:
-        raw = store.r.get(store.key("trending"))
-        doc = {"user_id": user_id, "fallback": "trending", "items": orjson.loads(raw) if raw else []}
+        doc = {"user_id": user_id, "fallback": "trending", "items": store.get_trending()}
     typer.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
 
 
@@ -144,6 +143,12 @@ def evaluate(
     rate: float = typer.Option(2000.0, "--rate", min=1.0, help="events/s for --served"),
     ctr: float | None = typer.Option(
         None, "--ctr", min=0.0, help="also run streamrec with the CTR model (learning online) blended in at this weight"
+    ),
+    partitions: int = typer.Option(
+        1, "--partitions", min=1, help="user partitions streamrec runs with (users split as by the producer)"
+    ),
+    table_lag: int = typer.Option(
+        0, "--table-lag", min=0, help="events between an item stage's table entry and the user stage seeing it"
     ),
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -178,8 +183,13 @@ def evaluate(
             split=split,
             report_dir=report,
             ctr_weight=ctr,
+            partitions=partitions,
+            table_lag=table_lag,
         )
-    typer.echo(f"{res['events']:,} events, k={k}, {res['seconds']:.1f} s")
+    typer.echo(
+        f"{res['events']:,} events, k={k}, {res['seconds']:.1f} s; streamrec with {partitions} user partition(s), "
+        f"table lag {table_lag} events"
+    )
     typer.echo(f"| model | hr@{k} | ndcg@{k} | evaluated | coverage |\n|---|---|---|---|---|")
     for name, m in res["models"].items():
         typer.echo(f"| {name} | {m[f'hr@{k}']:.4f} | {m[f'ndcg@{k}']:.4f} | {m['evaluated']:,} | {m['coverage']:.3f} |")

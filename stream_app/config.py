@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     group_id: str = "streamrec"
     dlq_topic: str = ""  # empty: "<events_topic>.dlq"
     items_topic: str = "items"
+    # the two stages (README "Scaling out")
+    roles: str = Field("user,item", description="stages this worker runs: user, item, or both (comma-separated)")
+    item_partitions: int = Field(0, ge=0, description="partitions of the internal topics; 0: as many as events")
+    deltas_topic: str = ""  # empty: "<events_topic>.deltas"
+    table_topic: str = ""  # empty: "<events_topic>.table"
+    delta_max_bytes: int = Field(512 * 1024, ge=4096, description="larger delta messages are cut between events")
+    long_poll_s: float = Field(2.0, gt=0, description="how often workers look for a new long-term model version")
     # pipeline
     batch_size: int = Field(2000, ge=1, description="events per micro-batch and per partition")
     poll_timeout_ms: int = Field(20, ge=1)
@@ -55,7 +62,7 @@ class Settings(BaseSettings):
     user_half_life_hours: float = Field(24.0 * 3, gt=0)
     history_len: int = Field(50, ge=1)
     pair_window: int = Field(20, ge=1)
-    neighbours: int = Field(200, ge=1)
+    neighbours: int = Field(1000, ge=1, description="co-occurrence entries a row keeps (pruned back from 2x)")
     sim_list_len: int = Field(200, ge=1)
     sources: int = Field(10, ge=1)
     source_decay: float = Field(0.8, gt=0.0, le=1.0)
@@ -104,6 +111,14 @@ class Settings(BaseSettings):
     # data
     data_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamrec"
 
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, v: str) -> str:
+        roles = {r.strip() for r in v.split(",") if r.strip()}
+        if not roles or roles - {"user", "item"}:
+            raise ValueError("roles must name user, item or both, e.g. 'user,item'")
+        return v
+
     @field_validator("event_types")
     @classmethod
     def _positive_weights(cls, v: dict[str, float]) -> dict[str, float]:
@@ -132,6 +147,25 @@ class Settings(BaseSettings):
     @property
     def dlq(self) -> str:
         return self.dlq_topic or f"{self.events_topic}.dlq"
+
+    @property
+    def deltas(self) -> str:
+        """The internal topic of item-level deltas, keyed (partitioned) by item."""
+        return self.deltas_topic or f"{self.events_topic}.deltas"
+
+    @property
+    def table(self) -> str:
+        """The internal compacted topic of item table entries, keyed by item id."""
+        return self.table_topic or f"{self.events_topic}.table"
+
+    @property
+    def item_group_id(self) -> str:
+        """The item stage's consumer group (on the deltas topic)."""
+        return f"{self.group_id}.items"
+
+    @property
+    def role_set(self) -> frozenset[str]:
+        return frozenset(r.strip() for r in self.roles.split(",") if r.strip())
 
     def event_schema(self) -> EventSchema:
         return EventSchema(types=frozenset(self.event_types), max_bytes=self.max_event_bytes)

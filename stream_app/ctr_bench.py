@@ -28,10 +28,9 @@ from models.ctr.features import Sample
 from models.ctr.rescorer import CtrRescorer
 from models.ctr.samples import SampleBuilder
 from models.ctr.train import log_losses
-from models.engine import step
 from models.events import Event
 from models.ranking import RANK_FEATURES
-from models.state import PartitionState
+from models.simulation import TwoStage
 from stream_app.config import Settings
 from stream_app.trainer import Trainer
 
@@ -63,12 +62,12 @@ def build_samples(s: Settings, events: list[Event], block: int = BLOCK) -> list[
     """The samples a worker would publish for ``events``: each block's samples are built before
     the state takes the block, and the lists it then ranks become the users' served lists."""
     b = SampleBuilder(s.sample_params())
-    state = PartitionState(s.params())
+    system = TwoStage(s.params())
     out: list[Sample] = []
     for k in range(0, len(events), block):
         block_events = events[k : k + block]
         out += b.feed(block_events)
-        step(state, block_events, observer=b)
+        system.block(block_events, observer=b)
     return out + b.flush()
 
 

@@ -12,17 +12,18 @@ import logging
 import threading
 from typing import Any
 
-import orjson
 import redis
 
+from models.ctr.checkpoint import from_bytes
 from stream_app.config import Settings
+from stream_app.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
 
 class ModelWatcher:
-    def __init__(self, s: Settings, r: redis.Redis, categories: dict[str, str]) -> None:
-        self.s, self.r, self.categories = s, r, categories
+    def __init__(self, s: Settings, store: RedisStore, categories: dict[str, str]) -> None:
+        self.s, self.store, self.categories = s, store, categories
         self.rescorer: Any = None  # models.ctr.rescorer.CtrRescorer once a version is published
         self.epsilon: float | None = None  # the trainer's override after drift
         self.stop = threading.Event()
@@ -40,16 +41,13 @@ class ModelWatcher:
         return self.s.model_version if r is None else f"{self.s.model_version}+ctr-v{r.version}"
 
     def poll(self) -> None:
-        from stream_app.trainer import control_key, from_bytes, model_key
-
         try:
-            ctl = self.r.get(control_key(self.s))
-            self.epsilon = float(orjson.loads(ctl)["epsilon"]) if ctl else None
-            raw = self.r.hget(model_key(self.s), "version")
-            if raw is None or (self.rescorer is not None and int(raw) == self.rescorer.version):
+            self.epsilon = self.store.ctr_epsilon()
+            version = self.store.ctr_model_version()
+            if version is None or (self.rescorer is not None and version == self.rescorer.version):
                 return
-            blob = self.r.hget(model_key(self.s), "blob")
-            if not isinstance(blob, bytes):  # absent (or a client set to decode responses)
+            blob = self.store.ctr_model()
+            if blob is None:
                 return
             import torch
 

@@ -15,14 +15,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis
 import typer
 
 from stream_app.config import Settings, settings_from_env
 from stream_app.datasets import ml100k_dir, read_log, synthetic_events
 from stream_app.kafka_io import ensure_topics, producer_config
-from stream_app.processes import WorkerProcess, wait_caught_up
+from stream_app.processes import WorkerProcess, wait_stages_caught_up
+from stream_app.redis_store import RedisStore
 from stream_app.replay import replay
 from stream_app.services import isolated_env, local_services
 
@@ -54,28 +54,24 @@ def run_demo(settings: Settings, n_events: int, use_ml100k: bool) -> None:
             worker = WorkerProcess(env, Path(tmp) / "worker.log").start()
             try:
                 t0 = time.monotonic()
-                caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, DEMO_PARTITIONS, worker)
+                caught = wait_stages_caught_up(svc.bootstrap, s.group_id, s.events_topic, DEMO_PARTITIONS, worker)
                 wall = time.monotonic() - t0
             finally:
                 worker.stop()
                 if worker.proc is not None and worker.proc.returncode not in (0, None):
                     typer.echo(worker.log()[-2000:], err=True)
-        r = redis.Redis.from_url(svc.redis_url)
+        store = RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix)
         users = sorted({str(e["user_id"]) for e in events})[:3]
-        for u in users:
-            raw = r.get(f"{s.redis_prefix}rec:{u}")
-            if raw is None:
+        for u, doc in zip(users, store.get_recs(users), strict=True):
+            if doc is None:
                 continue
-            doc = orjson.loads(raw)
             typer.echo(f"\nuser {u} (version {doc['version']}, model {doc['model']}):")
             for it in doc["items"][:5]:
                 flag = f" [explore p={it['p']:.3f}]" if it["explore"] else ""
                 typer.echo(f"  {it['item_id']:>8}  {it['score']:.3f}  {it['reason']}{flag}")
-        trending = orjson.loads(r.get(f"{s.redis_prefix}trending") or b"[]")
-        typer.echo("\ntrending: " + ", ".join(t["item_id"] for t in trending[:10]))
+        typer.echo("\ntrending: " + ", ".join(t["item_id"] for t in store.get_trending()[:10]))
         typer.echo(
             f"\nthroughput: {caught.events:,} events in {caught.seconds:.2f} s = {caught.rate:,.0f} events/s "
             f"end to end (one worker, {os.cpu_count()} cores; {wall:.1f} s including start-up)"
         )
-        for k in r.scan_iter(f"{s.redis_prefix}*", count=1000):
-            r.delete(k)
+        store.delete_all()

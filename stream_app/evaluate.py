@@ -37,14 +37,18 @@ def run_evaluation(
     split: float | None = 0.5,
     report_dir: Path | None = None,
     ctr_weight: float | None = None,
+    partitions: int = 1,
+    table_lag: int = 0,
 ) -> dict[str, Any]:
+    """Prequential HR@K/NDCG@K of streamrec (its two-stage topology in-process, with
+    ``partitions`` user partitions and the table ``table_lag`` events behind) and ``baselines``."""
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     events, bad = load_events(path, fmt, settings)
     # the ranking is evaluated without exploration, with lists of exactly k items
     params = dataclasses.replace(settings.params(), n_recs=k, epsilon=0.0, seed=seed)
-    models = [make("streamrec", params, seed)] + [make(b, params, seed) for b in baselines]
+    models = [make("streamrec", params, seed, partitions, table_lag)] + [make(b, params, seed) for b in baselines]
     if ctr_weight is not None:
         models.insert(1, _with_ctr(settings, params, ctr_weight))
     t0 = time.perf_counter()
@@ -52,6 +56,7 @@ def run_evaluation(
     out = result.as_dict(split)
     out["invalid_rows_skipped"] = bad
     out["seconds"] = time.perf_counter() - t0
+    out["partitions"], out["table_lag"] = partitions, table_lag
     if report_dir is not None:
         from stream_app.report import write_report
 

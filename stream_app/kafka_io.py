@@ -14,10 +14,10 @@ from stream_app.config import Settings
 log = logging.getLogger(__name__)
 
 
-def consumer_config(s: Settings) -> dict[str, Any]:
+def consumer_config(s: Settings, group: str | None = None) -> dict[str, Any]:
     return {
         "bootstrap.servers": s.kafka_bootstrap_servers,
-        "group.id": s.group_id,
+        "group.id": group or s.group_id,
         "enable.auto.commit": False,  # we commit only what is fully processed
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
@@ -39,14 +39,33 @@ def producer_config(s: Settings, **extra: Any) -> dict[str, Any]:
     return cfg
 
 
+def topic_partitions(s: Settings, topic: str, timeout: float = 30.0) -> int:
+    """How many partitions ``topic`` has (0 if it does not exist)."""
+    md = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers}).list_topics(topic, timeout=timeout)
+    t = md.topics.get(topic)
+    return 0 if t is None or t.error is not None else len(t.partitions)
+
+
 def ensure_topics(s: Settings, partitions: int | None = None, timeout: float = 30.0) -> None:
-    """Create the events and dead-letter topics (and the samples topic when workers produce
-    samples) if they do not exist; existing ones are kept."""
+    """Create the topics a deployment needs if they do not exist; existing ones are kept.
+
+    The events topic (``partitions``, default ``topic_partitions``), its dead-letter topic, the
+    samples topic when workers produce samples, and the two internal topics of the item stage:
+    the deltas topic and the compacted table topic, with ``item_partitions`` partitions (default:
+    as many as the events topic has).
+    """
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    md = admin.list_topics(timeout=timeout)
+    existing = set(md.topics)
+    n_events = partitions or s.topic_partitions
+    if s.events_topic in existing:
+        n_events = len(md.topics[s.events_topic].partitions)
+    n_items = s.item_partitions or n_events
     want = [NewTopic(s.events_topic, partitions or s.topic_partitions, 1), NewTopic(s.dlq, 1, 1)]
     if s.samples:
         want.append(NewTopic(s.samples_topic, partitions or s.topic_partitions, 1))
+    want.append(NewTopic(s.deltas, n_items, 1))
+    want.append(NewTopic(s.table, n_items, 1, config={"cleanup.policy": "compact"}))
     new = [t for t in want if t.topic not in existing]
     if not new:
         return
@@ -59,13 +78,15 @@ def ensure_topics(s: Settings, partitions: int | None = None, timeout: float = 3
                 raise
 
 
-class DeadLetters:
-    """Sends invalid messages to the DLQ: the raw bytes as value, the reason and source in headers."""
+class KafkaSink:
+    """The messages a stage produces besides its Redis writes (dead letters, CTR samples, item
+    deltas, table entries), on one producer, so that ``flush`` before an offset commit covers
+    them all. Dead letters carry the raw bytes as value, the reason and source in headers."""
 
     def __init__(self, s: Settings) -> None:
-        self.topic = s.dlq
+        self.dlq_topic = s.dlq
         self.source = s.events_topic
-        self.producer = Producer(producer_config(s, **{"compression.type": "none"}))
+        self.producer = Producer(producer_config(s))
         self.failed = 0
         self.sent = 0
         self.pending = 0
@@ -73,42 +94,43 @@ class DeadLetters:
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.failed += 1
-            log.error("dead-letter delivery failed: %s", err)
+            log.error("delivery to %s failed: %s", msg.topic(), err)
         else:
             self.sent += 1
 
-    def send(self, key: bytes | None, raw: bytes | None, partition: int, offset: int, reason: str) -> None:
+    def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
+        kw: dict[str, Any] = {} if partition is None else {"partition": partition}
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery, **kw)
+                break
+            except BufferError:
+                self.producer.poll(0.1)  # the local queue is full: let deliveries drain, then retry
+        self.pending += 1
+
+    def dead_letter(self, key: bytes | None, raw: bytes | None, partition: int, offset: int, reason: str) -> None:
         headers: list[tuple[str, str | bytes | None]] = [
             ("reason", reason.encode()),
             ("source_topic", self.source.encode()),
             ("source_partition", str(partition).encode()),
             ("source_offset", str(offset).encode()),
         ]
-        self.producer.produce(self.topic, value=raw, key=key, headers=headers, on_delivery=self._on_delivery)
+        self.producer.produce(self.dlq_topic, value=raw, key=key, headers=headers, on_delivery=self._on_delivery)
         self.producer.poll(0)
         self.pending += 1
 
-    def send_samples(self, topic: str, samples: list[tuple[bytes, bytes]]) -> None:
-        """CTR samples (key, value) on the same producer, so ``flush`` covers them too."""
-        for key, value in samples:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-            except BufferError:
-                self.producer.poll(1.0)  # the local queue is full: let deliveries drain, then retry
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+    def poll(self) -> None:
         self.producer.poll(0)
-        self.pending += len(samples)
 
     def flush(self, timeout: float = 30.0) -> None:
-        """Block until every dead letter (and sample) is acknowledged (done before offsets are
-        committed)."""
+        """Block until everything produced is acknowledged (done before offsets are committed)."""
         if self.pending:
             left = self.producer.flush(timeout)
             if left:
-                raise RuntimeError(f"{left} dead letters not delivered within {timeout}s")
+                raise RuntimeError(f"{left} messages not delivered within {timeout}s; not committing")
             self.pending = 0
             if self.failed:
-                raise RuntimeError(f"{self.failed} dead letters failed; not committing")
+                raise RuntimeError(f"{self.failed} messages failed delivery; not committing")
 
 
 def end_offsets(bootstrap: str, topic: str, partitions: int, timeout: float = 20.0) -> dict[int, int]:

@@ -121,3 +121,30 @@ def wait_caught_up(
         f"group {group} not caught up after {timeout}s ({committed(bootstrap, group, topic, partitions)}"
         f" of {ends})\n" + worker.log()[-3000:]
     )
+
+
+def wait_stages_caught_up(
+    bootstrap: str,
+    group: str,
+    topic: str,
+    partitions: int,
+    worker: WorkerProcess,
+    timeout: float = 300.0,
+) -> CatchUp:
+    """Wait until the user stage has committed the end of the events ``topic`` and then the item
+    stage (group ``<group>.items``) the end of the deltas topic ``<topic>.deltas``, which is
+    final once the user stage is done: every event's effects are then in Redis and the table.
+    Returns the user stage's catch-up."""
+    caught = wait_caught_up(bootstrap, group, topic, partitions, worker, timeout)
+    deltas = f"{topic}.deltas"
+    wait_caught_up(bootstrap, f"{group}.items", deltas, _partitions(bootstrap, deltas), worker, timeout)
+    return caught
+
+
+def _partitions(bootstrap: str, topic: str) -> int:
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-probe"})
+    try:
+        t = c.list_topics(topic, timeout=10).topics.get(topic)
+        return 0 if t is None or t.error is not None else len(t.partitions)
+    finally:
+        c.close()

@@ -1,8 +1,18 @@
-"""Redis adapter: the reader-facing lists (one pipeline per micro-batch) and state snapshots.
+"""Redis adapter: every key streamrec reads or writes, and every format, lives here.
 
 Layout (prefix configurable, default ``streamrec:``), see README "Recommendations out":
-``rec:{user}`` JSON list doc, ``sim:{item}`` JSON list, ``trending`` JSON list,
-``unavailable`` set of item ids, ``state:{group}:{topic}:{partition}`` worker snapshots.
+
+- ``rec:{user}`` a user's list (JSON), written by the user stage, guarded by version;
+- ``sim:{item}`` an item's neighbours (JSON), written by the item stage owning the item;
+- ``trending`` the most popular items (JSON), written by the owner of item partition 0;
+- ``unavailable`` set of item ids never to recommend (the catalogue topic);
+- ``state:{group}:{topic}:{partition}`` a partition's snapshot (user or item stage) with its offset;
+- ``table:{group}:{topic}`` a snapshot of a worker's item table with the table topic's offsets;
+- ``long:model`` the long-term model's current version (hash: version, blob);
+- ``ctr:model``, ``ctr:control``, ``ctr:metrics`` the CTR model, the trainer's exploration
+  override and its metrics.
+
+Every write of a micro-batch goes into one pipeline (one round trip).
 """
 
 from __future__ import annotations
@@ -33,7 +43,17 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 """
 
-_SNAPSHOT_MAGIC = b"SRS1"
+# Publish a model version (hash fields version and blob) only over an older one.
+_GUARDED_HSET = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'version'))
+if cur and cur >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'blob', ARGV[2])
+return 1
+"""
+
+_SNAPSHOT_MAGIC = b"SRS2"  # SRS1: the single-stage PartitionState of releases before the item stage
+
+Sims = Iterable[tuple[str, list[tuple[str, float]]]]
 
 
 def rec_doc(rl: RecList, now_ms: int, model: str) -> bytes:
@@ -52,23 +72,33 @@ def rec_doc(rl: RecList, now_ms: int, model: str) -> bytes:
     )
 
 
+def sim_doc(sim: list[tuple[str, float]]) -> bytes:
+    return orjson.dumps([{"item_id": j, "score": round(s, 6)} for j, s in sim])
+
+
+def trending_doc(trending: Sequence[tuple[str, float]]) -> bytes:
+    return orjson.dumps([{"item_id": j, "score": round(s, 3)} for j, s in trending])
+
+
 class RedisStore:
-    """One client per process, passed in; every write is batched into a single pipeline."""
+    """One client per process, passed in (it must not decode responses)."""
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.r = client
         self.prefix = prefix
         self._guarded = client.register_script(_GUARDED_SET)
+        self._guarded_hset = client.register_script(_GUARDED_HSET)
 
     def key(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
 
+    # -- outputs of the stages ---------------------------------------------------------------
     def write(
         self,
-        lists: Sequence[RecList],
-        sims: Iterable[tuple[str, list[tuple[str, float]]]],
-        trending: Sequence[tuple[str, float]] | None,
-        model: str,
+        lists: Sequence[RecList] = (),
+        sims: Sims = (),
+        trending: Sequence[tuple[str, float]] | None = None,
+        model: str = "",
     ) -> int:
         """Write one micro-batch's outputs in one round trip; returns the number of commands."""
         now = int(time.time() * 1000)
@@ -78,19 +108,51 @@ class RedisStore:
             self._guarded(keys=[self.key("rec", rl.user_id)], args=[rl.version, rec_doc(rl, now, model)], client=pipe)
             n += 1
         for item, sim in sims:
-            pipe.set(self.key("sim", item), orjson.dumps([{"item_id": j, "score": round(s, 6)} for j, s in sim]))
+            pipe.set(self.key("sim", item), sim_doc(sim))
             n += 1
         if trending:
-            pipe.set(self.key("trending"), orjson.dumps([{"item_id": j, "score": round(s, 3)} for j, s in trending]))
+            pipe.set(self.key("trending"), trending_doc(trending))
             n += 1
         if n:
             pipe.execute()
         return n
 
+    # -- what readers read -------------------------------------------------------------------
+    def rec_key(self, user_id: str) -> str:
+        return self.key("rec", user_id)
+
     def get_rec(self, user_id: str) -> dict[str, Any] | None:
-        raw = self.r.get(self.key("rec", user_id))
+        raw = self.r.get(self.rec_key(user_id))
         return orjson.loads(raw) if raw else None
 
+    def get_recs(self, user_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Several users' lists in one round trip (None where a user has none)."""
+        if not user_ids:
+            return []
+        raws = self.r.mget([self.rec_key(u) for u in user_ids])
+        return [orjson.loads(x) if x else None for x in raws]
+
+    def get_sim(self, item_id: str) -> list[dict[str, Any]] | None:
+        raw = self.r.get(self.key("sim", item_id))
+        return orjson.loads(raw) if raw else None
+
+    def get_sims(self, item_ids: Sequence[str]) -> list[list[dict[str, Any]] | None]:
+        if not item_ids:
+            return []
+        raws = self.r.mget([self.key("sim", i) for i in item_ids])
+        return [orjson.loads(x) if x else None for x in raws]
+
+    def get_trending(self) -> list[dict[str, Any]]:
+        raw = self.r.get(self.key("trending"))
+        return orjson.loads(raw) if raw else []
+
+    def top_items(self, user_id: str, k: int) -> list[str]:
+        """What a reader shows ``user_id``: their list's first ``k`` items, else trending."""
+        doc = self.get_rec(user_id)
+        items = doc["items"] if doc is not None else self.get_trending()
+        return [it["item_id"] for it in items][:k]
+
+    # -- catalogue ---------------------------------------------------------------------------
     def unavailable(self) -> set[str]:
         members = self.r.smembers(self.key("unavailable"))
         return {m.decode() if isinstance(m, bytes) else str(m) for m in members}
@@ -102,24 +164,88 @@ class RedisStore:
             self.r.sadd(self.key("unavailable"), item_id)
 
     # -- snapshots ---------------------------------------------------------------------------
-    def _snap_key(self, group: str, topic: str, partition: int) -> str:
+    def snapshot_key(self, group: str, topic: str, partition: int) -> str:
         return self.key("state", group, topic, str(partition))
 
     def save_snapshot(self, group: str, topic: str, partition: int, offset: int, state: object) -> int:
         """Store state and the offset it reflects in one SET (atomic); returns bytes written."""
         blob = _SNAPSHOT_MAGIC + pickle.dumps({"offset": offset, "state": state}, protocol=5)
-        self.r.set(self._snap_key(group, topic, partition), blob)
+        self.r.set(self.snapshot_key(group, topic, partition), blob)
         return len(blob)
 
     def load_snapshot(self, group: str, topic: str, partition: int) -> tuple[int, Any] | None:
         """(offset, state) of the newest snapshot, or None. Snapshots are trusted data: they are
         pickles written by our own workers into our own Redis."""
-        blob = self.r.get(self._snap_key(group, topic, partition))
+        d = self._load(self.snapshot_key(group, topic, partition), f"partition {partition} of {topic}")
+        return None if d is None else (int(d["offset"]), d["state"])
+
+    def save_table(self, group: str, topic: str, offsets: dict[int, int], table: object) -> int:
+        blob = _SNAPSHOT_MAGIC + pickle.dumps({"offsets": offsets, "table": table}, protocol=5)
+        self.r.set(self.key("table", group, topic), blob)
+        return len(blob)
+
+    def load_table(self, group: str, topic: str) -> tuple[dict[int, int], Any] | None:
+        """(table topic offsets, table) of the newest table snapshot, or None."""
+        d = self._load(self.key("table", group, topic), f"the item table of {topic}")
+        return None if d is None else ({int(p): int(o) for p, o in d["offsets"].items()}, d["table"])
+
+    def _load(self, key: str, what: str) -> dict[str, Any] | None:
+        blob = self.r.get(key)
         if blob is None:
             return None
         if not isinstance(blob, bytes):
             raise TypeError("the Redis client must not decode responses")
         if not blob.startswith(_SNAPSHOT_MAGIC):
-            raise ValueError(f"snapshot for partition {partition} has an unknown format")
-        d = pickle.loads(blob[len(_SNAPSHOT_MAGIC) :])
-        return int(d["offset"]), d["state"]
+            raise ValueError(
+                f"the snapshot of {what} ({key}) has a format this version cannot read (written by an "
+                "older release?); delete it to rebuild the state from the log"
+            )
+        d: dict[str, Any] = pickle.loads(blob[len(_SNAPSHOT_MAGIC) :])
+        return d
+
+    # -- models ------------------------------------------------------------------------------
+    def publish_long_model(self, version: int, blob: bytes) -> bool:
+        """Publish a long-term model version unless a newer one is there; True if written."""
+        return bool(self._guarded_hset(keys=[self.key("long", "model")], args=[version, blob]))
+
+    def long_model_version(self) -> int | None:
+        raw = self.r.hget(self.key("long", "model"), "version")
+        return None if raw is None else int(raw)
+
+    def long_model(self) -> bytes | None:
+        blob = self.r.hget(self.key("long", "model"), "blob")
+        return blob if isinstance(blob, bytes) else None
+
+    def publish_ctr_model(self, version: int, blob: bytes) -> None:
+        self.r.hset(self.key("ctr", "model"), mapping={"version": version, "blob": blob})
+
+    def ctr_model_version(self) -> int | None:
+        raw = self.r.hget(self.key("ctr", "model"), "version")
+        return None if raw is None else int(raw)
+
+    def ctr_model(self) -> bytes | None:
+        blob = self.r.hget(self.key("ctr", "model"), "blob")
+        return blob if isinstance(blob, bytes) else None
+
+    def set_ctr_control(self, epsilon: float, drift: bool) -> None:
+        self.r.set(self.key("ctr", "control"), orjson.dumps({"epsilon": epsilon, "drift": drift}))
+
+    def ctr_epsilon(self) -> float | None:
+        """The trainer's exploration override after drift, or None."""
+        raw = self.r.get(self.key("ctr", "control"))
+        return float(orjson.loads(raw)["epsilon"]) if raw else None
+
+    def set_ctr_metrics(self, metrics: dict[str, Any]) -> None:
+        self.r.set(self.key("ctr", "metrics"), orjson.dumps(metrics))
+
+    def ctr_metrics(self) -> dict[str, Any] | None:
+        raw = self.r.get(self.key("ctr", "metrics"))
+        return orjson.loads(raw) if raw else None
+
+    # -- housekeeping ------------------------------------------------------------------------
+    def delete_all(self) -> int:
+        """Delete every key under the prefix (throw-away runs: demo, bench, tests)."""
+        n = 0
+        for k in self.r.scan_iter(f"{self.prefix}*", count=1000):
+            n += int(self.r.delete(k))
+        return n

@@ -26,6 +26,7 @@ from stream_app.config import Settings, settings_from_env
 from stream_app.evaluate import load_events
 from stream_app.kafka_io import ensure_topics, producer_config
 from stream_app.processes import WorkerProcess, wait_caught_up
+from stream_app.redis_store import RedisStore
 from stream_app.services import isolated_env, local_services
 
 
@@ -49,7 +50,7 @@ def run_served(settings: Settings, path: Path, fmt: str, k: int, rate: float) ->
         s = settings_from_env(env)
         ensure_topics(s, 1)
         worker = WorkerProcess(env, Path(tmp) / "worker.log").start()
-        r = redis.Redis.from_url(svc.redis_url)
+        store = RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix)
         try:
             _wait_assigned(worker)
             p = Producer(producer_config(s))
@@ -62,12 +63,7 @@ def run_served(settings: Settings, path: Path, fmt: str, k: int, rate: float) ->
                     time.sleep(delay)
                 had = seen.setdefault(ev.user_id, set())
                 if ev.item_id not in had:
-                    raw = r.get(f"{s.redis_prefix}rec:{ev.user_id}")
-                    if raw is not None:
-                        top = [it["item_id"] for it in orjson.loads(raw)["items"]][:k]
-                    else:  # what a reader does for an unknown user
-                        trend = r.get(f"{s.redis_prefix}trending")
-                        top = [it["item_id"] for it in orjson.loads(trend)][:k] if trend else []
+                    top = store.top_items(ev.user_id, k)  # a reader falls back to trending
                     evaluated += 1
                     served_items.update(top)
                     if ev.item_id in top:
@@ -81,8 +77,7 @@ def run_served(settings: Settings, path: Path, fmt: str, k: int, rate: float) ->
             wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, 1, worker)
         finally:
             worker.stop()
-            for key in r.scan_iter(f"{s.redis_prefix}*", count=1000):
-                r.delete(key)
+            store.delete_all()
     # the same models in-process, with the worker's settings (exploration included)
     params = dataclasses.replace(s.params(), n_recs=max(k, s.n_recs))
     inproc = (

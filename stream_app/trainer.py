@@ -29,7 +29,6 @@ a running estimate, not an exactly-once aggregate).
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import threading
@@ -47,12 +46,14 @@ import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from river import drift, metrics
 
+from models.ctr.checkpoint import from_bytes, to_bytes
 from models.ctr.din import DIN, CtrConfig
 from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
 from models.ctr.train import batch_loss, list_losses, log_losses, logits, optimizers, sigmoid, train_step
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config
+from stream_app.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -63,34 +64,6 @@ def ctr_config(s: Settings) -> CtrConfig:
 
 def model_dir(s: Settings) -> Path:
     return s.model_dir if s.model_dir is not None else s.data_dir / "models" / s.group_id
-
-
-def model_key(s: Settings) -> str:
-    return f"{s.redis_prefix}ctr:model"
-
-
-def control_key(s: Settings) -> str:
-    return f"{s.redis_prefix}ctr:control"
-
-
-def metrics_key(s: Settings) -> str:
-    return f"{s.redis_prefix}ctr:metrics"
-
-
-def to_bytes(model: DIN, version: int, extra: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save({"version": version, "config": model.cfg.__dict__, "state": model.state_dict(), **extra}, buf)
-    return buf.getvalue()
-
-
-def from_bytes(blob: bytes) -> tuple[int, DIN]:
-    """A published checkpoint: (version, model). Only tensors and plain values are unpickled."""
-    d = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    cfg = d["config"]
-    model = DIN(CtrConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
-    model.load_state_dict(d["state"])
-    model.eval()
-    return int(d["version"]), model
 
 
 @dataclass
@@ -161,7 +134,7 @@ def holdout_loss(model: torch.nn.Module, b: CtrBatch) -> float:
 class Trainer:
     """The trainer's state and one-batch logic, apart from Kafka (which ``run`` adds)."""
 
-    def __init__(self, s: Settings, store: redis.Redis | None = None, record: bool = False) -> None:
+    def __init__(self, s: Settings, store: RedisStore | None = None, record: bool = False) -> None:
         self.s = s
         self.cfg = ctr_config(s)
         torch.manual_seed(s.seed)
@@ -224,7 +197,7 @@ class Trainer:
 
     def _publish_redis(self, blob: bytes) -> None:
         if self.store is not None:
-            self.store.hset(model_key(self.s), mapping={"version": self.version, "blob": blob})
+            self.store.publish_ctr_model(self.version, blob)
 
     # -- one batch -----------------------------------------------------------------------------
     def _held_back(self, smp: Sample) -> bool:
@@ -307,7 +280,7 @@ class Trainer:
         """Tell workers to explore more (after drift) or go back to normal."""
         if self.store is not None:
             eps = self.s.ctr_drift_epsilon if boost > 1.0 else self.s.epsilon
-            self.store.set(control_key(self.s), orjson.dumps({"epsilon": eps, "drift": boost > 1.0}))
+            self.store.set_ctr_control(eps, boost > 1.0)
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -338,8 +311,8 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
     """Consume the samples topic until ``stop`` is set (or nothing arrives for ``max_idle_s``)."""
     if s.ctr_threads > 0:
         torch.set_num_threads(s.ctr_threads)
-    r = redis.Redis.from_url(s.redis_url)
-    t = Trainer(s, r)
+    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
+    t = Trainer(s, store)
     stop = stop or threading.Event()
     c = Consumer({**consumer_config(s), "group.id": f"{s.group_id}-trainer", "enable.auto.offset.store": True})
     c.subscribe([s.samples_topic])
@@ -365,7 +338,7 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
             if time.monotonic() - last_report > 5:
                 last_report = time.monotonic()
                 m = t.metrics()
-                r.set(metrics_key(s), orjson.dumps({**m, "invalid": bad}))
+                store.set_ctr_metrics({**m, "invalid": bad})
                 log.info(
                     "samples %d  AUC %.4f (logreg %.4f)  log-loss %.4f  lists %d, taken item first %.3f"
                     " (retrieval order %.3f)  version %d  drifts %d",
@@ -381,7 +354,7 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
                 )
     finally:
         t.gate()
-        r.set(metrics_key(s), orjson.dumps({**t.metrics(), "invalid": bad}))
+        store.set_ctr_metrics({**t.metrics(), "invalid": bad})
         try:
             c.commit(asynchronous=False)
         except KafkaException as e:

@@ -14,8 +14,8 @@ from itertools import repeat
 
 import numpy as np
 
+from models.hashing import stable_hash
 from models.ranking import RANK_FEATURES
-from models.state import stable_hash
 
 # Dense inputs of the model: a candidate's ranking context (``models.ranking.ranking_context``),
 # then the share of the user's last ``CATEGORY_WINDOW`` items in the candidate's category. Zero

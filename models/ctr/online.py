@@ -23,7 +23,6 @@ from models.ctr.samples import SampleBuilder, SampleParams
 from models.ctr.train import optimizers, train_step
 from models.events import Event
 from models.params import ModelParams
-from models.ranking import recommend
 
 
 class _Untrained:
@@ -62,10 +61,10 @@ class StreamrecCtr(Streamrec):
         self.lists = 0  # list samples made (events that took one of the user's candidates)
 
     def recommend(self, user: str, k: int, exclude: Collection[str]) -> list[str]:
-        if user not in self.state.users:
-            return super().recommend(user, k, exclude)
         rescorer = self.rescorer if self.steps else self.untrained
-        (rl,) = recommend(self.state, [user], rescorer=rescorer, observer=self.builder)
+        rl = self.sim.recommend(user, rescorer=rescorer, observer=self.builder)
+        if rl is None:
+            return super().recommend(user, k, exclude)
         return [it.item_id for it in rl.items][:k]
 
     def learn(self, event: Event) -> None:

@@ -31,7 +31,8 @@ import numpy as np
 
 from models.ctr.features import Sample, rerank_inputs
 from models.events import Event
-from models.state import PartitionState, stable_hash
+from models.hashing import stable_hash
+from models.users import UserPartition
 
 POSITIVE_TYPES = frozenset({"click", "purchase"})
 IMPRESSION_TYPES = frozenset({"view"})
@@ -96,7 +97,7 @@ class SampleBuilder:
         while len(served) > self.p.served_users:
             served.popitem(last=False)
 
-    def seed_from(self, state: PartitionState) -> None:
+    def seed_from(self, state: UserPartition) -> None:
         """Continue from a restored partition state: user histories and the popularity buffer
         are rebuilt from its per-user histories (least recently active users first)."""
         ids = state.item_ids

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -50,15 +51,30 @@ def ml100k() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def run_id(redis_url: str) -> Iterator[str]:
+    with fresh_run(redis_url) as rid:
+        yield rid
+
+
+@contextlib.contextmanager
+def fresh_run(redis_url: str) -> Iterator[str]:
+    """A new run id; the run's Redis keys are deleted afterwards."""
     rid = uuid.uuid4().hex[:10]
-    yield rid
-    r = redis.Redis.from_url(redis_url)
-    for k in r.scan_iter(f"t{rid}:*", count=1000):
-        r.delete(k)
+    try:
+        yield rid
+    finally:
+        r = redis.Redis.from_url(redis_url)
+        for k in r.scan_iter(f"t{rid}:*", count=1000):
+            r.delete(k)
 
 
 @pytest.fixture
 def worker_env(broker: str, redis_url: str, run_id: str) -> dict[str, str]:
+    return worker_env_of(broker, redis_url, run_id)
+
+
+def worker_env_of(broker: str, redis_url: str, run_id: str) -> dict[str, str]:
+    """A worker's environment: this process's, with STREAMREC_* settings of its own (topics,
+    group and key prefix named after ``run_id``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
     env.update(
         {

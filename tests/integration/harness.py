@@ -6,18 +6,16 @@ import contextlib
 import time
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from threadpoolctl import threadpool_limits
 
-from models.engine import step
+from models.deltas import split
 from models.events import EventSchema, InvalidEvent
-from models.ranking import RecList
-from models.state import PartitionState
+from models.items import ItemPartition
+from models.users import UserPartition
 from stream_app.config import Settings
 from stream_app.kafka_io import end_offsets
-from stream_app.redis_store import rec_doc
 
 
 def create_topics(bootstrap: str, topic: str, partitions: int) -> None:
@@ -65,47 +63,66 @@ def read_topic(bootstrap: str, topic: str, partitions: int = 1, timeout: float =
     return out
 
 
-def reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionState, dict[str, RecList]]:
-    """The same models in-process over one partition's messages, cut into the worker's blocks,
-    with BLAS on one thread as in the worker (a matrix product's rounding depends on it)."""
+def reference_run(settings: Settings, values: list[bytes]) -> tuple[UserPartition, ItemPartition]:
+    """The same models in-process over one partition's messages, cut into the worker's blocks:
+    the user state, and the item state of one item partition that owns every item. BLAS on one
+    thread as in the worker (a matrix product's rounding depends on it)."""
     with threadpool_limits(limits=1, user_api="blas"):
-        return _reference_run(settings, values)
+        schema: EventSchema = settings.event_schema()
+        part = UserPartition(settings.params())
+        items = ItemPartition(settings.params())
+        b = settings.batch_size
+        for start in range(0, len(values), b):
+            chunk = values[start : start + b]
+            events, offsets = [], []
+            for k, raw in enumerate(chunk):
+                with contextlib.suppress(InvalidEvent):
+                    events.append(schema.decode(raw))
+                    offsets.append(start + k)
+            d = part.apply(events, offsets).deltas
+            if d is not None and len(d):
+                items.apply(split(d, 0, start, start + len(chunk), part.routes(1), 1))
+        return part, items
 
 
-def _reference_run(settings: Settings, values: list[bytes]) -> tuple[PartitionState, dict[str, RecList]]:
-    schema: EventSchema = settings.event_schema()
-    state = PartitionState(settings.params())
-    lists: dict[str, RecList] = {}
-    b = settings.batch_size
-    for start in range(0, len(values), b):
-        events = []
-        for raw in values[start : start + b]:
-            with contextlib.suppress(InvalidEvent):
-                events.append(schema.decode(raw))
-        for rl in step(state, events).lists:
-            lists[rl.user_id] = rl
-    return state, lists
-
-
-def fingerprint(s: PartitionState) -> dict[str, Any]:
-    n = s.n_items
+def fingerprint(s: UserPartition) -> dict[str, Any]:
+    """A user partition's state, comparable between runs."""
     return {
         "items": list(s.item_ids),
-        "cooc": [sorted(r.items()) for r in s.cooc],
-        "pop": s.pop[:n].tolist(),
-        "context": s.context[:n].tolist(),
         "users": {
             u: (list(st.history), list(st.seen), st.n_events, st.last_ts, None if st.vec is None else st.vec.tolist())
             for u, st in s.users.items()
         },
+        "events": s.events_applied,
     }
 
 
-def comparable_doc(raw: bytes) -> dict[str, Any]:
-    d = orjson.loads(raw)
-    d.pop("generated_at")
-    return d
+def item_counts(parts: list[ItemPartition]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Popularity as of the newest event, and co-occurrence rows, by item id, over item
+    partitions (each partition's landmark factored out, so runs compare whatever their landmarks)."""
+    pop: dict[str, float] = {}
+    rows: dict[str, dict[str, float]] = {}
+    for st in parts:
+        ids = st.item_ids
+        scale = st.scale_now()
+        for i, x in enumerate(ids):
+            if st.own[i]:
+                pop[x] = float(st.pop[i]) / scale
+        for i, row in st.cooc.items():
+            rows[ids[i]] = {ids[j]: v / scale for j, v in row.items()}
+    return pop, rows
 
 
-def reference_doc(rl: RecList, model: str) -> dict[str, Any]:
-    return comparable_doc(rec_doc(rl, 0, model))
+def same_order_up_to_ties(a: list[tuple[str, float]], b: list[tuple[str, float]], tol: float) -> bool:
+    """Whether two ranked lists agree: position by position the same score (within ``tol``), and
+    within each group of equal scores the same items in any order; the last group may differ, as
+    the tie can go on past the end of the lists."""
+    if len(a) != len(b) or any(abs(x[1] - y[1]) > tol for x, y in zip(a, b, strict=True)):
+        return False
+    groups: list[tuple[int, int]] = []
+    for k, (_, score) in enumerate(a):
+        if groups and abs(score - a[groups[-1][0]][1]) <= tol:
+            groups[-1] = (groups[-1][0], k + 1)
+        else:
+            groups.append((k, k + 1))
+    return all({x for x, _ in a[i:j]} == {x for x, _ in b[i:j]} for i, j in groups[:-1])

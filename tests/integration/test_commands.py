@@ -93,12 +93,12 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     assert doc["machine"]["broker"] == "configured" and doc["events"] == 20000
     assert doc["raw_ceiling_events_per_s"] > doc["end_to_end_events_per_s"] > 0
     scale = doc["scale_out_events_per_s"]
-    assert scale["partitions"] == 2 and scale["workers_1"] > 0 and scale["workers_2"] > 0
+    assert scale["partitions"] == 4 and scale["workers_1"] > 0 and scale["workers_2"] > 0
     assert 0 < doc["worker_rss_mb"] < 4096
     f = doc["freshness"]
     assert f["events"] == 1500 and f["observed"] == 1500 and f["unobserved"] == 0
     assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"]
-    assert "| end to end, 2 partitions: one worker / two workers |" in res.stdout
+    assert "| end to end, 4 partitions: one worker / two workers |" in res.stdout
 
 
 def test_bench_with_a_trainer_trains_beside_every_worker_run(worker_env: dict[str, str], tmp_path: Path) -> None:

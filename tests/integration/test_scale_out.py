@@ -1,61 +1,202 @@
-"""Two workers in one consumer group share the partitions; state moves with a partition."""
+"""Scale-out: item-level outputs do not depend on how many partitions and workers there are.
+
+A full replay of MovieLens-100K into one partition with one worker is the reference. The same
+log in four partitions gives the same popularity and co-occurrence counts (up to floating-point
+rounding), the same ``trending`` list and the same ``sim:{item}`` lists (up to ties) in every
+one of these cases: two workers from the start; a ``kill -9`` of a user-stage worker and later
+of an item-stage worker, each restarted, mid-replay; a second worker joining mid-replay.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import redis
 
-from stream_app.kafka_io import end_offsets
-from stream_app.processes import WorkerProcess, committed, wait_caught_up
+from stream_app.config import Settings
+from stream_app.kafka_io import end_offsets, topic_partitions
+from stream_app.processes import WorkerProcess, committed, wait_stages_caught_up
 from stream_app.redis_store import RedisStore
-from tests.integration.conftest import settings_from
-from tests.integration.harness import create_topics, produce
+from tests.integration.conftest import fresh_run, settings_from, worker_env_of
+from tests.integration.harness import create_topics, item_counts, produce, same_order_up_to_ties
 
 PARTS = 4
+REL = 1e-9  # counts summed in another order differ by rounding only
 
 
-def test_a_second_worker_takes_over_partitions_with_their_state(
-    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path
-) -> None:
-    topic, group = worker_env["STREAMREC_EVENTS_TOPIC"], worker_env["STREAMREC_GROUP_ID"]
-    worker_env["STREAMREC_BATCH_SIZE"] = "500"
-    create_topics(broker, topic, PARTS)
-    events = ml100k[:40_000]
-    first, second = events[:20_000], events[20_000:]
-    produce(broker, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in first])
-    a = WorkerProcess(worker_env, tmp_path / "a.log").start()
-    b = WorkerProcess(worker_env, tmp_path / "b.log")
-    try:
-        wait_caught_up(broker, group, topic, PARTS, a)
-        b.start()
-        # wait until the group has rebalanced: b restored some partitions from a's snapshots
-        deadline = time.monotonic() + 60
-        while "restored snapshot" not in b.log() and time.monotonic() < deadline:
-            assert a.alive() and b.alive(), a.log()[-2000:] + b.log()[-2000:]
-            time.sleep(0.3)
-        assert "restored snapshot" in b.log(), b.log()[-3000:]
-        produce(broker, topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in second])
-        wait_caught_up(broker, group, topic, PARTS, a)
-        assert b.alive()
-    finally:
-        assert a.stop() == 0, a.log()[-3000:]
-        if b.proc is not None:
-            assert b.stop() == 0, b.log()[-3000:]
-    s = settings_from(worker_env)
+@dataclass
+class Outputs:
+    """A run's item-level results: what the item stage published and its state."""
+
+    pop: dict[str, float]
+    rows: dict[str, dict[str, float]]
+    trending: list[tuple[str, float]]
+    sims: dict[str, list[tuple[str, float]]]
+    events: int
+
+
+def collect(env: dict[str, str], items: list[str]) -> Outputs:
+    s = settings_from(env)
     store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
-    ends = end_offsets(broker, topic, PARTS)
-    assert committed(broker, group, topic, PARTS) == ends
+    states = []
+    for q in range(topic_partitions(s, s.deltas)):
+        snap = store.load_snapshot(s.group_id, s.deltas, q)
+        assert snap is not None, f"no snapshot of item partition {q}"
+        states.append(snap[1])
+    assert len({st.events_applied for st in states}) == 1  # every item partition saw every event
+    pop, rows = item_counts(states)
+    docs = store.get_sims(items)
+    sims = {x: [(d["item_id"], d["score"]) for d in doc] for x, doc in zip(items, docs, strict=True) if doc}
+    trending = [(t["item_id"], t["score"]) for t in store.get_trending()]
+    return Outputs(pop, rows, trending, sims, states[0].events_applied)
+
+
+def assert_same(got: Outputs, want: Outputs) -> None:
+    assert got.events == want.events
+    assert got.pop.keys() == want.pop.keys()
+    assert all(got.pop[x] == pytest.approx(want.pop[x], rel=REL) for x in got.pop)
+    assert got.rows.keys() == want.rows.keys()
+    for x, row in got.rows.items():
+        assert row.keys() == want.rows[x].keys(), f"row {x}: other neighbours"
+        assert all(v == pytest.approx(want.rows[x][j], rel=REL) for j, v in row.items()), f"row {x}: other counts"
+    assert same_order_up_to_ties(got.trending, want.trending, 1.01e-3)  # scores rounded to 3 decimals
+    assert got.sims.keys() == want.sims.keys()
+    bad = [x for x in got.sims if not same_order_up_to_ties(got.sims[x], want.sims[x], 1.01e-6)]
+    assert not bad, f"{len(bad)} sim: lists differ, e.g. {bad[0]}: {got.sims[bad[0]]} vs {want.sims[bad[0]]}"
+
+
+def keyed(events: list[dict[str, Any]]) -> list[tuple[bytes | None, bytes]]:
+    return [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in events]
+
+
+def fresh_env(base: dict[str, str], name: str) -> dict[str, str]:
+    env = dict(base)
+    for k in ("EVENTS_TOPIC", "ITEMS_TOPIC", "GROUP_ID"):
+        env[f"STREAMREC_{k}"] = f"{base[f'STREAMREC_{k}']}-{name}"
+    env["STREAMREC_REDIS_PREFIX"] = f"{base['STREAMREC_REDIS_PREFIX']}{name}:"
+    env["STREAMREC_SNAPSHOT_INTERVAL_S"] = "0.5"
+    env["STREAMREC_BATCH_SIZE"] = "1000"
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(
+    broker: str, redis_url: str, ml100k: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Outputs]:
+    """One partition, one worker."""
+    with fresh_run(redis_url) as rid:
+        env = fresh_env(worker_env_of(broker, redis_url, rid), "ref")
+        s = settings_from(env)
+        create_topics(broker, s.events_topic, 1)
+        produce(broker, s.events_topic, keyed(ml100k))
+        w = WorkerProcess(env, tmp_path_factory.mktemp("ref") / "worker.log").start()
+        try:
+            wait_stages_caught_up(broker, s.group_id, s.events_topic, 1, w)
+        finally:
+            assert w.stop() == 0, w.log()[-3000:]
+        yield collect(env, sorted({str(e["item_id"]) for e in ml100k}))
+
+
+def items_of(events: list[dict[str, Any]]) -> list[str]:
+    return sorted({str(e["item_id"]) for e in events})
+
+
+def wait_until(cond: Callable[[], bool], workers: list[WorkerProcess], what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for w in workers:
+            assert w.proc is None or w.alive() or w.proc.returncode == -9, w.log()[-3000:]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def progress(broker: str, s: Settings) -> int:
+    return sum(max(o, 0) for o in committed(broker, s.group_id, s.events_topic, PARTS).values())
+
+
+def finish(broker: str, s: Settings, workers: list[WorkerProcess]) -> None:
+    """Wait for both stages to be done with the log, then stop every worker gracefully."""
+    live = [w for w in workers if w.alive()]
+    try:
+        wait_stages_caught_up(broker, s.group_id, s.events_topic, PARTS, live[0])
+    finally:
+        for w in live:
+            assert w.stop() == 0, w.log()[-3000:]
+
+
+def test_four_partitions_two_workers_equal_one_partition(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
+) -> None:
+    env = fresh_env(worker_env, "two")
+    s = settings_from(env)
+    create_topics(broker, s.events_topic, PARTS)
+    produce(broker, s.events_topic, keyed(ml100k))
+    workers = [WorkerProcess(env, tmp_path / f"w{k}.log").start() for k in range(2)]
+    finish(broker, s, workers)
+    assert all("assigned item partitions" in w.log() for w in workers)
+    assert_same(collect(env, items_of(ml100k)), reference)
+
+
+def test_kill_9_of_each_stage_mid_replay_changes_nothing(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
+) -> None:
+    """The stages run as separate workers here, so that each can be killed alone."""
+    env = fresh_env(worker_env, "kill")
+    s = settings_from(env)
+    user_env, item_env = {**env, "STREAMREC_ROLES": "user"}, {**env, "STREAMREC_ROLES": "item"}
+    create_topics(broker, s.events_topic, PARTS)
+    produce(broker, s.events_topic, keyed(ml100k))
+    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
+    users = WorkerProcess(user_env, tmp_path / "user.log").start()
+    items = WorkerProcess(item_env, tmp_path / "item.log").start()
+    wait_until(lambda: progress(broker, s) >= len(ml100k) // 4, [users, items], "a quarter of the log")
+    users.kill9()
+    users = WorkerProcess(user_env, tmp_path / "user2.log").start()
+    deltas = s.deltas
+
+    def item_stage_mid_way() -> bool:
+        done = committed(broker, s.item_group_id, deltas, PARTS)
+        snaps = all(store.load_snapshot(s.group_id, deltas, q) is not None for q in range(PARTS))
+        return snaps and progress(broker, s) >= len(ml100k) // 2 and sum(max(o, 0) for o in done.values()) > 0
+
+    wait_until(item_stage_mid_way, [users, items], "the item stage mid-way")
+    assert progress(broker, s) < len(ml100k), "the replay ended before the item stage was killed"
+    items.kill9()
+    items = WorkerProcess(item_env, tmp_path / "item2.log").start()
+    finish(broker, s, [users, items])
+    assert "restored snapshot" in users.log() and "restored snapshot" in items.log()
+    assert_same(collect(env, items_of(ml100k)), reference)
+
+
+def test_a_second_worker_joining_mid_replay_changes_nothing(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
+) -> None:
+    env = fresh_env(worker_env, "join")
+    s = settings_from(env)
+    create_topics(broker, s.events_topic, PARTS)
+    produce(broker, s.events_topic, keyed(ml100k))
+    a = WorkerProcess(env, tmp_path / "a.log").start()
+    wait_until(lambda: progress(broker, s) >= len(ml100k) // 3, [a], "a third of the log")
+    b = WorkerProcess(env, tmp_path / "b.log").start()
+    wait_until(lambda: "restored snapshot" in b.log(), [a, b], "the second worker to take over partitions")
+    finish(broker, s, [a, b])
+    ends = end_offsets(broker, s.events_topic, PARTS)
+    assert committed(broker, s.group_id, s.events_topic, PARTS) == ends
+    got = collect(env, items_of(ml100k))
+    assert_same(got, reference)
+    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
     applied = 0
     for p in range(PARTS):
-        snap = store.load_snapshot(group, topic, p)
+        snap = store.load_snapshot(s.group_id, s.events_topic, p)
         assert snap is not None and snap[0] == ends[p]
         applied += snap[1].events_applied
-    assert applied == len(events)  # every event folded in exactly once, across both workers
-    users = sorted({e["user_id"] for e in events})
-    docs = store.r.mget([f"{s.redis_prefix}rec:{u}" for u in users])
-    last = {e["user_id"]: e["ts"] for e in events}
-    assert all(d is not None and orjson.loads(d)["event_ts"] == last[u] for u, d in zip(users, docs, strict=True))
+    assert applied == len(ml100k)  # every event folded in exactly once, across both workers
+    users = sorted({str(e["user_id"]) for e in ml100k})
+    last = {str(e["user_id"]): e["ts"] for e in ml100k}
+    assert all(d is not None and d["event_ts"] == last[u] for u, d in zip(users, store.get_recs(users), strict=True))

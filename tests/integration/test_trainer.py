@@ -11,9 +11,10 @@ from typing import Any
 import orjson
 import redis
 
+from models.ctr.checkpoint import from_bytes, to_bytes
 from models.ctr.features import N_DENSE
 from stream_app.processes import WorkerProcess, wait_caught_up
-from stream_app.trainer import from_bytes, metrics_key, model_key, to_bytes
+from stream_app.redis_store import RedisStore
 from tests.integration.conftest import settings_from
 from tests.integration.harness import create_topics, produce, read_topic
 
@@ -75,13 +76,13 @@ def test_worker_samples_feed_the_trainer_which_publishes_versions(
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "; 1 torch thread(s)" in res.stderr  # CTR_THREADS: one by default, beside the workers
-    r = redis.Redis.from_url(s.redis_url)
-    m = orjson.loads(r.get(metrics_key(s)) or b"{}")
+    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
+    m = store.ctr_metrics() or {}
     assert m["samples"] > 0.9 * len(samples) and m["version"] >= 2
     assert m["ctr"]["auc"] > 0.55, m
     assert m["lists"]["lists"] >= 0.8 * len(lists) * (1 - s.ctr_holdout), m  # scored before training
-    version, model = from_bytes(r.hget(model_key(s), "blob") or b"")
-    assert version == m["version"] == int(r.hget(model_key(s), "version") or 0)
+    version, model = from_bytes(store.ctr_model() or b"")
+    assert version == m["version"] == store.ctr_model_version()
     assert len(list((tmp_path / "models").glob("ctr-*.pt"))) == min(version, 5)
 
     # a worker with the CTR model in its ranking picks up published versions without a restart
@@ -91,18 +92,15 @@ def test_worker_samples_feed_the_trainer_which_publishes_versions(
     try:
         produce(broker, s.events_topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in more[:2000]])
         wait_caught_up(broker, s.group_id, s.events_topic, 1, w2)
-        doc = orjson.loads(r.get(f"{s.redis_prefix}rec:{more[1999]['user_id']}") or b"{}")
+        doc = store.get_rec(more[1999]["user_id"]) or {}
         assert doc["model"] == f"{s.model_version}+ctr-v{version}", doc
-        r.hset(
-            model_key(s),
-            mapping={"version": version + 1, "blob": _republish(r.hget(model_key(s), "blob"), version + 1)},
-        )
+        store.publish_ctr_model(version + 1, _republish(store.ctr_model(), version + 1))
         deadline = time.monotonic() + 30
         while f"CTR model version {version + 1} loaded" not in w2.log() and time.monotonic() < deadline:
             time.sleep(0.2)
         produce(broker, s.events_topic, [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in more[2000:]])
         wait_caught_up(broker, s.group_id, s.events_topic, 1, w2)
-        doc = orjson.loads(r.get(f"{s.redis_prefix}rec:{more[-1]['user_id']}") or b"{}")
+        doc = store.get_rec(more[-1]["user_id"]) or {}
         assert doc["model"] == f"{s.model_version}+ctr-v{version + 1}", doc
         seen = {e["item_id"] for e in ml100k[:24_000] if e["user_id"] == more[-1]["user_id"]}
         assert len(doc["items"]) == s.n_recs and not seen & {x["item_id"] for x in doc["items"]}

@@ -14,8 +14,9 @@ from models.ctr.samples import SampleParams
 from models.events import Event
 from models.params import ModelParams
 from models.ranking import RANK_FEATURES, recommend
-from models.state import PartitionState
+from models.simulation import TwoStage
 from stream_app.datasets import synthetic_events
+from tests.unit.systems import fed, synthetic
 
 
 class Favour:
@@ -38,26 +39,26 @@ class Favour:
         return [np.array([1.0 if c == self.item else 0.0 for c in cs]) for cs in candidates]
 
 
-def _state() -> PartitionState:
-    st = PartitionState(ModelParams(epsilon=0.0, n_recs=10))
-    rows = synthetic_events(n_users=40, n_items=60, n_events=3000, seed=2)
-    st.apply([Event(str(r["user_id"]), str(r["item_id"]), str(r["type"]), int(r["ts"])) for r in rows])
-    return st
+def _system(params: ModelParams | None = None, n_items: int = 60) -> TwoStage:
+    return fed(
+        params or ModelParams(epsilon=0.0, n_recs=10), synthetic(n_users=40, n_items=n_items, n_events=3000, seed=2)
+    )
 
 
 def test_the_blend_reorders_candidates_and_is_batched_over_users() -> None:
-    st = _state()
-    users = list(st.users)[:8]
-    plain = recommend(st, users)
+    sy = _system()
+    part, table = sy.parts[0], sy.table
+    users = list(part.users)[:8]
+    plain = recommend(part, table, users)
     last = plain[0].items[-1].item_id  # the weakest of user 0's candidates
     fav = Favour(last, weight=5.0)
-    boosted = recommend(st, users, rescorer=fav)
+    boosted = recommend(part, table, users, rescorer=fav)
     assert fav.calls == 1  # one call for the whole chunk of users
     assert boosted[0].items[0].item_id == last
     assert sorted(x.item_id for x in boosted[0].items) == sorted(x.item_id for x in plain[0].items)
-    seen = set(st.users[users[0]].seen)
-    assert not {st.item_index[x.item_id] for x in boosted[0].items} & seen
-    zero = recommend(st, users, rescorer=Favour(last, weight=0.0))
+    seen = set(part.users[users[0]].seen)
+    assert not {part.item_index[x.item_id] for x in boosted[0].items} & seen
+    zero = recommend(part, table, users, rescorer=Favour(last, weight=0.0))
     assert [r.items for r in zero] == [r.items for r in plain]  # weight 0: the ranking unchanged
 
 
@@ -81,8 +82,9 @@ def test_online_ctr_ranker_trains_and_recommends_unseen_items() -> None:
 
 
 def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> None:
-    st = _state()
-    users = list(st.users)[:5]
+    sy = _system()
+    part, table = sy.parts[0], sy.table
+    users = list(part.users)[:5]
     seen: list[tuple[list[str], list[np.ndarray]]] = []
 
     class Keep:
@@ -91,26 +93,25 @@ def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> N
         ) -> None:
             seen.append(([list(cs) for cs in c], list(x)))
 
-    lists = recommend(st, users, observer=Keep())
+    lists = recommend(part, table, users, observer=Keep())
     ((cands, ctx),) = seen
     for rl, cs, x in zip(lists, cands, ctx, strict=True):
         assert [it.item_id for it in rl.items] == cs[: len(rl.items)]  # no exploration, no rescorer
         assert x.shape == (len(cs), RANK_FEATURES) and x.dtype == np.float32
         assert x[0, 0] == 1.0 and (np.diff(x[:, 0]) <= 1e-6).all() and (x >= 0).all()
         assert x[:, 1].tolist() == pytest.approx(np.log1p(np.arange(len(cs))) / 5)
-        u = st.users[rl.user_id]
-        nb, sc = st.sim_top(u.history[-1][0])
+        u = part.users[rl.user_id]
+        nb, sc = table.sim_top(table.index[part.item_ids[u.history[-1][0]]])
         sims = dict(zip(nb.tolist(), sc.tolist(), strict=True))
-        assert x[:, 4].tolist() == pytest.approx([sims.get(st.item_index[c], 0.0) for c in cs])
+        assert x[:, 4].tolist() == pytest.approx([sims.get(table.index[c], 0.0) for c in cs])
         assert len(set(x[:, 5].tolist())) == 1  # a user column
 
 
 def test_a_reranker_sees_a_deeper_pool_than_a_list_draws_from() -> None:
-    st = PartitionState(ModelParams(epsilon=0.0, n_recs=5, explore_pool=5, rerank_pool=30))
-    rows = synthetic_events(n_users=40, n_items=200, n_events=3000, seed=2)
-    st.apply([Event(str(r["user_id"]), str(r["item_id"]), str(r["type"]), int(r["ts"])) for r in rows])
-    users = list(st.users)[:6]
-    plain = recommend(st, users)
+    sy = _system(ModelParams(epsilon=0.0, n_recs=5, explore_pool=5, rerank_pool=30), n_items=200)
+    part, table = sy.parts[0], sy.table
+    users = list(part.users)[:6]
+    plain = recommend(part, table, users)
     seen: list[list[str]] = []
 
     class Keep:
@@ -119,12 +120,12 @@ def test_a_reranker_sees_a_deeper_pool_than_a_list_draws_from() -> None:
         ) -> None:
             seen.extend(list(cs) for cs in c)
 
-    observed = recommend(st, users, observer=Keep())
+    observed = recommend(part, table, users, observer=Keep())
     assert [r.items for r in observed] == [r.items for r in plain]  # watching changes no list
     assert [len(cs) for cs in seen] == [30] * len(users)
     assert all(cs[:5] == [it.item_id for it in rl.items] for cs, rl in zip(seen, plain, strict=True))
     deep = seen[0][25]  # below the 10 candidates a list is drawn from
     assert deep not in {it.item_id for it in plain[0].items}
-    boosted = recommend(st, users, rescorer=Favour(deep, weight=5.0))
+    boosted = recommend(part, table, users, rescorer=Favour(deep, weight=5.0))
     assert boosted[0].items[0].item_id == deep
     assert len(boosted[0].items) == 5

@@ -114,3 +114,17 @@ def test_evaluate_command_passes_its_options_through(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["k"] == 5 and doc["split"]["at_event"] == 500 and set(doc["models"]) == {"streamrec", "pop"}
     assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_two_stage_accuracy_does_not_depend_on_the_number_of_user_partitions() -> None:
+    """Users split over 1, 4 or 16 partitions rank from the same global item state: the same
+    lists, event for event, when the table is current; a table that lags costs hits."""
+    log = [
+        Event(e["user_id"], e["item_id"], e["type"], e["ts"])
+        for e in synthetic_events(n_users=80, n_items=120, n_events=3000, seed=4)
+    ]
+    p = ModelParams(n_recs=10, epsilon=0.0, long_refit_events=500)
+    runs = {n: prequential(log, [Streamrec(p, n)], k=10).scores["streamrec"] for n in (1, 4, 16)}
+    assert runs[1].curve == runs[4].curve == runs[16].curve
+    lagged = prequential(log, [Streamrec(p, 4, lag=300)], k=10).scores["streamrec"]
+    assert lagged.hits < runs[1].hits

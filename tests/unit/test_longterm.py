@@ -5,17 +5,16 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import random
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.engine import step
 from models.events import Event
-from models.longterm import FitInput, fit
+from models.longterm import PROFILE_LEN, FitInput, LongTermOwner, decode_model, encode_model, fit
 from models.params import ModelParams
-from models.state import PartitionState
+from models.simulation import TwoStage
 from tests.unit.strategies import event_logs
 
 LONG = ModelParams(n_recs=5, explore_pool=5, epsilon=0.0, dim=8, w_long=0.5, long_refit_events=100, long_items=50)
@@ -30,19 +29,6 @@ def cluster_log(n_users: int = 60, rounds: int = 6, seed: int = 0) -> list[Event
             out.append(Event(f"u{u}", f"c{u % 3}-{rng.randrange(12)}", "view", ts, None))
             ts += 60_000
     return out
-
-
-def run(events: list[Event], params: ModelParams, sizes: list[int], executor: object = None) -> tuple:
-    state = PartitionState(params)
-    state.executor = executor  # type: ignore[assignment]
-    lists, k = [], 0
-    for n in sizes:
-        lists += [
-            (r.user_id, r.version, [(i.item_id, round(i.score, 9)) for i in r.items])
-            for r in step(state, events[k : k + n]).lists
-        ]
-        k += n
-    return state, lists
 
 
 def test_fit_is_the_closed_form() -> None:
@@ -63,55 +49,72 @@ def test_fit_is_the_closed_form() -> None:
     np.testing.assert_allclose(got.weights[others, j], ridge, rtol=1e-3, atol=1e-5)
 
 
-def test_fits_are_taken_and_installed_at_fixed_event_counts() -> None:
-    state = PartitionState(LONG)
-    installed = []
+def test_fits_come_due_at_fixed_event_counts_and_are_installed_half_a_period_later() -> None:
+    sy = TwoStage(LONG)
+    due, installed = [], []
+    owner = sy.items.long
+    assert owner is not None
     for k, e in enumerate(cluster_log(), 1):
-        before = state.long
-        state.apply([e])
-        if state.long is not before:
+        version = owner.version
+        before = sy.table.long
+        sy.learn(e)
+        if owner.version != version:
+            due.append(k)
+        if sy.table.long is not before:
             installed.append(k)
     # inputs taken at 100, then after each quarter's growth (at most every 100 events): 125,
     # 156, 195, 243, 303, 378; each fit installed half its period later
+    assert due == [100, 125, 156, 195, 243, 303] and owner.next_fit == 378
     assert installed == [100 + 12, 125 + 15, 156 + 19, 195 + 24, 243 + 30, 303 + 37]
-    assert state.long_pending is None and state.long_next_fit == 378
+    assert sy.table.long_version == 6
 
 
-def test_a_background_fit_gives_the_same_lists_as_an_inline_one() -> None:
+def test_the_owner_keeps_the_newest_items_of_the_most_recently_active_users() -> None:
+    owner = LongTermOwner(dataclasses.replace(LONG, long_users=2))
+    owner.feed(["a", "b", "a", "c"], np.array([1, 2, 3, 4]), np.array([True, True, True, False]))
+    assert list(owner.profiles) == ["a", "c"]  # b was the least recently active
+    assert list(owner.profiles["a"]) == [1, 3] and list(owner.profiles["c"]) == []  # c's item was not new
+    owner.feed(["a"] * (PROFILE_LEN + 5), np.arange(PROFILE_LEN + 5), np.ones(PROFILE_LEN + 5, dtype=bool))
+    assert list(owner.profiles["a"]) == list(range(5, PROFILE_LEN + 5))
+    assert owner.events == 4 + PROFILE_LEN + 5
+
+
+def test_a_model_survives_its_wire_format() -> None:
+    w = np.random.default_rng(1).random((3, 3)).astype(np.float32)
+    version, ids, got = decode_model(encode_model(7, ["a", "b", "c"], w))
+    assert (version, ids) == (7, ["a", "b", "c"]) and np.array_equal(got, w)
+    with pytest.raises(ValueError):
+        decode_model(b"SRL1" + encode_model(7, ["a"], w[:1, :1])[4:-1])
+
+
+def test_an_item_partition_with_the_owner_restores_to_the_same_fits() -> None:
     events = cluster_log()
-    sizes = [random.Random(1).randint(1, 30) for _ in range(40)]
-    with ThreadPoolExecutor(1) as pool:
-        a, la = run(events, LONG, sizes, pool)
-    b, lb = run(events, LONG, sizes)
-    assert la == lb
-    assert a.long is not None and b.long is not None
-    np.testing.assert_array_equal(a.long.weights, b.long.weights)
-
-
-def test_a_snapshot_with_a_fit_pending_restores_to_the_same_lists() -> None:
-    events = cluster_log()
-    state, _ = run(events[:120], LONG, [120])
-    assert state.long_pending is not None  # inputs taken at 120, installed at 120 + 15
-    with ThreadPoolExecutor(1) as pool:
-        state.executor = pool
-        restored = pickle.loads(pickle.dumps(state))
-        rest = [1] * (len(events) - 120)
-        la = [step(state, [e]).lists for e in events[120:]]
-    lb = [step(restored, [e]).lists for e in events[120:]]
-    assert la == lb and len(rest) == len(la)
+    a = TwoStage(LONG)
+    for e in events[:120]:
+        a.learn(e)
+    b = pickle.loads(pickle.dumps(a))
+    for e in events[120:]:
+        a.learn(e)
+        b.learn(e)
+    assert a.table.long is not None and b.table.long is not None
+    np.testing.assert_array_equal(a.table.long.weights, b.table.long.weights)
+    assert a.table.long_version == b.table.long_version
 
 
 def test_the_long_term_model_ranks_the_users_own_cluster_first() -> None:
     params = dataclasses.replace(LONG, w_cooc=0.0, w_pop=0.0)
-    state = PartitionState(params)
+    sy = TwoStage(params)
     out = {}
     for e in cluster_log(rounds=8):  # one event at a time, so that fits are installed on the way
-        out.update({r.user_id: r for r in step(state, [e]).lists})
-    assert state.long is not None
+        sy.learn(e)
+        out[e.user_id] = sy.recommend(e.user_id)
+    assert sy.table.long is not None
+    part = sy.parts[0]
     checked = 0
     for uid, rl in out.items():
+        assert rl is not None
         cluster = int(uid[1:]) % 3
-        seen = {state.item_ids[i] for i in state.users[uid].seen}
+        seen = {part.item_ids[i] for i in part.users[uid].seen}
         if len({f"c{cluster}-{k}" for k in range(12)} - seen) < 3:
             continue
         assert [it.item_id.split("-")[0] for it in rl.items[:3]] == [f"c{cluster}"] * 3, rl
@@ -124,24 +127,10 @@ def test_the_long_term_model_ranks_the_users_own_cluster_first() -> None:
 @given(event_logs(), st.integers(1, 40))
 def test_lists_with_the_long_term_model_never_contain_seen_items(events: list[Event], batch: int) -> None:
     params = dataclasses.replace(LONG, long_refit_events=10, long_items=6)
-    state = PartitionState(params)
+    sy = TwoStage(params)
+    part = sy.parts[0]
     for k in range(0, len(events), batch):
-        for rl in step(state, events[k : k + batch]).lists:
-            seen = {state.item_ids[i] for i in state.users[rl.user_id].seen}
+        for rl in sy.block(events[k : k + batch]):
+            seen = {part.item_ids[i] for i in part.users[rl.user_id].seen}
             ids = [it.item_id for it in rl.items]
             assert not set(ids) & seen and len(ids) == len(set(ids))
-
-
-class _BrokenPool:
-    """An executor that refuses work, as a process pool does once its process has died."""
-
-    def submit(self, *args: object) -> None:
-        raise RuntimeError("pool is broken")
-
-
-def test_a_broken_executor_falls_back_to_inline_fits() -> None:
-    events = cluster_log()
-    sizes = [20] * (len(events) // 20)
-    a, la = run(events, LONG, sizes, _BrokenPool())
-    b, lb = run(events, LONG, sizes)
-    assert la == lb and a.long is not None

@@ -1,0 +1,245 @@
+"""Item-level deltas: what a block of one user partition tells the item stage.
+
+A block's ``BlockDeltas`` (from ``UserPartition.apply``) hold, per applied event, its source
+offset, time, item and type weight (the popularity increment), and per co-occurrence pair the
+event it came from, the two items and the pair's weight. ``split`` turns them into one
+``DeltaMessage`` per item partition: every message carries every event (each item partition
+keeps the global popularity that neighbour scores are normalised by), a message carries only the
+pairs whose *row* item the partition owns (each pair once per direction), and the message for
+item partition 0 also carries the user-profile records the long-term model is fitted from.
+
+Every event and pair is attributed to its source offset, so the item stage can apply exactly the
+part of a message it has not applied yet (a restarted user stage may cut its blocks differently
+from the run it replaces). ``encode``/``decode`` are the wire format of the internal deltas topic:
+a JSON header with the dictionaries of item and user ids, then raw little-endian arrays.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+_MAGIC = b"SRD1"
+# wire layout of the arrays after the header: name, dtype (fixed widths, little-endian)
+_EVENT_ARRAYS = (("ev_offset", "<i8"), ("ev_ts", "<i8"), ("ev_w", "<f8"), ("ev_item", "<i4"))
+_PAIR_ARRAYS = (("pr_ev", "<i4"), ("pr_row", "<i4"), ("pr_col", "<i4"), ("pr_w", "<f4"))
+_PROFILE_ARRAYS = (("ev_user", "<i4"), ("ev_new", "u1"))
+# per-event and per-pair bytes on the wire, for cutting oversized messages
+_EVENT_BYTES = 28
+_PAIR_BYTES = 16
+
+
+def item_partition(item_id: str, partitions: int) -> int:
+    """The item partition that owns ``item_id``'s co-occurrence row (CRC-32, like the user key)."""
+    return zlib.crc32(item_id.encode()) % partitions
+
+
+@dataclass
+class BlockDeltas:
+    """A block's deltas in the user partition's item numbering (``ids``: its ``item_ids``)."""
+
+    ids: Sequence[str]
+    ev_offset: np.ndarray  # int64, increasing
+    ev_ts: np.ndarray  # int64
+    ev_item: np.ndarray  # int64, into ids
+    ev_w: np.ndarray  # float64, the event type's weight
+    ev_user: Sequence[str]
+    ev_new: np.ndarray  # bool: the item is new to the user's profile
+    pr_ev: np.ndarray  # int64, event position; non-decreasing
+    pr_i: np.ndarray  # int64: the event's item
+    pr_j: np.ndarray  # int64: an item of the user's window
+    pr_w: np.ndarray  # float64: sqrt(w_i * w_j) * pair_decay ** (d - 1)
+
+    def __len__(self) -> int:
+        return len(self.ev_offset)
+
+
+@dataclass
+class DeltaMessage:
+    """One item partition's share of a block: events ``[start, end)`` of source partition
+    ``source`` (offsets of invalid or duplicate events are in the range, not in the arrays).
+    Item and user fields index the message's own ``ids`` and ``users``."""
+
+    source: int
+    start: int
+    end: int
+    ids: list[str]
+    ev_offset: np.ndarray
+    ev_ts: np.ndarray
+    ev_w: np.ndarray
+    ev_item: np.ndarray
+    pr_ev: np.ndarray
+    pr_row: np.ndarray
+    pr_col: np.ndarray
+    pr_w: np.ndarray
+    users: list[str]  # empty unless the message carries profile records (item partition 0)
+    ev_user: np.ndarray
+    ev_new: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ev_offset)
+
+
+def split(d: BlockDeltas, source: int, start: int, end: int, routes: np.ndarray, partitions: int) -> list[DeltaMessage]:
+    """One message per item partition (``routes[i]``: the partition of local item ``i``)."""
+    rows = np.concatenate([d.pr_i, d.pr_j])
+    cols = np.concatenate([d.pr_j, d.pr_i])
+    wts = np.concatenate([d.pr_w, d.pr_w]).astype(np.float32)
+    evs = np.concatenate([d.pr_ev, d.pr_ev])
+    # by partition, then by event (stable: within an event, the newer item's row first)
+    order = np.lexsort((evs, routes[rows])) if len(rows) else np.zeros(0, dtype=np.int64)
+    rows, cols, wts, evs = rows[order], cols[order], wts[order], evs[order]
+    bounds = np.searchsorted(routes[rows], np.arange(partitions + 1))
+    out = []
+    for q in range(partitions):
+        a, b = bounds[q], bounds[q + 1]
+        r, c = rows[a:b], cols[a:b]
+        local, inv = np.unique(np.concatenate([d.ev_item, r, c]), return_inverse=True)
+        n_ev, n_pr = len(d.ev_item), len(r)
+        ids = [d.ids[k] for k in local.tolist()]
+        if q == 0:
+            users, ev_user = _dictionary(d.ev_user)
+            ev_new = d.ev_new.astype(np.uint8)
+        else:
+            users, ev_user, ev_new = [], _EMPTY_I4, _EMPTY_U1
+        out.append(
+            DeltaMessage(
+                source,
+                start,
+                end,
+                ids,
+                d.ev_offset,
+                d.ev_ts,
+                d.ev_w,
+                inv[:n_ev].astype(np.int32),
+                evs[a:b].astype(np.int32),
+                inv[n_ev : n_ev + n_pr].astype(np.int32),
+                inv[n_ev + n_pr :].astype(np.int32),
+                wts[a:b],
+                users,
+                ev_user,
+                ev_new,
+            )
+        )
+    return out
+
+
+def _dictionary(values: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    index: dict[str, int] = {}
+    codes = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int32, count=len(values))
+    return list(index), codes
+
+
+def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
+    """``m`` as consecutive messages of at most about ``max_bytes`` each, cut between events:
+    the first covers ``[m.start, o_k)``, the next ``[o_k, ...)`` and so on, so each applies on its
+    own. Every piece repeats the dictionaries (cut only when a block is very large)."""
+    n = len(m)
+    if n <= 1:
+        return [m]
+    per_event = _EVENT_BYTES + _PAIR_BYTES * np.bincount(m.pr_ev, minlength=n) + (5 if m.users else 0)
+    fixed = 64 + sum(len(x) + 3 for x in m.ids) + sum(len(x) + 3 for x in m.users)
+    if fixed + int(per_event.sum()) <= max_bytes:
+        return [m]
+    cum = np.cumsum(per_event)
+    budget = max(max_bytes - fixed, 1)
+    cuts = [0]
+    while cuts[-1] < n:
+        base = cum[cuts[-1] - 1] if cuts[-1] else 0
+        nxt = int(np.searchsorted(cum, base + budget, side="right"))
+        cuts.append(min(max(nxt, cuts[-1] + 1), n))
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        pa, pb = np.searchsorted(m.pr_ev, [a, b])
+        out.append(
+            DeltaMessage(
+                m.source,
+                m.start if a == 0 else int(m.ev_offset[a]),
+                m.end if b == n else int(m.ev_offset[b]),
+                m.ids,
+                m.ev_offset[a:b],
+                m.ev_ts[a:b],
+                m.ev_w[a:b],
+                m.ev_item[a:b],
+                m.pr_ev[pa:pb] - a,
+                m.pr_row[pa:pb],
+                m.pr_col[pa:pb],
+                m.pr_w[pa:pb],
+                m.users,
+                m.ev_user[a:b] if m.users else m.ev_user,
+                m.ev_new[a:b] if m.users else m.ev_new,
+            )
+        )
+    return out
+
+
+def encode(m: DeltaMessage) -> bytes:
+    header = orjson.dumps(
+        {
+            "source": m.source,
+            "start": m.start,
+            "end": m.end,
+            "events": len(m.ev_offset),
+            "pairs": len(m.pr_ev),
+            "ids": m.ids,
+            "users": m.users,
+        }
+    )
+    parts = [_MAGIC, len(header).to_bytes(4, "little"), header]
+    size = 8 + len(header)
+    arrays = _EVENT_ARRAYS + _PAIR_ARRAYS + (_PROFILE_ARRAYS if m.users else ())
+    for name, dt in arrays:
+        pad = -size % 8  # keep every array 8-byte aligned in the buffer
+        parts.append(b"\0" * pad)
+        raw = np.ascontiguousarray(getattr(m, name), dtype=dt).tobytes()
+        parts.append(raw)
+        size += pad + len(raw)
+    return b"".join(parts)
+
+
+def decode(blob: bytes) -> DeltaMessage:
+    """The message ``encode`` wrote; ValueError if ``blob`` is not one."""
+    if blob[:4] != _MAGIC:
+        raise ValueError("not a streamrec delta message (bad magic)")
+    n = int.from_bytes(blob[4:8], "little")
+    try:
+        h = orjson.loads(blob[8 : 8 + n])
+        pos = 8 + n
+        counts = {"ev": int(h["events"]), "pr": int(h["pairs"])}
+        arrays = _EVENT_ARRAYS + _PAIR_ARRAYS + (_PROFILE_ARRAYS if h["users"] else ())
+        got: dict[str, np.ndarray] = {}
+        for name, dt in arrays:
+            pos += -pos % 8
+            count = counts[name[:2]]
+            size = np.dtype(dt).itemsize * count
+            if pos + size > len(blob):
+                raise ValueError("truncated")
+            got[name] = np.frombuffer(blob, dtype=dt, count=count, offset=pos)
+            pos += size
+    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"malformed delta message header ({type(e).__name__})") from None
+    return DeltaMessage(
+        int(h["source"]),
+        int(h["start"]),
+        int(h["end"]),
+        list(h["ids"]),
+        got["ev_offset"],
+        got["ev_ts"],
+        got["ev_w"],
+        got["ev_item"],
+        got["pr_ev"],
+        got["pr_row"],
+        got["pr_col"],
+        got["pr_w"],
+        list(h["users"]),
+        got.get("ev_user", _EMPTY_I4),
+        got.get("ev_new", _EMPTY_U1),
+    )
+
+
+_EMPTY_I4 = np.zeros(0, dtype=np.int32)
+_EMPTY_U1 = np.zeros(0, dtype=np.uint8)

@@ -1,0 +1,234 @@
+"""The item stage: item-level deltas in, the global item state, and what every worker ranks from.
+
+It consumes the deltas topic (keyed, that is partitioned, by item) as its own consumer group,
+so the item partitions are shared among the workers that run this role. Per iteration and item
+partition it folds the new delta messages in (``models.items``: each event exactly once, however
+often a restarted user stage sends it), then publishes:
+
+- table entries, to the compacted table topic: every item whose row weight or popularity grew by
+  more than ``sim_refresh`` since its last entry (what the user stages rank from);
+- ``sim:{item}`` lists, to Redis, fresh, for items that changed, at most ``sim_publish_batch``
+  per ``sim_publish_interval_s`` (all of them on a graceful stop);
+- ``trending`` (only the owner of item partition 0, which also keeps the long-term model's
+  inputs, fits it in a process of its own and publishes each version to Redis).
+
+Offsets of the deltas topic are committed once those outputs have landed; snapshots of the item
+partitions carry the offsets they reflect (``stream_app.stage``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import signal
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from threadpoolctl import threadpool_limits
+
+from models.deltas import DeltaMessage, decode
+from models.engine import item_step
+from models.items import ItemPartition
+from models.longterm import FitInput, ItemRegression, encode_model, fit
+from stream_app.config import Settings
+from stream_app.kafka_io import topic_partitions
+from stream_app.stage import Output, PartitionRun, StageLoop, offset_of
+
+log = logging.getLogger(__name__)
+
+_FIT_WAIT_S = 120.0  # on a graceful stop, how long to wait for a long-term fit to finish
+
+
+@dataclass
+class ItemStats:
+    events: int = 0  # events applied
+    skipped: int = 0  # events already applied (re-sent by a restarted user stage)
+    messages: int = 0
+    invalid: int = 0
+    entries: int = 0  # table entries published
+    sims: int = 0
+    fits: int = 0
+
+
+@dataclass
+class PendingFit:
+    version: int
+    ids: list[str]  # the pool's item ids, as the inputs were taken
+    future: Future[ItemRegression]
+
+
+class ItemStage(StageLoop[ItemPartition]):
+    name = "item stage"
+    assigned_label = "item partitions"
+
+    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+        super().__init__(settings, client, settings.deltas, settings.item_group_id)
+        self.params = settings.params()
+        self.partitions = 0  # of the deltas topic, read at start
+        self.stats = ItemStats()
+        self._sims_at = 0.0
+        self._fits: ProcessPoolExecutor | None = None
+        self._pending_fits: list[PendingFit] = []
+
+    def prepare(self) -> None:
+        self.partitions = topic_partitions(self.s, self.topic)
+        if self.partitions == 0:
+            raise RuntimeError(f"the deltas topic {self.topic} does not exist (the worker creates it at start)")
+
+    def close(self) -> None:
+        if self._fits is not None:
+            self._fits.shutdown(wait=True, cancel_futures=True)  # at most one fit to finish
+
+    def new_state(self, partition: int) -> ItemPartition:
+        return ItemPartition(self.params, partition, self.partitions)
+
+    def adopt(self, partition: int, state: Any) -> tuple[ItemPartition, list[str]]:
+        if not isinstance(state, ItemPartition) or state.partition != partition:
+            raise ValueError(f"the snapshot of item partition {partition} of {self.topic} holds something else")
+        if state.partitions != self.partitions:
+            raise ValueError(
+                f"item partition {partition} was built for {state.partitions} item partitions, but {self.topic} "
+                f"now has {self.partitions}: items would move between partitions. Recreate the internal topics "
+                "and delete the item-stage snapshots to rebuild them from the log."
+            )
+        changed = state.reconfigure(self.params)
+        if state.long is not None:
+            state.long.refit_soon()  # a fit whose inputs were taken may not have been published
+        return state, changed
+
+    def attach(self, run: PartitionRun[ItemPartition]) -> None:
+        if run.partition != 0:
+            return
+        self._pending_fits.clear()  # an earlier ownership's fits: a new owner numbers its own
+
+    # -- an iteration ------------------------------------------------------------------------
+    def process(self, drained: bool, now: float) -> Output | None:
+        sink = self.sink
+        assert sink is not None
+        budget = self.s.sim_publish_batch if now - self._sims_at >= self.s.sim_publish_interval_s else 0
+        sims: list[tuple[str, list[tuple[str, float]]]] = []
+        trending: list[tuple[str, float]] | None = None
+        st = self.stats
+        for run in self.runs.values():
+            msgs = self._decode(run) if run.buffer else []
+            if not msgs and not (budget > len(sims) and run.state.sim_dirty):
+                continue
+            out = item_step(run.state, msgs, budget - len(sims), self.s.sim_publish_len)
+            key_of = str.encode
+            for e in out.entries:
+                sink.send(self.s.table, e.encode(), key=key_of(e.item_id), partition=run.partition)
+            sink.poll()
+            sims.extend(out.sims)
+            if out.trending is not None:
+                trending = out.trending
+            if out.fit is not None:
+                self._submit_fit(run.state, *out.fit)
+            st.events += out.effect.applied
+            st.skipped += out.effect.skipped
+            st.messages += len(msgs)
+            st.entries += len(out.entries)
+            st.sims += len(out.sims)
+        if budget and not any(r.state.sim_dirty for r in self.runs.values()):
+            self._sims_at = now
+        models = self._finished_fits()
+        if not sims and trending is None and not models:
+            return None
+        return lambda: self._write(sims, trending, models)
+
+    def _decode(self, run: PartitionRun[ItemPartition]) -> list[DeltaMessage]:
+        out = []
+        for m in run.buffer:
+            try:
+                out.append(decode(m.value() or b""))
+            except ValueError as e:
+                # only our own workers write here: a message we cannot read comes from another
+                # release; kept in the dead-letter topic for inspection, never applied
+                self.stats.invalid += 1
+                log.error("item stage: partition %d offset %d: %s", run.partition, offset_of(m), e)
+                assert self.sink is not None
+                self.sink.dead_letter(m.key(), m.value(), run.partition, offset_of(m), f"undecodable delta: {e}")
+        run.next_offset = offset_of(run.buffer[-1]) + 1
+        run.buffer = []
+        return out
+
+    def _write(
+        self,
+        sims: list[tuple[str, list[tuple[str, float]]]],
+        trending: list[tuple[str, float]] | None,
+        models: list[tuple[int, bytes]],
+    ) -> None:
+        self.store.write(sims=sims, trending=trending)
+        for version, blob in models:
+            if self.store.publish_long_model(version, blob):
+                log.info("published long-term model version %d (%.1f MB)", version, len(blob) / 1e6)
+
+    def handover_output(self, runs: list[PartitionRun[ItemPartition]], stopping: bool) -> Output | None:
+        """The ``sim:`` list of every item of ``runs`` from the final state (its neighbours'
+        popularity moves a list too, so one written when the item last changed can be slightly
+        stale: a partition's lists are exact whenever it changes hands), and trending. On a
+        graceful stop, also the long-term fits still running (waited for: seconds at most)."""
+        sims = []
+        trending = None
+        for run in runs:
+            run.state.mark_all_sims()
+            sims.extend(run.state.sim_lists(len(run.state.sim_dirty), self.s.sim_publish_len))
+            if run.partition == 0:
+                trending = run.state.trending(self.params.trending_len)
+        if stopping:
+            for f in self._pending_fits:
+                with contextlib.suppress(Exception):  # a failed fit is logged by _finished_fits
+                    f.future.result(timeout=_FIT_WAIT_S)
+        models = self._finished_fits()
+        log.info(
+            "item stage: wrote the sim: lists of %d items of partitions %s", len(sims), [r.partition for r in runs]
+        )
+        return lambda: self._write(sims, trending, models)
+
+    # -- the long-term model (item partition 0) -----------------------------------------------
+    def _submit_fit(self, state: ItemPartition, version: int, _install_at: int, inp: FitInput) -> None:
+        """Fit in a process of its own (LAPACK holds the GIL); published when it is done, so the
+        item stage never waits for it. Fits that come due meanwhile wait their turn."""
+        if self._fits is None:
+            self._fits = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_fit_process_init
+            )
+        ids = [state.item_ids[j] for j in inp.pool.tolist()]
+        try:
+            fut = self._fits.submit(fit, inp)
+        except Exception as e:  # e.g. a broken process pool: fit here, once
+            log.warning("long-term fit process unavailable (%s); fitting inline", type(e).__name__)
+            fut = Future()
+            fut.set_result(fit(inp))
+        self._pending_fits.append(PendingFit(version, ids, fut))
+        self.stats.fits += 1
+
+    def _finished_fits(self) -> list[tuple[int, bytes]]:
+        out = []
+        keep = []
+        for f in self._pending_fits:
+            if not f.future.done():
+                keep.append(f)
+                continue
+            try:
+                m = f.future.result()
+            except Exception as e:
+                log.error("long-term fit %d failed (%s); the current model stays", f.version, e)
+                continue
+            out.append((f.version, encode_model(f.version, f.ids, m.weights)))
+        self._pending_fits = keep
+        return out
+
+
+def _fit_process_init() -> None:
+    """In the fit process: one BLAS thread (a second would only compete for the cores with the
+    batch loop, the broker and Redis, and OpenBLAS threads spin while they wait), and no
+    reaction to the SIGTERM or SIGINT sent to the worker's process group: the worker shuts the
+    pool down itself, after the stage has stopped; a fit process that died first would leave
+    the pool broken and the worker's exit hanging. If the worker dies outright, the fit process
+    reads end-of-file from its queue and exits."""
+    threadpool_limits(limits=1, user_api="blas")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

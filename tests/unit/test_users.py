@@ -1,0 +1,211 @@
+"""The user stage's state and lists: bounded, deterministic, restorable, and never a seen item."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.deltas import BlockDeltas
+from models.events import Event
+from models.params import ModelParams
+from models.ranking import RecList
+from models.simulation import TwoStage
+from models.users import UserPartition
+from tests.unit.strategies import event_logs
+from tests.unit.systems import fed, synthetic
+
+P = ModelParams(neighbours=3, pair_window=4, history_len=6, n_recs=5, sim_list_len=4, explore_pool=5, dim=8)
+
+
+def run(events: list[Event], batch: int, params: ModelParams = P) -> tuple[TwoStage, dict[str, RecList]]:
+    sy = TwoStage(params)
+    lists = {}
+    for k in range(0, len(events), batch):
+        for rl in sy.block(events[k : k + batch]):
+            lists[rl.user_id] = rl
+    return sy, lists
+
+
+def fingerprint(s: UserPartition) -> tuple:
+    return (
+        s.item_ids,
+        {
+            u: (list(st.history), list(st.seen), st.n_events, None if st.vec is None else st.vec.tolist())
+            for u, st in s.users.items()
+        },
+        s.events_applied,
+    )
+
+
+def deltas_fingerprint(d: BlockDeltas | None) -> tuple:
+    if d is None:
+        return ()
+    ids = d.ids
+    return (
+        d.ev_offset.tolist(),
+        d.ev_ts.tolist(),
+        [ids[i] for i in d.ev_item.tolist()],
+        d.ev_w.tolist(),
+        list(d.ev_user),
+        d.ev_new.tolist(),
+        d.pr_ev.tolist(),
+        [(ids[i], ids[j]) for i, j in zip(d.pr_i.tolist(), d.pr_j.tolist(), strict=True)],
+        d.pr_w.tolist(),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_logs(), st.integers(1, 40))
+def test_histories_are_bounded_and_pairs_come_from_the_window(events: list[Event], batch: int) -> None:
+    part = UserPartition(P)
+    for k in range(0, len(events), batch):
+        d = part.apply(events[k : k + batch], list(range(k, k + batch))).deltas
+        assert d is not None
+        assert (d.pr_i != d.pr_j).all() and (d.pr_w > 0).all()
+        assert np.bincount(d.pr_ev, minlength=len(d)).max(initial=0) <= P.pair_window
+        assert (np.diff(d.ev_offset) > 0).all()
+    for u in part.users.values():
+        assert len(u.history) <= P.history_len and len(u.win_items) <= P.pair_window
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_logs(), st.integers(1, 40))
+def test_lists_never_contain_seen_items_or_duplicates(events: list[Event], batch: int) -> None:
+    sy, lists = run(events, batch)
+    part = sy.parts[0]
+    for uid, rl in lists.items():
+        ids = [it.item_id for it in rl.items]
+        seen = {part.item_ids[i] for i in part.users[uid].seen}
+        assert not set(ids) & seen
+        assert len(ids) == len(set(ids)) <= P.n_recs
+        assert all(0 < it.p <= 1 for it in rl.items)
+
+
+@settings(max_examples=40, deadline=None)
+@given(event_logs(), st.integers(1, 40))
+def test_same_log_same_state_and_lists(events: list[Event], batch: int) -> None:
+    a, la = run(events, batch)
+    b, lb = run(events, batch)
+    assert fingerprint(a.parts[0]) == fingerprint(b.parts[0])
+    assert la == lb
+
+
+@settings(max_examples=30, deadline=None)
+@given(event_logs(), st.integers(1, 20), st.data())
+def test_a_restored_snapshot_continues_identically(events: list[Event], batch: int, data: st.DataObject) -> None:
+    """A pickled user partition restored mid-log ends where an uninterrupted one ends, and sends
+    the item stage the same deltas on the way (exactly-once effects)."""
+    cut = data.draw(st.integers(0, len(events) // batch)) * batch
+    whole, first = UserPartition(P), UserPartition(P)
+    for k in range(0, cut, batch):
+        whole.apply(events[k : k + batch], list(range(k, k + batch)))
+        first.apply(events[k : k + batch], list(range(k, k + batch)))
+    restored = pickle.loads(pickle.dumps(first))
+    for k in range(cut, len(events), batch):
+        a = whole.apply(events[k : k + batch], list(range(k, k + batch)))
+        b = restored.apply(events[k : k + batch], list(range(k, k + batch)))
+        assert deltas_fingerprint(a.deltas) == deltas_fingerprint(b.deltas)
+        assert a.users == b.users
+    assert fingerprint(restored) == fingerprint(whole)
+
+
+def ev(u: str, i: str, t: int, typ: str = "view", eid: str | None = None) -> Event:
+    return Event(u, i, typ, 1_700_000_000_000 + t * 1000, eid)
+
+
+def test_pairs_are_type_weighted_and_nearer_pairs_weigh_more() -> None:
+    p = ModelParams(type_weights={"view": 1.0, "click": 2.0, "purchase": 4.0}, pair_decay=0.5)
+    part = UserPartition(p)
+    d = part.apply([ev("u", "a", 0, "view"), ev("u", "b", 1, "purchase"), ev("u", "c", 2, "view")])
+    assert d.deltas is not None
+    ids = part.item_ids
+    got = {(ids[i], ids[j]): w for i, j, w in zip(d.deltas.pr_i, d.deltas.pr_j, d.deltas.pr_w, strict=True)}
+    # sqrt(4 * 1) for b-a; c pairs with b one step back (weight 2) and with a two steps back (1 * 0.5)
+    assert got == pytest.approx({("b", "a"): 2.0, ("c", "b"): 2.0, ("c", "a"): 0.5})
+    assert d.deltas.ev_new.tolist() == [True, True, True]
+
+
+def test_duplicate_event_ids_are_applied_once() -> None:
+    s = UserPartition(ModelParams())
+    eff = s.apply([ev("u", "a", 0, eid="x"), ev("u", "a", 0, eid="x"), ev("u", "b", 1, eid="y")], [0, 1, 2])
+    assert eff.applied == 2 and eff.duplicates == 1
+    assert s.users["u"].n_events == 2
+    assert eff.deltas is not None and eff.deltas.ev_offset.tolist() == [0, 2]
+
+
+def test_user_cap_evicts_least_recently_active() -> None:
+    s = UserPartition(ModelParams(max_users=2))
+    s.apply([ev("a", "i", 0), ev("b", "i", 1), ev("a", "j", 2), ev("c", "i", 3)])
+    assert list(s.users) == ["a", "c"]
+
+
+def test_user_vectors_are_unit_length_and_need_no_item_stage() -> None:
+    s = UserPartition(ModelParams())
+    s.apply([ev("u", "a", 0), ev("u", "b", 1), ev("v", "a", 2)])
+    v = s.user_vectors(["u", "v"])
+    assert np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    # v has seen only a: its vector is a's index vector
+    a = s.index_vecs[s.item_index["a"]]
+    assert np.allclose(v[1], a / np.linalg.norm(a), atol=1e-6)
+
+
+def test_similar_items_come_first() -> None:
+    log = []
+    for k in range(30):
+        log += [ev(f"u{k}", "a", 10 * k), ev(f"u{k}", "b", 10 * k + 1)]
+        log += [ev(f"w{k}", "x", 10 * k + 2), ev(f"w{k}", "y", 10 * k + 3)]
+    sy = fed(ModelParams(epsilon=0.0), log)
+    (rl,) = sy.block([ev("new", "a", 1000)])
+    assert rl.items[0].item_id == "b"
+    assert rl.items[0].reason == "similar to a"
+    assert rl.version == 1 and rl.event_ts == 1_700_000_000_000 + 1_000_000
+
+
+def test_blocked_items_are_not_recommended() -> None:
+    from models.ranking import recommend
+
+    sy = fed(ModelParams(epsilon=0.0), [ev("u", "a", 0), ev("u", "b", 1), ev("v", "a", 2), ev("v", "c", 3)])
+    sy.block([ev("w", "a", 4)])
+    (rl,) = recommend(sy.parts[0], sy.table, ["w"])
+    assert {it.item_id for it in rl.items} == {"b", "c"}
+    (rl,) = recommend(sy.parts[0], sy.table, ["w"], blocked={"b"})
+    assert [it.item_id for it in rl.items] == ["c"]
+
+
+@pytest.mark.parametrize(
+    "blend", [{"long_refit_events": 1000}, {"w_long": 0.0, "w_vec": 0.2}], ids=["long-term", "user-vector"]
+)
+def test_dense_and_table_ranking_agree(monkeypatch: pytest.MonkeyPatch, blend: dict) -> None:
+    """The two scoring paths (small and large catalogues) rank the same way."""
+    import models.ranking as ranking
+
+    p = ModelParams(epsilon=0.0, **blend)
+    sy = TwoStage(p)
+    for e in synthetic(n_users=60, n_items=300, n_events=4000, seed=5):
+        sy.learn(e)  # one at a time, so that a long-term fit is installed on the way
+    assert (sy.table.long is not None) == (p.w_long > 0)
+    part = sy.parts[0]
+    users = list(part.users)
+    dense = ranking.recommend(part, sy.table, users)
+    monkeypatch.setattr(ranking, "_DENSE_MIN_USERS", 10**9)
+    table = ranking.recommend(part, sy.table, users)
+    for a, b in zip(dense, table, strict=True):
+        sa, sb = [it.score for it in a.items], [it.score for it in b.items]
+        assert np.allclose(sa, sb)
+        for k, (x, y) in enumerate(zip(a.items, b.items, strict=True)):
+            if sa.count(sa[k]) == 1:  # tied scores may list tied items in another order
+                assert (x.item_id, x.reason) == (y.item_id, y.reason)
+
+
+def test_restored_state_takes_new_ranking_settings_but_refuses_structural_ones() -> None:
+    s = UserPartition(P)
+    s.apply([ev("u", "a", 0), ev("u", "b", 1)])
+    assert s.reconfigure(dataclasses.replace(P, epsilon=0.3, n_recs=7)) == ["n_recs", "epsilon"]
+    assert s.params.epsilon == 0.3
+    with pytest.raises(ValueError, match="dim=8"):
+        s.reconfigure(dataclasses.replace(P, dim=16))
