@@ -2,11 +2,12 @@
 
 A block's ``BlockDeltas`` (from ``UserPartition.apply``) hold, per applied event, its source
 offset, time, item and type weight (the popularity increment), and per co-occurrence pair the
-event it came from, the two items and the pair's weight. ``split`` turns them into one
-``DeltaMessage`` per item partition: every message carries every event (each item partition
-keeps the global popularity that neighbour scores are normalised by), a message carries only the
-pairs whose *row* item the partition owns (each pair once per direction), and the message for
-item partition 0 also carries the user-profile records the long-term model is fitted from.
+event it came from, the window item it pairs the event's item with, and the pair's weight.
+``split`` turns them into one ``DeltaMessage`` per item partition: every message carries every
+event (each item partition keeps the global popularity that neighbour scores are normalised
+by), a message carries the pairs with a *row* the partition owns (the event's item's, the window
+item's or both, as flags: a pair adds to both rows), and the message for item partition 0 also
+carries the user-profile records the long-term model is fitted from.
 
 Every event and pair is attributed to its source offset, so the item stage can apply exactly the
 part of a message it has not applied yet (a restarted user stage may cut its blocks differently
@@ -25,12 +26,14 @@ import orjson
 
 _MAGIC = b"SRD1"
 # wire layout of the arrays after the header: name, dtype (fixed widths, little-endian)
-_EVENT_ARRAYS = (("ev_offset", "<i8"), ("ev_ts", "<i8"), ("ev_w", "<f8"), ("ev_item", "<i4"))
-_PAIR_ARRAYS = (("pr_ev", "<i4"), ("pr_row", "<i4"), ("pr_col", "<i4"), ("pr_w", "<f4"))
+_EVENT_ARRAYS = (("ev_offset", "<i8"), ("ev_ts", "<i8"), ("ev_w", "<f8"), ("ev_item", "<i4"), ("pr_n", "<i4"))
+_PAIR_ARRAYS = (("pr_j", "<i4"), ("pr_w", "<f4"), ("pr_rows", "u1"))
 _PROFILE_ARRAYS = (("ev_user", "<i4"), ("ev_new", "u1"))
 # per-event and per-pair bytes on the wire, for cutting oversized messages
-_EVENT_BYTES = 28
-_PAIR_BYTES = 16
+_EVENT_BYTES = 32
+_PAIR_BYTES = 9
+ROW_I = 1  # ``pr_rows`` flags: the pair adds to the row of the event's item,
+ROW_J = 2  # and (or) to the row of the window item
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -62,7 +65,8 @@ class BlockDeltas:
 class DeltaMessage:
     """One item partition's share of a block: events ``[start, end)`` of source partition
     ``source`` (offsets of invalid or duplicate events are in the range, not in the arrays).
-    Item and user fields index the message's own ``ids`` and ``users``."""
+    Event ``e`` has ``pr_n[e]`` pairs, laid out event after event; item and user fields index the
+    message's own ``ids`` and ``users``."""
 
     source: int
     start: int
@@ -72,10 +76,10 @@ class DeltaMessage:
     ev_ts: np.ndarray
     ev_w: np.ndarray
     ev_item: np.ndarray
-    pr_ev: np.ndarray
-    pr_row: np.ndarray
-    pr_col: np.ndarray
+    pr_n: np.ndarray
+    pr_j: np.ndarray
     pr_w: np.ndarray
+    pr_rows: np.ndarray  # ROW_I | ROW_J flags: which rows of this partition the pair adds to
     users: list[str]  # empty unless the message carries profile records (item partition 0)
     ev_user: np.ndarray
     ev_new: np.ndarray
@@ -83,23 +87,36 @@ class DeltaMessage:
     def __len__(self) -> int:
         return len(self.ev_offset)
 
+    def row_updates(self, first: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The message's row updates from event ``first`` on: (event position - first, row item,
+        column item, pair weight), dictionary-coded, event by event."""
+        p0 = int(self.pr_n[:first].sum())
+        ev = np.repeat(np.arange(len(self.pr_n) - first), self.pr_n[first:])
+        i = self.ev_item[first:][ev]
+        j, w, rows = self.pr_j[p0:], self.pr_w[p0:], self.pr_rows[p0:]
+        a = (rows & ROW_I) > 0
+        b = (rows & ROW_J) > 0
+        order = np.argsort(np.concatenate([ev[a], ev[b]]), kind="stable")
+        cat = np.concatenate
+        return (
+            cat([ev[a], ev[b]])[order],
+            cat([i[a], j[b]])[order],
+            cat([j[a], i[b]])[order],
+            cat([w[a], w[b]])[order],
+        )
+
 
 def split(d: BlockDeltas, source: int, start: int, end: int, routes: np.ndarray, partitions: int) -> list[DeltaMessage]:
     """One message per item partition (``routes[i]``: the partition of local item ``i``)."""
-    rows = np.concatenate([d.pr_i, d.pr_j])
-    cols = np.concatenate([d.pr_j, d.pr_i])
-    wts = np.concatenate([d.pr_w, d.pr_w]).astype(np.float32)
-    evs = np.concatenate([d.pr_ev, d.pr_ev])
-    # by partition, then by event (stable: within an event, the newer item's row first)
-    order = np.lexsort((evs, routes[rows])) if len(rows) else np.zeros(0, dtype=np.int64)
-    rows, cols, wts, evs = rows[order], cols[order], wts[order], evs[order]
-    bounds = np.searchsorted(routes[rows], np.arange(partitions + 1))
+    qi, qj = routes[d.pr_i], routes[d.pr_j]
+    wts = d.pr_w.astype(np.float32)
+    n_ev = len(d.ev_item)
     out = []
     for q in range(partitions):
-        a, b = bounds[q], bounds[q + 1]
-        r, c = rows[a:b], cols[a:b]
-        local, inv = np.unique(np.concatenate([d.ev_item, r, c]), return_inverse=True)
-        n_ev, n_pr = len(d.ev_item), len(r)
+        flags = (qi == q).astype(np.uint8) * ROW_I | (qj == q).astype(np.uint8) * ROW_J
+        keep = flags > 0
+        j = d.pr_j[keep]
+        local, inv = np.unique(np.concatenate([d.ev_item, j]), return_inverse=True)
         ids = [d.ids[k] for k in local.tolist()]
         if q == 0:
             users, ev_user = _dictionary(d.ev_user)
@@ -116,10 +133,10 @@ def split(d: BlockDeltas, source: int, start: int, end: int, routes: np.ndarray,
                 d.ev_ts,
                 d.ev_w,
                 inv[:n_ev].astype(np.int32),
-                evs[a:b].astype(np.int32),
-                inv[n_ev : n_ev + n_pr].astype(np.int32),
-                inv[n_ev + n_pr :].astype(np.int32),
-                wts[a:b],
+                np.bincount(d.pr_ev[keep], minlength=n_ev).astype(np.int32),
+                inv[n_ev:].astype(np.int32),
+                wts[keep],
+                flags[keep],
                 users,
                 ev_user,
                 ev_new,
@@ -141,7 +158,7 @@ def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
     n = len(m)
     if n <= 1:
         return [m]
-    per_event = _EVENT_BYTES + _PAIR_BYTES * np.bincount(m.pr_ev, minlength=n) + (5 if m.users else 0)
+    per_event = _EVENT_BYTES + _PAIR_BYTES * m.pr_n.astype(np.int64) + (5 if m.users else 0)
     fixed = 64 + sum(len(x) + 3 for x in m.ids) + sum(len(x) + 3 for x in m.users)
     if fixed + int(per_event.sum()) <= max_bytes:
         return [m]
@@ -152,9 +169,10 @@ def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
         base = cum[cuts[-1] - 1] if cuts[-1] else 0
         nxt = int(np.searchsorted(cum, base + budget, side="right"))
         cuts.append(min(max(nxt, cuts[-1] + 1), n))
+    pairs_at = np.concatenate([[0], np.cumsum(m.pr_n.astype(np.int64))])
     out = []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-        pa, pb = np.searchsorted(m.pr_ev, [a, b])
+        pa, pb = int(pairs_at[a]), int(pairs_at[b])
         out.append(
             DeltaMessage(
                 m.source,
@@ -165,10 +183,10 @@ def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
                 m.ev_ts[a:b],
                 m.ev_w[a:b],
                 m.ev_item[a:b],
-                m.pr_ev[pa:pb] - a,
-                m.pr_row[pa:pb],
-                m.pr_col[pa:pb],
+                m.pr_n[a:b],
+                m.pr_j[pa:pb],
                 m.pr_w[pa:pb],
+                m.pr_rows[pa:pb],
                 m.users,
                 m.ev_user[a:b] if m.users else m.ev_user,
                 m.ev_new[a:b] if m.users else m.ev_new,
@@ -184,7 +202,7 @@ def encode(m: DeltaMessage) -> bytes:
             "start": m.start,
             "end": m.end,
             "events": len(m.ev_offset),
-            "pairs": len(m.pr_ev),
+            "pairs": len(m.pr_j),
             "ids": m.ids,
             "users": m.users,
         }
@@ -209,12 +227,13 @@ def decode(blob: bytes) -> DeltaMessage:
     try:
         h = orjson.loads(blob[8 : 8 + n])
         pos = 8 + n
-        counts = {"ev": int(h["events"]), "pr": int(h["pairs"])}
-        arrays = _EVENT_ARRAYS + _PAIR_ARRAYS + (_PROFILE_ARRAYS if h["users"] else ())
+        n_ev, n_pr = int(h["events"]), int(h["pairs"])
+        arrays = [(x, n_ev) for x in _EVENT_ARRAYS] + [(x, n_pr) for x in _PAIR_ARRAYS]
+        if h["users"]:
+            arrays += [(x, n_ev) for x in _PROFILE_ARRAYS]
         got: dict[str, np.ndarray] = {}
-        for name, dt in arrays:
+        for (name, dt), count in arrays:
             pos += -pos % 8
-            count = counts[name[:2]]
             size = np.dtype(dt).itemsize * count
             if pos + size > len(blob):
                 raise ValueError("truncated")
@@ -222,6 +241,8 @@ def decode(blob: bytes) -> DeltaMessage:
             pos += size
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"malformed delta message header ({type(e).__name__})") from None
+    if int(got["pr_n"].sum()) != n_pr:
+        raise ValueError("malformed delta message (pair counts do not add up)")
     return DeltaMessage(
         int(h["source"]),
         int(h["start"]),
@@ -231,10 +252,10 @@ def decode(blob: bytes) -> DeltaMessage:
         got["ev_ts"],
         got["ev_w"],
         got["ev_item"],
-        got["pr_ev"],
-        got["pr_row"],
-        got["pr_col"],
+        got["pr_n"],
+        got["pr_j"],
         got["pr_w"],
+        got["pr_rows"],
         list(h["users"]),
         got.get("ev_user", _EMPTY_I4),
         got.get("ev_new", _EMPTY_U1),

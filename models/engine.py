@@ -69,7 +69,7 @@ class ItemStepOutput:
     """What the item stage publishes after some messages."""
 
     effect: ItemEffect
-    entries: list[TableEntry]  # for the table topic: items whose list or popularity moved enough
+    entries: list[TableEntry]  # for the table topic: items whose row or popularity moved enough
     sims: list[tuple[str, list[tuple[str, float]]]]  # fresh ``sim:`` lists
     trending: list[tuple[str, float]] | None  # partition 0's, when popularity moved
     fit: tuple[int, int, FitInput] | None  # (version, install point, inputs): a long-term fit due
@@ -81,12 +81,15 @@ def item_step(
     sim_budget: int = 0,
     sim_len: int = 0,
     trending: bool = True,
+    publish: bool = True,
 ) -> ItemStepOutput:
     """Fold ``messages`` into ``part``; ``sim_budget``: how many ``sim:`` lists (of ``sim_len``
     items) to return now (0: none; the running system publishes them on a schedule);
-    ``trending``: whether to return partition 0's trending list when popularity moved."""
+    ``trending``: whether to return partition 0's trending list when popularity moved;
+    ``publish``: whether to return the table entries now due (the running system checks on a
+    schedule; items changed meanwhile wait for the next check)."""
     eff = part.apply(messages)
-    entries = part.due_entries(eff.items)
+    entries = part.due_entries() if publish else []
     sims = part.sim_lists(sim_budget, sim_len) if sim_budget > 0 else []
     moved = eff.applied > 0
     want = trending and part.partition == 0 and moved

@@ -69,9 +69,12 @@ class ItemPartition:
         self.pop = np.zeros(0, dtype=np.float64)
         self.index_vecs = np.zeros((0, params.dim), dtype=np.float32)
         self.own = np.zeros(0, dtype=bool)  # per item: this partition owns its row
-        # owned items: their rows (keyed by item), and per-slot vectors and publication marks
-        self.cooc: dict[int, dict[int, float]] = {}
+        # owned items: their rows, and per-slot vectors, row sizes and publication marks
+        self.counts = PairCounts()
         self.slot: dict[int, int] = {}
+        self.slot_of = np.zeros(0, dtype=np.int64)  # per item: its slot, or -1
+        self.row_len = np.zeros(0, dtype=np.int64)  # non-zero entries per row
+        self.slot_items: list[int] = []  # slot -> item
         self.context = np.zeros((0, params.dim), dtype=np.float32)
         self.row_mass = np.zeros(0, dtype=np.float64)  # co-occurrence weight ever added to a row
         self.pub_mass = np.zeros(0, dtype=np.float64)  # row mass and popularity when last published
@@ -79,6 +82,7 @@ class ItemPartition:
         # source partition -> the offset before which its events are applied
         self.applied: dict[int, int] = {}
         self.sim_dirty: dict[int, None] = {}  # owned items whose published sim: list is out of date
+        self.unpublished: dict[int, None] = {}  # owned items changed since the last publication check
         self.events_applied = 0
         self.long = LongTermOwner(params) if partition == 0 and params.w_long > 0 else None
 
@@ -126,6 +130,9 @@ class ItemPartition:
             self.pop = _grown(self.pop, cap)
             self.index_vecs = _grown(self.index_vecs, cap)
             self.own = _grown(self.own, cap)
+            slot_of = np.full(cap, -1, dtype=np.int64)
+            slot_of[: len(self.slot_of)] = self.slot_of
+            self.slot_of = slot_of
         self.item_ids.append(item_id)
         self.item_index[item_id] = i
         self.own[i] = item_partition(item_id, self.partitions) == self.partition
@@ -136,14 +143,21 @@ class ItemPartition:
         s = self.slot.get(i)
         if s is None:
             s = self.slot[i] = len(self.slot)
+            self.slot_of[i] = s
+            self.slot_items.append(i)
             if s >= len(self.row_mass):
                 cap = max(256, 2 * len(self.row_mass))
                 self.context = _grown(self.context, cap)
                 self.row_mass = _grown(self.row_mass, cap)
+                self.row_len = _grown(self.row_len, cap)
                 self.pub_mass = _grown(self.pub_mass, cap)
                 self.pub_pop = _grown(self.pub_pop, cap)
-            self.cooc[i] = {}
         return s
+
+    def row(self, i: int) -> dict[int, float]:
+        """Owned item ``i``'s co-occurrence row, {item: stored weight} (for inspection and tests)."""
+        cols, vals = self.counts.row(i)
+        return dict(zip(cols.tolist(), vals.tolist(), strict=True))
 
     # -- decay ---------------------------------------------------------------------------------
     def _scales(self, ts: np.ndarray) -> np.ndarray:
@@ -165,9 +179,7 @@ class ItemPartition:
         self.pub_mass *= f
         self.pub_pop *= f
         self.context *= np.float32(f)  # unit vectors are scale-free
-        for row in self.cooc.values():
-            for k in row:
-                row[k] *= f
+        self.counts.scale(f)
 
     def scale_now(self) -> float:
         """The forward-decay factor of the newest event: stored weights / weights as of now."""
@@ -200,7 +212,6 @@ class ItemPartition:
                 eff.skipped += len(m)
                 continue
             k0 = int(np.searchsorted(m.ev_offset, done)) if done > m.start else 0
-            p0 = int(np.searchsorted(m.pr_ev, k0)) if k0 else 0
             self.applied[m.source] = m.end
             eff.skipped += k0
             if k0 == len(m):
@@ -210,10 +221,11 @@ class ItemPartition:
             ev_item.append(items)
             ev_ts.append(m.ev_ts[k0:])
             ev_w.append(m.ev_w[k0:])
-            pr_ev.append(m.pr_ev[p0:].astype(np.int64) - k0 + n_ev)
-            pr_row.append(loc[m.pr_row[p0:]])
-            pr_col.append(loc[m.pr_col[p0:]])
-            pr_w.append(m.pr_w[p0:])
+            ev, rows, cols, w = m.row_updates(k0)
+            pr_ev.append(ev + n_ev)
+            pr_row.append(loc[rows])
+            pr_col.append(loc[cols])
+            pr_w.append(w)
             if m.users:
                 users = m.users
                 profiles.append(([users[u] for u in m.ev_user[k0:].tolist()], items, m.ev_new[k0:].astype(bool)))
@@ -227,44 +239,37 @@ class ItemPartition:
         self.max_ts = max(self.max_ts, int(ts.max()))
         eff.applied = n_ev
         self.events_applied += n_ev
-        changed: dict[int, None] = {}
+        owned = np.unique(items[self.own[items]])  # owned items whose popularity moved
+        rows = np.concatenate(pr_row)
+        for i in np.union1d(owned, rows).tolist():
+            if i not in self.slot:
+                self._slot(i)
         self._update_rows(
-            np.concatenate(pr_row),
-            np.concatenate(pr_col),
-            np.concatenate(pr_w).astype(np.float64) * g[np.concatenate(pr_ev)],
-            changed,
+            rows, np.concatenate(pr_col), np.concatenate(pr_w).astype(np.float64) * g[np.concatenate(pr_ev)]
         )
         if self.long is not None:
             for users, its, new in profiles:
                 self.long.feed(users, its, new)
-        for i in items[self.own[items]].tolist():  # owned items whose popularity moved
-            if i not in changed:
-                self._slot(i)
-                changed[i] = None
+        changed = dict.fromkeys(np.unique(rows).tolist())
+        changed.update(dict.fromkeys(owned.tolist()))
         eff.items = list(changed)
         self.sim_dirty.update(changed)
+        self.unpublished.update(changed)
         return eff
 
-    def _update_rows(self, rows: np.ndarray, cols: np.ndarray, inc: np.ndarray, changed: dict[int, None]) -> None:
-        """``cooc[r][c] += inc`` per pair (rows are owned), then the bound, masses and vectors."""
+    def _update_rows(self, rows: np.ndarray, cols: np.ndarray, inc: np.ndarray) -> None:
+        """``row[r][c] += inc`` per update (rows are owned and have slots), then the row bound,
+        masses and vectors, all batched."""
         if not len(rows):
             return
-        cooc = self.cooc
-        slot = self.slot
-        touched = np.unique(rows)
-        for r in touched.tolist():
-            if r not in slot:
-                self._slot(r)
-        for r, c, v in zip(rows.tolist(), cols.tolist(), inc.tolist(), strict=True):
-            row = cooc[r]
-            row[c] = row.get(c, 0.0) + v
+        slots = self.slot_of[rows]
+        fresh = self.counts.add(rows, cols, inc)
+        n = len(self.slot)
+        self.row_len[:n] += np.bincount(self.slot_of[fresh], minlength=n)
         cap, keep = 2 * self.params.neighbours, self.params.neighbours
-        for r in touched.tolist():
-            changed[r] = None
-            if len(cooc[r]) > cap:
-                _prune(cooc[r], keep)
-        slots = np.fromiter((slot[r] for r in rows.tolist()), dtype=np.int64, count=len(rows))
-        self.row_mass[: len(slot)] += np.bincount(slots, weights=inc, minlength=len(slot))
+        for s in np.flatnonzero(self.row_len[:n] > cap).tolist():
+            self.row_len[s] = self.counts.prune(self.slot_items[s], keep)
+        self.row_mass[:n] += np.bincount(slots, weights=inc, minlength=n)
         self._update_context(slots, cols, inc)
 
     def _update_context(self, slots: np.ndarray, cols: np.ndarray, inc: np.ndarray) -> None:
@@ -288,16 +293,22 @@ class ItemPartition:
         """Owned item ``i``'s neighbours (indices, scores) by normalised co-occurrence, best first:
         ``c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)`` in weights as of now (scale-free when
         ``sim_beta`` is 0.5)."""
-        row = self.cooc.get(i)
-        if not row or self.pop[i] <= 0:
+        if self.pop[i] <= 0 or i not in self.slot:
             return _EMPTY_I, _EMPTY_F
-        keys = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
-        vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
+        keys, vals = self.counts.row(i)
+        if not len(keys):
+            return _EMPTY_I, _EMPTY_F
         beta = self.params.sim_beta
         pk = self.pop[keys]
         norm = np.sqrt(pk) if beta == 0.5 else pk**beta * self.scale_now() ** (0.5 - beta)
         s = vals / np.maximum(math.sqrt(self.pop[i]) * norm, 1e-300)
-        top = np.argsort(-s, kind="stable")[: self.params.sim_list_len]
+        k = self.params.sim_list_len
+        if k < len(s):  # the k best, then sorted: ties by item number
+            part = np.argpartition(-s, k - 1)[:k]
+            part = np.flatnonzero(s >= s[part].min())
+        else:
+            part = np.arange(len(s))
+        top = part[np.lexsort((keys[part], -s[part]))][:k]
         return keys[top], s[top]
 
     def log_pop(self, i: int) -> float:
@@ -305,18 +316,21 @@ class ItemPartition:
         p = float(self.pop[i])
         return math.log(p) + self.lam * (self.landmark or 0) if p > 0 else -math.inf
 
-    def due_entries(self, items: Sequence[int]) -> list[TableEntry]:
-        """Table entries for the owned ``items`` whose row weight or popularity grew by more than
-        ``sim_refresh`` since they were last published (a bounded staleness that keeps the
-        publication rate small), with their neighbour lists and unit vectors as of now."""
+    def due_entries(self) -> list[TableEntry]:
+        """Table entries for the owned items that changed since the last call and whose row weight
+        or popularity grew by more than ``sim_refresh`` since they were last published (a bounded
+        staleness that keeps the publication rate small), with their neighbour lists and unit
+        vectors as of now. The running system calls this on a schedule, so that how often an
+        item is published does not depend on how its events were batched."""
         f = 1.0 + self.params.sim_refresh
         out = []
-        for i in items:
+        for i in self.unpublished:
             s = self.slot[i]
             mass, pop = self.row_mass[s], self.pop[i]
             if mass > self.pub_mass[s] * f or pop > self.pub_pop[s] * f:
                 self.pub_mass[s], self.pub_pop[s] = mass, pop
                 out.append(self.entry(i))
+        self.unpublished.clear()
         return out
 
     def entry(self, i: int) -> TableEntry:
@@ -325,7 +339,7 @@ class ItemPartition:
         ctx = self.context[self.slot[i]]
         norm = float(np.linalg.norm(ctx))
         ids = self.item_ids
-        return TableEntry(
+        return TableEntry.of(
             ids[i],
             self.log_pop(i),
             [ids[j] for j in idx.tolist()],
@@ -374,15 +388,99 @@ def _grown(a: np.ndarray, cap: int) -> np.ndarray:
     return out
 
 
-def _prune(row: dict[int, float], keep: int) -> None:
-    """Keep the ``keep`` heaviest entries; a stable sort, so ties keep insertion order and the
-    same events always prune the same way."""
-    keys = np.fromiter(row.keys(), dtype=np.int64, count=len(row))
-    vals = np.fromiter(row.values(), dtype=np.float64, count=len(row))
-    top = np.argsort(-vals, kind="stable")[:keep]
-    row.clear()
-    row.update(zip(keys[top].tolist(), vals[top].tolist(), strict=True))
+class PairCounts:
+    """Co-occurrence counts of the rows of one item partition, in sorted arrays keyed
+    ``row << 32 | col``: a main array and a small recent one, merged into the main one once it
+    holds an eighth as many keys (a log-structured merge). A batch of updates then costs two
+    sorted searches and a vectorised add whatever its size, and a row is two contiguous slices.
+    A pruned entry is zeroed in place (a later increment starts it again from zero, as for a
+    removed entry) and dropped at the next merge."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.vals = np.zeros(0, dtype=np.float64)
+        self.rkeys = np.zeros(0, dtype=np.int64)
+        self.rvals = np.zeros(0, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.vals) + np.count_nonzero(self.rvals))
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, inc: np.ndarray) -> np.ndarray:
+        """Add ``inc[k]`` to entry (``rows[k]``, ``cols[k]``), summing in input order; returns the
+        rows of the entries that were zero or absent before (one per such entry)."""
+        key = (rows.astype(np.int64) << 32) | cols.astype(np.int64)
+        uk, inv = np.unique(key, return_inverse=True)
+        v = np.bincount(inv, weights=inc, minlength=len(uk))
+        hit, fresh_main = _add_found(self.keys, self.vals, uk, v)
+        uk, v = uk[~hit], v[~hit]
+        hit, fresh_recent = _add_found(self.rkeys, self.rvals, uk, v)
+        new = uk[~hit]
+        if len(new):
+            at = np.searchsorted(self.rkeys, new)
+            self.rkeys = np.insert(self.rkeys, at, new)
+            self.rvals = np.insert(self.rvals, at, v[~hit])
+            if len(self.rkeys) > max(_RECENT_MIN, len(self.keys) // 8):
+                self._merge()
+        return np.concatenate([fresh_main, fresh_recent, new]) >> 32
+
+    def _merge(self) -> None:
+        live, rlive = self.vals != 0, self.rvals != 0
+        keys = np.concatenate([self.keys[live], self.rkeys[rlive]])
+        order = np.argsort(keys, kind="stable")
+        self.keys = keys[order]
+        self.vals = np.concatenate([self.vals[live], self.rvals[rlive]])[order]
+        self.rkeys, self.rvals = self.keys[:0].copy(), self.vals[:0].copy()
+
+    def _bounds(self, keys: np.ndarray, r: int) -> tuple[int, int]:
+        lo, hi = np.searchsorted(keys, [r << 32, (r + 1) << 32])
+        return int(lo), int(hi)
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row ``r``'s non-zero entries: (columns, weights)."""
+        a, b = self._bounds(self.keys, r)
+        c, d = self._bounds(self.rkeys, r)
+        cols = np.concatenate([self.keys[a:b], self.rkeys[c:d]]) & _COL
+        vals = np.concatenate([self.vals[a:b], self.rvals[c:d]])
+        nz = vals != 0
+        return cols[nz], vals[nz]
+
+    def prune(self, r: int, keep: int) -> int:
+        """Zero all but the ``keep`` heaviest entries of row ``r`` (ties: lower column first);
+        returns how many remain."""
+        a, b = self._bounds(self.keys, r)
+        c, d = self._bounds(self.rkeys, r)
+        vals = np.concatenate([self.vals[a:b], self.rvals[c:d]])
+        cols = np.concatenate([self.keys[a:b], self.rkeys[c:d]]) & _COL
+        order = np.lexsort((cols, -vals))
+        drop = np.zeros(len(vals), dtype=bool)
+        drop[order[keep:]] = True
+        self.vals[a:b][drop[: b - a]] = 0.0
+        self.rvals[c:d][drop[b - a :]] = 0.0
+        return int(np.count_nonzero(vals[~drop]))
+
+    def scale(self, f: float) -> None:
+        self.vals *= f
+        self.rvals *= f
+
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.vals.nbytes + self.rkeys.nbytes + self.rvals.nbytes
 
 
+def _add_found(keys: np.ndarray, vals: np.ndarray, uk: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``vals[key] += v`` for the sorted unique ``uk`` found in ``keys``: (found mask, the keys
+    found whose value was zero)."""
+    if not len(keys):
+        return np.zeros(len(uk), dtype=bool), uk[:0]
+    pos = np.searchsorted(keys, uk)
+    hit = pos < len(keys)
+    hit[hit] = keys[pos[hit]] == uk[hit]
+    ph = pos[hit]
+    zero = vals[ph] == 0
+    vals[ph] += v[hit]
+    return hit, uk[hit][zero]
+
+
+_COL = (1 << 32) - 1
+_RECENT_MIN = 4096
 _EMPTY_I = np.zeros(0, dtype=np.int64)
 _EMPTY_F = np.zeros(0, dtype=np.float64)

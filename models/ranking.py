@@ -193,16 +193,16 @@ def _newest_item_similarity(
 ) -> np.ndarray:
     """Per (user ``row``, candidate ``idx``): its similarity to the user's newest item (0 if not
     among that item's neighbours), by one sorted lookup of (user, item) keys for the chunk."""
-    n = table.n_items
     cat = part.catalogue_map(table)
-    keys: list[np.ndarray] = []
-    vals: list[np.ndarray] = []
+    lists: list[tuple[int, np.ndarray, np.ndarray]] = []
     for r, uid in enumerate(uids):
         h = part.users[uid].history
         if h:
             nb, sc = table.sim_top(int(cat[h[-1][0]]))
-            keys.append(r * n + nb.astype(np.int64))
-            vals.append(sc)
+            lists.append((r, nb, sc))
+    n = table.n_items  # after reading the lists, which may add items to the catalogue
+    keys = [r * n + nb.astype(np.int64) for r, nb, _ in lists]
+    vals = [sc for _, _, sc in lists]
     k = np.concatenate(keys) if keys else _EMPTY_I
     if k.size == 0:
         return np.zeros(len(idx))
@@ -313,6 +313,10 @@ def recommend(
     for c0 in range(0, len(user_ids), chunk):
         uids = user_ids[c0 : c0 + chunk]
         cand = _gather(part, table, cat, uids, excluded, trend, pool, pos)
+        if table.n_items != n:  # lists read for the first time named items new to the catalogue
+            n = table.n_items
+            pop = table.pop()
+            pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
         ranked = _rank_dense(cand, n, k_look, pop_term, p) if dense else _rank_table(cand, n, k_look, pop_term, p)
         if looking:
             ranked = _look(part, table, uids, ranked, rescorer, observer, k)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import orjson
@@ -21,27 +22,56 @@ import orjson
 from models.longterm import ItemRegression
 
 _MAGIC = b"SRT1"
+_WATERMARK_MAGIC = b"SRW1"
+WATERMARK_KEY = b"\x00streamrec.watermark"  # the table topic key of an item partition's watermark
+
+
+def encode_watermark(applied: dict[int, int]) -> bytes:
+    """An item partition's watermark: per source (user) partition, the offset before which every
+    event has been applied and its entries published (those produced before this record)."""
+    return _WATERMARK_MAGIC + orjson.dumps({str(p): o for p, o in applied.items()})
+
+
+def decode_watermark(blob: bytes) -> dict[int, int] | None:
+    """The watermark in ``blob``, or None if ``blob`` is not one (an entry)."""
+    if blob[:4] != _WATERMARK_MAGIC:
+        return None
+    return {int(p): int(o) for p, o in orjson.loads(blob[4:]).items()}
 
 
 @dataclass(frozen=True)
 class TableEntry:
     """One item as the item stage last published it: ``log_pop`` is the log of its
     forward-decayed popularity (comparable between entries whatever their age), ``neighbours``
-    its best neighbours with their scores, best first, and ``unit`` its unit context vector."""
+    its best neighbours with their scores, best first, and ``unit`` its unit context vector.
+
+    The neighbour ids travel as one JSON array (``ids_json``), parsed only when a worker first
+    ranks with the entry: most entries of a busy item are replaced before anyone reads them."""
 
     item_id: str
     log_pop: float
-    neighbours: list[str]
+    ids_json: bytes
     scores: np.ndarray  # float32
     unit: np.ndarray  # float32, (dim,)
 
+    @staticmethod
+    def of(item_id: str, log_pop: float, neighbours: list[str], scores: np.ndarray, unit: np.ndarray) -> TableEntry:
+        return TableEntry(item_id, log_pop, orjson.dumps(neighbours), scores, unit)
+
+    @cached_property
+    def neighbours(self) -> list[str]:
+        ids: list[str] = orjson.loads(self.ids_json)
+        return ids
+
     def encode(self) -> bytes:
-        header = orjson.dumps({"item": self.item_id, "log_pop": self.log_pop, "nb": self.neighbours})
+        header = orjson.dumps({"item": self.item_id, "log_pop": self.log_pop, "k": len(self.scores)})
         return b"".join(
             (
                 _MAGIC,
                 len(header).to_bytes(4, "little"),
                 header,
+                len(self.ids_json).to_bytes(4, "little"),
+                self.ids_json,
                 np.ascontiguousarray(self.scores, dtype="<f4").tobytes(),
                 np.ascontiguousarray(self.unit, dtype="<f4").tobytes(),
             )
@@ -49,17 +79,21 @@ class TableEntry:
 
     @staticmethod
     def decode(blob: bytes) -> TableEntry:
-        """The entry ``encode`` wrote; ValueError if ``blob`` is not one."""
+        """The entry ``encode`` wrote (neighbour ids still unparsed); ValueError if ``blob`` is
+        not one."""
         if blob[:4] != _MAGIC:
             raise ValueError("not a streamrec table entry (bad magic)")
-        n = int.from_bytes(blob[4:8], "little")
         try:
+            n = int.from_bytes(blob[4:8], "little")
             h = orjson.loads(blob[8 : 8 + n])
-            k = len(h["nb"])
-            scores = np.frombuffer(blob, dtype="<f4", count=k, offset=8 + n)
-            unit = np.frombuffer(blob, dtype="<f4", offset=8 + n + 4 * k)
+            m = int.from_bytes(blob[8 + n : 12 + n], "little")
+            ids_json = blob[12 + n : 12 + n + m]
+            k = int(h["k"])
+            at = 12 + n + m
+            scores = np.frombuffer(blob, dtype="<f4", count=k, offset=at)
+            unit = np.frombuffer(blob, dtype="<f4", offset=at + 4 * k)
             log_pop = -math.inf if h["log_pop"] is None else float(h["log_pop"])
-            return TableEntry(str(h["item"]), log_pop, list(h["nb"]), scores, unit)
+            return TableEntry(str(h["item"]), log_pop, ids_json, scores, unit)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"malformed table entry ({type(e).__name__})") from None
 
@@ -73,8 +107,11 @@ class ItemTable:
         self.index: dict[str, int] = {}
         self.log_pop = np.full(0, -np.inf)
         self.unit = np.zeros((0, dim), dtype=np.float32)
-        self.neighbours: list[tuple[np.ndarray, np.ndarray] | None] = []
+        # per item: its neighbours (catalogue numbers, scores), or the entry not yet parsed
+        self.neighbours: list[tuple[np.ndarray, np.ndarray] | TableEntry | None] = []
         self.entries = 0  # entries applied, ever
+        # item partition -> its watermark (source partition -> offset applied before)
+        self.watermarks: dict[int, dict[int, int]] = {}
         self.long: ItemRegression | None = None
         self.long_version = 0
         self._pop: tuple[int, np.ndarray] = (-1, np.zeros(0))
@@ -100,22 +137,31 @@ class ItemTable:
         return i
 
     def apply(self, entries: Iterable[TableEntry]) -> int:
-        """Take in newer entries (each replaces the item's previous one); returns how many."""
+        """Take in newer entries (each replaces the item's previous one); returns how many. The
+        neighbour lists are mapped onto the catalogue when first read (``sim_top``)."""
         n = 0
-        item, get = self.item, self.index.get
+        item = self.item
         for e in entries:
             i = item(e.item_id)
-            codes = list(map(get, e.neighbours))  # C-speed lookups; new ids take the slow path
-            if None in codes:
-                codes = [item(x) for x in e.neighbours]
-            nb = np.array(codes, dtype=np.int32)
-            self.neighbours[i] = (nb, np.array(e.scores, dtype=np.float32))  # a copy: the message can go
+            self.neighbours[i] = e
             self.log_pop[i] = e.log_pop
             if len(e.unit) == self.dim:
                 self.unit[i] = e.unit
             n += 1
         self.entries += n
         return n
+
+    def _parse(self, e: TableEntry) -> tuple[np.ndarray, np.ndarray]:
+        ids = e.neighbours
+        codes = list(map(self.index.get, ids))  # C-speed lookups; new ids take the slow path
+        if None in codes:
+            codes = [self.item(x) for x in ids]
+        return np.array(codes, dtype=np.int32), np.array(e.scores, dtype=np.float32)  # copies: the entry can go
+
+    def applied(self, source: int, partitions: int) -> int:
+        """The source offset before which every event of user partition ``source`` is reflected in
+        this table: the lowest over the ``partitions`` item partitions' watermarks (-1: none yet)."""
+        return min((self.watermarks.get(q, {}).get(source, -1) for q in range(partitions)), default=-1)
 
     def pop(self) -> np.ndarray:
         """Every item's popularity relative to the most popular one's (0 for items without an
@@ -130,6 +176,8 @@ class ItemTable:
     def sim_top(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Item ``i``'s published neighbours (catalogue numbers, scores), best first."""
         nb = self.neighbours[i] if i < len(self.neighbours) else None
+        if isinstance(nb, TableEntry):
+            nb = self.neighbours[i] = self._parse(nb)
         return nb if nb is not None else (_EMPTY_I, _EMPTY_F)
 
     def set_long(self, version: int, ids: Sequence[str], weights: np.ndarray) -> None:
@@ -142,7 +190,9 @@ class ItemTable:
 
     def memory_bytes(self) -> int:
         """Bytes held in the table's arrays (neighbour lists, popularity, vectors)."""
-        lists = sum(a.nbytes + b.nbytes for nb in self.neighbours if nb is not None for a, b in (nb,))
+        for i in range(self.n_items):
+            self.sim_top(i)  # every list parsed, as after a worker has ranked with all of them
+        lists = sum(nb[0].nbytes + nb[1].nbytes for nb in self.neighbours if isinstance(nb, tuple))
         lt = self.long
         long_bytes = 0 if lt is None else lt.weights.nbytes + lt.pos.nbytes + lt.pool.nbytes
         return lists + self.log_pop.nbytes + self.unit.nbytes + long_bytes

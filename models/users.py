@@ -184,7 +184,6 @@ class UserPartition:
         users = self.users
         seen_ids = self.recent_event_ids
         pd = p.pair_decay
-        dfac = [pd**d for d in range(window - 1, -1, -1)]  # oldest window slot first
         eff = BatchEffect()
         touched: dict[str, None] = {}
         ev_off: list[int] = []
@@ -216,14 +215,12 @@ class UserPartition:
                     users.popitem(last=False)
             else:
                 users.move_to_end(ev.user_id)
-            wi, ws = u.win_items, u.win_sw
+            wi = u.win_items
             if wi:
-                if pd != 1.0:  # nearer pairs weigh more: the newest window item is 1 step away
-                    ws = [x * f for x, f in zip(ws, dfac[-len(ws) :], strict=True)]
                 pr_ev.append(len(ev_off))
                 pr_i.append(i)
                 pr_js.append(wi[:])
-                pr_sws.append(ws if ws is not u.win_sw else ws[:])
+                pr_sws.append(u.win_sw[:])
                 pr_sw.append(sw)
             wi.append(i)
             u.win_sw.append(sw)
@@ -262,7 +259,7 @@ class UserPartition:
             ev_w=np.asarray(ev_w, dtype=np.float64),
             ev_user=ev_user,
             ev_new=np.asarray(ev_new, dtype=bool),
-            **_pairs(pr_ev, pr_i, pr_js, pr_sws, pr_sw),
+            **_pairs(pr_ev, pr_i, pr_js, pr_sws, pr_sw, pd),
         )
         return eff
 
@@ -309,16 +306,25 @@ class UserPartition:
 
 
 def _pairs(
-    pr_ev: list[int], pr_i: list[int], pr_js: list[list[int]], pr_sws: list[list[float]], pr_sw: list[float]
+    pr_ev: list[int],
+    pr_i: list[int],
+    pr_js: list[list[int]],
+    pr_sws: list[list[float]],
+    pr_sw: list[float],
+    decay: float,
 ) -> dict[str, np.ndarray]:
-    """Flat pair arrays (event position, i, j, weight ``sqrt(w_i) * sqrt(w_j) * decay``) from the
-    per-event windows; a window entry of the event's own item is no pair."""
+    """Flat pair arrays (event position, i, j, weight) from the per-event windows (oldest
+    first): the weight of a pair ``d`` steps apart is ``sqrt(w_i) * sqrt(w_j) * decay ** (d - 1)``;
+    a window entry of the event's own item is no pair."""
     lens = np.fromiter(map(len, pr_js), dtype=np.int64, count=len(pr_js))
     total = int(lens.sum())
     ev = np.repeat(np.asarray(pr_ev, dtype=np.int64), lens)
     i = np.repeat(np.asarray(pr_i, dtype=np.int64), lens)
     j = np.fromiter(chain.from_iterable(pr_js), dtype=np.int64, count=total)
     wt = np.repeat(np.asarray(pr_sw), lens) * np.fromiter(chain.from_iterable(pr_sws), dtype=np.float64, count=total)
+    if decay != 1.0:  # nearer pairs weigh more: the newest window item is 1 step away
+        steps = np.repeat(lens, lens) - (np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens))
+        wt = wt * decay ** (steps - 1).astype(np.float64)
     keep = i != j
     return {"pr_ev": ev[keep], "pr_i": i[keep], "pr_j": j[keep], "pr_w": wt[keep]}
 

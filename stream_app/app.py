@@ -123,7 +123,7 @@ def create_app(settings: Settings) -> faust.App:
             st = pipeline.stats
             log.info(
                 "user stage: events=%d invalid=%d duplicates=%d lists=%d batches=%d deltas=%d partitions=%s "
-                "table_items=%d",
+                "table_items=%d table_lag_events p50=%d p99=%d max=%d",
                 st.events,
                 st.invalid,
                 st.duplicates,
@@ -132,7 +132,9 @@ def create_app(settings: Settings) -> faust.App:
                 st.deltas,
                 sorted(pipeline.runs),
                 pipeline.table.n_items,
+                *st.table_lag_quantiles(),
             )
+            st.table_lag.clear()  # each report covers the blocks since the last
         if items is not None:
             it = items.stats
             log.info(

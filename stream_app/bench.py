@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,12 +37,17 @@ import orjson
 import psutil
 import redis
 import typer
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from threadpoolctl import threadpool_limits
 
+from models.deltas import split
+from models.items import ItemPartition
+from models.table import ItemTable, TableEntry
+from models.users import UserPartition
 from stream_app.config import Settings, settings_from_env
 from stream_app.demo import demo_events
-from stream_app.kafka_io import end_offsets, ensure_topics, producer_config
-from stream_app.processes import WorkerProcess, wait_caught_up
+from stream_app.kafka_io import end_offsets, ensure_topics, producer_config, topic_partitions
+from stream_app.processes import CatchUp, WorkerProcess, wait_stages_caught_up
 from stream_app.redis_store import RedisStore
 from stream_app.replay import replay
 from stream_app.services import isolated_env, local_services
@@ -79,9 +85,85 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+class TableProbe:
+    """How soon an event's co-occurrence reaches the table every user stage ranks from.
+
+    Every ``every`` seconds a new user takes two new items, a then b. Their pair goes user stage
+    -> deltas topic -> item stage -> table topic; a reader of that topic (as a user stage reads
+    it) sees entries for a and b, each listing the other. The latency of a probe is the time from
+    just before producing b to the first such entry.
+    """
+
+    def __init__(self, s: Settings, start_ts: int, every: float = 0.1) -> None:
+        self.s, self.start_ts, self.every = s, start_ts, every
+        self.pending: dict[str, tuple[str, float]] = {}  # item -> (its partner, time sent)
+        self.lat: list[float] = []
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.deadline = float("inf")
+        self.sent = 0
+        n = topic_partitions(s, s.table)
+        self.c = Consumer(
+            {
+                "bootstrap.servers": s.kafka_bootstrap_servers,
+                "group.id": f"bench-probe-{uuid.uuid4().hex[:6]}",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 5,
+            }
+        )
+        self.c.assign([TopicPartition(s.table, p, OFFSET_END) for p in range(n)])
+        self.thread = threading.Thread(target=self._read, daemon=True)
+
+    def start(self) -> TableProbe:
+        self.thread.start()
+        return self
+
+    def send(self, p: Producer, k: int, wall0: float) -> None:
+        user, a, b = f"bench-probe-{k}", f"bench-probe-{k}-a", f"bench-probe-{k}-b"
+        ts = self.start_ts + int((time.time() - wall0) * 1000)
+        p.produce(self.s.events_topic, key=user.encode(), value=orjson.dumps(_probe_event(user, a, ts)))
+        t = time.perf_counter()
+        with self.lock:
+            self.pending[a] = (b, t)
+            self.pending[b] = (a, t)
+        p.produce(self.s.events_topic, key=user.encode(), value=orjson.dumps(_probe_event(user, b, ts + 1)))
+        self.sent += 1
+
+    def _read(self) -> None:
+        while not self.done.is_set() or (self.pending and time.perf_counter() < self.deadline):
+            for m in self.c.consume(500, 0.05):
+                v = m.value()
+                if m.error() is not None or v is None or b"bench-probe-" not in v:
+                    continue
+                now = time.perf_counter()
+                e = TableEntry.decode(v)
+                with self.lock:
+                    got = self.pending.get(e.item_id)
+                    if got is not None and got[0] in e.neighbours:
+                        self.lat.append(now - got[1])
+                        self.pending.pop(e.item_id, None)
+                        self.pending.pop(got[0], None)
+
+    def finish(self, drain: float = 10.0) -> dict[str, Any]:
+        self.deadline = time.perf_counter() + drain
+        self.done.set()
+        self.thread.join(drain + 5)
+        self.c.close()
+        ms = [x * 1000 for x in self.lat]
+        return {
+            "probes": self.sent,
+            "observed": len(ms),
+            "p50_ms": percentile(ms, 0.50) if ms else None,
+            "p99_ms": percentile(ms, 0.99) if ms else None,
+            "max_ms": max(ms) if ms else None,
+        }
+
+
+def _probe_event(user: str, item: str, ts: int) -> dict[str, Any]:
+    return {"user_id": user, "item_id": item, "type": "click", "ts": ts}
+
+
 def freshness(
-    bootstrap: str,
-    redis_url: str,
     s: Settings,
     users: list[str],
     items: list[str],
@@ -90,13 +172,15 @@ def freshness(
     start_ts: int,
     seed: int = 11,
 ) -> dict[str, Any]:
-    """Produce at ``rate`` events/s for ``seconds``; measure produce -> list visible in Redis.
+    """Produce at ``rate`` events/s for ``seconds``; measure produce -> list visible in Redis,
+    and (``TableProbe``) event -> neighbour list in the table.
 
     Users and items are drawn from the preloaded log (so by activity and popularity), and event
     time continues the log's clock from ``start_ts`` at wall-clock pace.
     """
     rng = random.Random(seed)
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(s.redis_url)
+    store = RedisStore(r, s.redis_prefix)
     pending: dict[str, list[tuple[int, float]]] = {}
     lock = threading.Lock()
     lat: list[float] = []
@@ -110,8 +194,9 @@ def freshness(
     old_conf = str(r.config_get("notify-keyspace-events").get("notify-keyspace-events") or "")
     r.config_set("notify-keyspace-events", "K$")
     ps = r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    ps.psubscribe(f"__keyspace@{db}__:{s.redis_prefix}rec:*")
-    cut = len(f"__keyspace@{db}__:{s.redis_prefix}rec:")
+    channel = f"__keyspace@{db}__:"
+    ps.psubscribe(channel + store.rec_key("*"))
+    cut = len(channel + store.rec_key(""))
 
     def reader() -> None:
         while not done.is_set() or (pending and time.perf_counter() < deadline_drain):
@@ -119,11 +204,11 @@ def freshness(
             if msg is None:
                 continue
             u = msg["channel"][cut:].decode()
-            raw = r.get(f"{s.redis_prefix}rec:{u}")
+            doc = store.get_rec(u)
             now = time.perf_counter()
-            if raw is None:
+            if doc is None:
                 continue
-            ets = orjson.loads(raw)["event_ts"]
+            ets = doc["event_ts"]
             with lock:
                 keep = []
                 for ts, t_sent in pending.get(u, []):
@@ -145,6 +230,7 @@ def freshness(
         value=orjson.dumps({"user_id": "bench-warmup", "item_id": items[0], "type": "view", "ts": start_ts}),
     )
     p.flush(30)
+    probe = TableProbe(s, start_ts).start()
     deadline_drain = float("inf")
     th = threading.Thread(target=reader, daemon=True)
     th.start()
@@ -152,6 +238,7 @@ def freshness(
     last_ts: dict[str, int] = {}
     t0 = time.perf_counter()
     wall0 = time.time()
+    probe_every = max(int(rate * probe.every), 1)
     for k in range(n):
         target = t0 + k / rate
         d = target - time.perf_counter()
@@ -165,12 +252,15 @@ def freshness(
         with lock:
             pending.setdefault(u, []).append((ts, t_sent))
         p.produce(s.events_topic, key=u.encode(), value=orjson.dumps(ev))
+        if k % probe_every == 0:
+            probe.send(p, k, wall0)
         p.poll(0)
     p.flush(30)
     achieved = n / (time.perf_counter() - t0)
     deadline_drain = time.perf_counter() + 10
     done.set()
     th.join(15)
+    table = probe.finish()
     ps.close()
     r.config_set("notify-keyspace-events", old_conf)
     lost = sum(len(v) for v in pending.values())
@@ -191,6 +281,7 @@ def freshness(
         "p99_ms": percentile(ms, 0.99),
         "max_ms": max(ms),
         "mean_ms": statistics.fmean(ms),
+        "table": table,
     }
 
 
@@ -243,10 +334,25 @@ def with_samples(env: dict[str, str], enabled: bool) -> dict[str, str]:
     return {**env, "STREAMREC_SAMPLES": "true"} if enabled else env
 
 
+_TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
+
+
+def table_lag_reported(log: str) -> dict[str, int] | None:
+    """The table lag a worker reported in ``log`` (its stats lines, every 10 s): how many of a
+    partition's events the table missed when a block was ranked; the median of the reports'
+    p50s, and the largest p99 and maximum."""
+    found = [tuple(map(int, m)) for m in _TABLE_LAG.findall(log)]
+    found = [x for x in found if x[2] > 0] or found
+    if not found:
+        return None
+    p50s = sorted(x[0] for x in found)
+    return {"p50": p50s[len(p50s) // 2], "p99": max(x[1] for x in found), "max": max(x[2] for x in found)}
+
+
 def scale_run(
     svc: Any, events: list[dict[str, Any]], workers: int, partitions: int, run: str, with_trainer: bool = False
-) -> float:
-    """End-to-end events/s of ``workers`` workers on a ``partitions``-partition topic."""
+) -> CatchUp:
+    """End-to-end throughput of ``workers`` workers on a ``partitions``-partition topic."""
     env = with_samples(isolated_env(svc, f"bench-{run}-w{workers}"), with_trainer)
     s = settings_from_env(env)
     ensure_topics(s, partitions)
@@ -256,24 +362,21 @@ def scale_run(
         try:
             wait_assigned(procs, partitions)
             replay(producer_config(s), s.events_topic, events)  # the rate is taken after this returns
-            caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, procs[0])
+            caught = wait_stages_caught_up(s, partitions, procs[0])
             if not all(w.alive() for w in procs):
                 raise RuntimeError("a worker exited during the run")
             owners = [_ASSIGNED.findall(w.log())[-1] for w in procs]
         finally:
             for w in procs:
                 w.stop()
-    typer.echo(f"end to end, {workers} worker(s), {partitions} partitions: {caught.rate:,.0f} events/s {owners}")
+    typer.echo(
+        f"end to end, {workers} worker(s), {partitions} partitions: {caught.both_rate:,.0f} events/s "
+        f"(user stage {caught.rate:,.0f}) {owners}"
+    )
     if trainer:
         typer.echo(f"  beside a trainer that trained on {trainer['samples']:,} samples")
-    _clear(svc.redis_url, s.redis_prefix)
-    return caught.rate
-
-
-def _clear(redis_url: str, prefix: str) -> None:
-    r = redis.Redis.from_url(redis_url)
-    for k in r.scan_iter(f"{prefix}*", count=1000):
-        r.delete(k)
+    RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix).delete_all()
+    return caught
 
 
 def run_bench(
@@ -302,16 +405,22 @@ def run_bench(
         with trainer_beside(env, with_trainer, log_path.with_suffix(".trainer.log")) as trainer:
             w = WorkerProcess(env, log_path).start()
             try:
-                caught = wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, partitions, w)
-                typer.echo(f"end to end: {caught.rate:,.0f} events/s")
+                caught = wait_stages_caught_up(s, partitions, w)
+                typer.echo(
+                    f"end to end: {caught.both_rate:,.0f} events/s (user stage {caught.rate:,.0f}; the item "
+                    f"stage done {caught.item_lag_s:.1f} s after it)"
+                )
                 rss = psutil.Process(w.pid).memory_info().rss
                 users = [str(e["user_id"]) for e in events]
                 items = [str(e["item_id"]) for e in events]
                 start_ts = max(int(e["ts"]) for e in events) + 1000
-                fresh = freshness(svc.bootstrap, svc.redis_url, s, users, items, rate, seconds, start_ts)
+                before = len(w.log())
+                fresh = freshness(s, users, items, rate, seconds, start_ts)
+                time.sleep(10.5)  # one more stats report of the worker's, covering the end of the run
+                fresh["table_lag_events"] = table_lag_reported(w.log()[before:])
             finally:
                 w.stop()
-        _clear(svc.redis_url, s.redis_prefix)
+        RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix).delete_all()
         scale = {n: scale_run(svc, events, n, scale_partitions, run, with_trainer) for n in (1, 2)}
     res = {
         "machine": {
@@ -323,8 +432,16 @@ def run_bench(
         "events": len(events),
         "partitions": partitions,
         "raw_ceiling_events_per_s": raw["events_per_s"],
-        "end_to_end_events_per_s": caught.rate,
-        "scale_out_events_per_s": {"partitions": scale_partitions, "workers_1": scale[1], "workers_2": scale[2]},
+        "end_to_end_events_per_s": caught.both_rate,
+        "user_stage_events_per_s": caught.rate,
+        "item_stage_lag_s": caught.item_lag_s,
+        "scale_out_events_per_s": {
+            "partitions": scale_partitions,
+            "workers_1": scale[1].both_rate,
+            "workers_2": scale[2].both_rate,
+            "user_stage_workers_1": scale[1].rate,
+            "user_stage_workers_2": scale[2].rate,
+        },
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
         "worker_log": str(log_path),
@@ -336,10 +453,14 @@ def run_bench(
     f = fresh
     typer.echo("\n| measure | value |\n|---|---|")
     typer.echo(f"| raw ceiling (consume + orjson decode) | {res['raw_ceiling_events_per_s']:,.0f} events/s |")
-    typer.echo(f"| end to end, one worker | {caught.rate:,.0f} events/s |")
+    typer.echo(
+        f"| end to end, one worker (both stages done) | {caught.both_rate:,.0f} events/s "
+        f"({res['end_to_end_events_per_s'] / res['raw_ceiling_events_per_s']:.1%} of the raw ceiling) |"
+    )
+    typer.echo(f"| the user stage alone | {caught.rate:,.0f} events/s |")
     typer.echo(
         f"| end to end, {scale_partitions} partitions: one worker / two workers | "
-        f"{scale[1]:,.0f} / {scale[2]:,.0f} events/s |"
+        f"{scale[1].both_rate:,.0f} / {scale[2].both_rate:,.0f} events/s |"
     )
     typer.echo(f"| worker resident memory after {len(events):,} events | {res['worker_rss_mb']:.0f} MiB |")
     typer.echo(
@@ -350,9 +471,79 @@ def run_bench(
         f"| same, events sent after the first 2 s: p50 / p99 | {f['steady_p50_ms']:.1f} / {f['steady_p99_ms']:.1f} ms |"
     )
     typer.echo(f"| events whose list update was seen | {f['observed']:,} of {f['events']:,} |")
+    lag = f.get("table_lag_events")
+    if lag:
+        typer.echo(
+            f"| table lag when a block was ranked: p50 / p99 / max | {lag['p50']:,} / {lag['p99']:,} / "
+            f"{lag['max']:,} events |"
+        )
+    t = f["table"]
+    if t["observed"]:
+        typer.echo(
+            f"| event -> its neighbour list in the table: p50 / p99 / max | "
+            f"{t['p50_ms']:.1f} / {t['p99_ms']:.1f} / {t['max_ms']:.1f} ms ({t['observed']} of {t['probes']} probes) |"
+        )
     if trainer:
         typer.echo(f"| beside a trainer: samples it trained on, one-worker runs | {trainer['samples']:,} |")
     if s.w_ctr > 0:
         typer.echo(f"| CTR model versions the worker loaded (W_CTR={s.w_ctr:g}) | {res['ctr_versions_loaded']} |")
     typer.echo(f"\n{os.cpu_count()} cores; dataset {name}; broker and Redis on this machine.")
     return res
+
+
+def table_memory(settings: Settings, n_items: int, n_events: int) -> dict[str, Any]:
+    """The item table a user-stage worker holds, in memory, once caught up: for MovieLens-100K
+    (when fetched) and for a synthetic catalogue of ``n_items`` items (``catalogue_events``).
+
+    In-process, with the worker's own code: the events go through a user partition and one item
+    partition that owns every item; every item's entry is then encoded and decoded as on the
+    table topic and applied to a fresh table. Memory is what ``tracemalloc`` sees allocated for
+    the table (its arrays, lists and strings); the item partition's counts are reported beside.
+    """
+    from stream_app.datasets import catalogue_events, ml100k_dir, read_log
+
+    out: dict[str, Any] = {}
+    p = settings.params()
+    schema = settings.event_schema()
+    sources: list[tuple[str, Iterator[list[dict[str, Any]]]]] = []
+    ml = ml100k_dir(settings.data_dir) / "events.jsonl"
+    if ml.exists():
+        rows = read_log(ml, "jsonl")
+        sources.append(("MovieLens-100K", iter([rows[k : k + 10_000] for k in range(0, len(rows), 10_000)])))
+    sources.append(
+        (f"synthetic catalogue ({n_items:,} items, {n_events:,} events)", catalogue_events(n_items, n_events=n_events))
+    )
+    for name, blocks in sources:
+        t0 = time.perf_counter()
+        part, items = UserPartition(p), ItemPartition(p)
+        offset = 0
+        with threadpool_limits(limits=1, user_api="blas"):
+            for block in blocks:
+                events = [schema.from_obj(e) for e in block]
+                d = part.apply(events, list(range(offset, offset + len(events)))).deltas
+                if d is not None and len(d):
+                    items.apply(split(d, 0, offset, offset + len(events), part.routes(1), 1))
+                offset += len(events)
+        blobs = [e.encode() for e in items.all_entries()]
+        tracemalloc.start()
+        table = ItemTable(p.dim)
+        table.apply(TableEntry.decode(b) for b in blobs)
+        arrays = table.memory_bytes()  # parses every neighbour list, as ranking with each would
+        size, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        res = {
+            "items": table.n_items,
+            "events": offset,
+            "table_mib": size / 2**20,
+            "table_arrays_mib": arrays / 2**20,
+            "neighbours_per_item": sum(len(table.sim_top(i)[0]) for i in range(table.n_items)) / max(table.n_items, 1),
+            "item_counts_mib": items.counts.nbytes() / 2**20,
+            "cooccurrence_entries": len(items.counts),
+            "seconds": time.perf_counter() - t0,
+        }
+        out[name] = res
+        typer.echo(
+            f"| {name} | {res['items']:,} items, {res['neighbours_per_item']:.0f} neighbours each | "
+            f"{res['table_mib']:.1f} MiB | {res['item_counts_mib']:.1f} MiB ({res['cooccurrence_entries']:,} entries) |"
+        )
+    return out

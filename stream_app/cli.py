@@ -216,10 +216,19 @@ def bench(
     with_trainer: bool = typer.Option(
         False, "--with-trainer", help="workers publish CTR samples and a trainer trains on them during each run"
     ),
+    table_memory: bool = typer.Option(
+        False, "--table-memory", help="instead: memory of a worker's item table, ml-100k and a synthetic catalogue"
+    ),
+    items: int = typer.Option(100_000, help="catalogue size for --table-memory"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
-    if ctr:
+    if table_memory:
+        from stream_app.bench import table_memory as run_table_memory
+
+        typer.echo("| log | table | in memory | the item stage's counts |\n|---|---|---|---|")
+        res = run_table_memory(_settings(config), items, events or 1_000_000)
+    elif ctr:
         res = _bench_ctr(_settings(config), events, threads)
     else:
         from stream_app.bench import run_bench

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     table_topic: str = ""  # empty: "<events_topic>.table"
     delta_max_bytes: int = Field(512 * 1024, ge=4096, description="larger delta messages are cut between events")
     long_poll_s: float = Field(2.0, gt=0, description="how often workers look for a new long-term model version")
+    table_publish_interval_s: float = Field(
+        0.1, ge=0, description="how often the item stage publishes due table entries and its watermark"
+    )
+    table_max_lag: int = Field(
+        5000, ge=0, description="events of its partition the table may lag behind a block before the user stage waits"
+    )
+    table_wait_s: float = Field(5.0, ge=0, description="longest such wait; then the block is ranked anyway")
     # pipeline
     batch_size: int = Field(2000, ge=1, description="events per micro-batch and per partition")
     poll_timeout_ms: int = Field(20, ge=1)

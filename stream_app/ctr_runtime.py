@@ -14,7 +14,6 @@ from typing import Any
 
 import redis
 
-from models.ctr.checkpoint import from_bytes
 from stream_app.config import Settings
 from stream_app.redis_store import RedisStore
 
@@ -51,6 +50,7 @@ class ModelWatcher:
                 return
             import torch
 
+            from models.ctr.checkpoint import from_bytes
             from models.ctr.rescorer import CtrRescorer
 
             # one thread: the worker's loop is single-threaded by design, and idle torch worker

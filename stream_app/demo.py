@@ -54,7 +54,7 @@ def run_demo(settings: Settings, n_events: int, use_ml100k: bool) -> None:
             worker = WorkerProcess(env, Path(tmp) / "worker.log").start()
             try:
                 t0 = time.monotonic()
-                caught = wait_stages_caught_up(svc.bootstrap, s.group_id, s.events_topic, DEMO_PARTITIONS, worker)
+                caught = wait_stages_caught_up(s, DEMO_PARTITIONS, worker)
                 wall = time.monotonic() - t0
             finally:
                 worker.stop()

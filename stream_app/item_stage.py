@@ -33,6 +33,7 @@ from models.deltas import DeltaMessage, decode
 from models.engine import item_step
 from models.items import ItemPartition
 from models.longterm import FitInput, ItemRegression, encode_model, fit
+from models.table import WATERMARK_KEY, encode_watermark
 from stream_app.config import Settings
 from stream_app.kafka_io import topic_partitions
 from stream_app.stage import Output, PartitionRun, StageLoop, offset_of
@@ -40,6 +41,7 @@ from stream_app.stage import Output, PartitionRun, StageLoop, offset_of
 log = logging.getLogger(__name__)
 
 _FIT_WAIT_S = 120.0  # on a graceful stop, how long to wait for a long-term fit to finish
+_TRENDING_EVERY_S = 1.0  # the trending list is written at most this often (and on every handover)
 
 
 @dataclass
@@ -63,13 +65,18 @@ class PendingFit:
 class ItemStage(StageLoop[ItemPartition]):
     name = "item stage"
     assigned_label = "item partitions"
+    queue_kbytes = 16384  # delta messages are large and few,
+    consume_batch = 16  # so a consume() call returns once a few have arrived: user stages may wait on it
 
     def __init__(self, settings: Settings, client: redis.Redis) -> None:
         super().__init__(settings, client, settings.deltas, settings.item_group_id)
         self.params = settings.params()
         self.partitions = 0  # of the deltas topic, read at start
         self.stats = ItemStats()
-        self._sims_at = 0.0
+        self._sims_at = 0.0  # when the current round of sim: publications began
+        self._sims_left = 0  # lists still to publish in this round
+        self._trending_at = 0.0
+        self._published_at = 0.0  # the last publication check (table entries and watermarks)
         self._fits: ProcessPoolExecutor | None = None
         self._pending_fits: list[PendingFit] = []
 
@@ -108,22 +115,31 @@ class ItemStage(StageLoop[ItemPartition]):
     def process(self, drained: bool, now: float) -> Output | None:
         sink = self.sink
         assert sink is not None
-        budget = self.s.sim_publish_batch if now - self._sims_at >= self.s.sim_publish_interval_s else 0
+        budget = self._sim_budget(now)
+        want_trending = now - self._trending_at >= _TRENDING_EVERY_S
+        publish = now - self._published_at >= self.s.table_publish_interval_s
+        if publish:
+            self._published_at = now
         sims: list[tuple[str, list[tuple[str, float]]]] = []
         trending: list[tuple[str, float]] | None = None
         st = self.stats
         for run in self.runs.values():
             msgs = self._decode(run) if run.buffer else []
-            if not msgs and not (budget > len(sims) and run.state.sim_dirty):
+            due = publish and run.state.applied != run.published
+            if not msgs and not due and not (budget > len(sims) and run.state.sim_dirty):
                 continue
-            out = item_step(run.state, msgs, budget - len(sims), self.s.sim_publish_len)
+            out = item_step(run.state, msgs, budget - len(sims), self.s.sim_publish_len, want_trending, publish)
             key_of = str.encode
             for e in out.entries:
                 sink.send(self.s.table, e.encode(), key=key_of(e.item_id), partition=run.partition)
+            if publish and run.state.applied != run.published:
+                # after the entries: a user stage that reads it has read them
+                sink.send(self.s.table, encode_watermark(run.state.applied), key=WATERMARK_KEY, partition=run.partition)
+                run.published = dict(run.state.applied)
             sink.poll()
             sims.extend(out.sims)
             if out.trending is not None:
-                trending = out.trending
+                trending, self._trending_at = out.trending, now
             if out.fit is not None:
                 self._submit_fit(run.state, *out.fit)
             st.events += out.effect.applied
@@ -131,12 +147,21 @@ class ItemStage(StageLoop[ItemPartition]):
             st.messages += len(msgs)
             st.entries += len(out.entries)
             st.sims += len(out.sims)
-        if budget and not any(r.state.sim_dirty for r in self.runs.values()):
-            self._sims_at = now
+        self._sims_left = max(self._sims_left - len(sims), 0)
         models = self._finished_fits()
         if not sims and trending is None and not models:
             return None
         return lambda: self._write(sims, trending, models)
+
+    def _sim_budget(self, now: float) -> int:
+        """How many ``sim:`` lists to publish in this iteration. Every ``sim_publish_interval_s``
+        a round starts with the items whose list is out of date then; they are published, oldest
+        change first, at most ``sim_publish_batch`` per iteration so that the loop never stalls.
+        An item that changes again waits for the next round: at most one list per item and round."""
+        if self._sims_left == 0 and now - self._sims_at >= self.s.sim_publish_interval_s:
+            self._sims_at = now
+            self._sims_left = sum(len(r.state.sim_dirty) for r in self.runs.values())
+        return min(self._sims_left, self.s.sim_publish_batch)
 
     def _decode(self, run: PartitionRun[ItemPartition]) -> list[DeltaMessage]:
         out = []

@@ -14,7 +14,8 @@ from stream_app.config import Settings
 log = logging.getLogger(__name__)
 
 
-def consumer_config(s: Settings, group: str | None = None) -> dict[str, Any]:
+def consumer_config(s: Settings, group: str | None = None, queue_kbytes: int = 65536) -> dict[str, Any]:
+    """A consumer that commits only what was processed; it prefetches up to ``queue_kbytes``."""
     return {
         "bootstrap.servers": s.kafka_bootstrap_servers,
         "group.id": group or s.group_id,
@@ -24,7 +25,7 @@ def consumer_config(s: Settings, group: str | None = None) -> dict[str, Any]:
         "fetch.wait.max.ms": s.fetch_wait_max_ms,
         "session.timeout.ms": s.session_timeout_ms,
         "heartbeat.interval.ms": max(500, s.session_timeout_ms // 5),
-        "queued.max.messages.kbytes": 65536,
+        "queued.max.messages.kbytes": queue_kbytes,
     }
 
 

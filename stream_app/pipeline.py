@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -48,6 +49,14 @@ class Stats:
     batches: int = 0
     samples: int = 0
     deltas: int = 0  # delta messages produced
+    # how many of its partition's events the table missed when a block was ranked (since the
+    # last stats report)
+    table_lag: deque[int] = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def table_lag_quantiles(self) -> tuple[int, int, int]:
+        """p50, p99 and max of the blocks' table lag, in events."""
+        xs = sorted(self.table_lag) or [0]
+        return xs[len(xs) // 2], xs[min(len(xs) - 1, int(0.99 * len(xs)))], xs[-1]
 
 
 def split_block(buffer: list[Message], next_offset: int, batch_size: int, caught_up: bool) -> int:
@@ -99,6 +108,8 @@ class Pipeline(StageLoop[UserPartition]):
         self.item_partitions = 0  # of the deltas topic, read at start
         self._blocked: set[str] = set()
         self._blocked_at = 0.0
+        self._waiting: dict[int, float] = {}  # partitions whose next block waits for the table, since
+        self._waited_out: set[int] = set()  # partitions ranking on without waiting any longer
         # the CTR model, when its weight is set: picked up from Redis as the trainer publishes
         self.categories: dict[str, str] = {}
         self.watcher = ModelWatcher(settings, self.store, self.categories) if settings.w_ctr > 0 else None
@@ -159,7 +170,7 @@ class Pipeline(StageLoop[UserPartition]):
         for run in self.runs.values():
             while run.buffer:
                 n = split_block(run.buffer, run.next_offset, self.s.batch_size, self._caught_up(run, drained))
-                if n == 0:
+                if n == 0 or not self._table_current(run, offset_of(run.buffer[0]), now):
                     break
                 block, run.buffer = run.buffer[:n], run.buffer[n:]
                 lists.extend(self._block(run, block))
@@ -167,6 +178,40 @@ class Pipeline(StageLoop[UserPartition]):
             return None
         label = self._ranker[2]
         return lambda: self.store.write(lists, model=label)
+
+    def waiting(self) -> bool:
+        """A block waits for the item table: wait for the table topic instead of the events."""
+        if not any(p in self._waiting and p not in self._waited_out for p in self.runs):
+            return False
+        self.feed.poll(timeout=self.s.poll_timeout_ms / 1000)
+        return True
+
+    def _table_current(self, run: PartitionRun[UserPartition], first: int, now: float) -> bool:
+        """Whether the item table reflects the partition's events up to ``table_max_lag`` before
+        ``first``, the block's first offset (the item stage's watermarks say so). If not, the
+        block waits, at most ``table_wait_s``: then it is ranked anyway (the item stage is down
+        or far behind; said once in the log) until the table has caught up again."""
+        p = run.partition
+        applied = self.table.applied(p, self.item_partitions)
+        if applied >= first - self.s.table_max_lag:
+            self.stats.table_lag.append(max(first - applied, 0))
+            if self._waiting.pop(p, None) is not None and p in self._waited_out:
+                self._waited_out.discard(p)
+                log.info("user stage: partition %d: the item table has caught up", p)
+            return True
+        since = self._waiting.setdefault(p, now)
+        if now - since < self.s.table_wait_s:
+            return False
+        if p not in self._waited_out:
+            self._waited_out.add(p)
+            log.warning(
+                "user stage: partition %d: the item table is more than %d events behind for %.0f s "
+                "(is an item stage running?); ranking with it as it is",
+                p,
+                self.s.table_max_lag,
+                now - since,
+            )
+        return True
 
     def _caught_up(self, run: PartitionRun[UserPartition], drained: bool) -> bool:
         """Whether to process a partial block now rather than wait for the rest of it.

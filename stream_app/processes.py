@@ -15,6 +15,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
+from stream_app.config import Settings
 from stream_app.kafka_io import end_offsets
 
 
@@ -81,10 +82,18 @@ class WorkerProcess:
 class CatchUp:
     events: int  # events consumed between the first and the last observation
     seconds: float
+    item_lag_s: float = 0.0  # how much later the item stage was done with them too
 
     @property
     def rate(self) -> float:
+        """Events/s of the user stage."""
         return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def both_rate(self) -> float:
+        """Events/s until both stages were done."""
+        t = self.seconds + self.item_lag_s
+        return self.events / t if t > 0 else 0.0
 
 
 def wait_caught_up(
@@ -123,21 +132,17 @@ def wait_caught_up(
     )
 
 
-def wait_stages_caught_up(
-    bootstrap: str,
-    group: str,
-    topic: str,
-    partitions: int,
-    worker: WorkerProcess,
-    timeout: float = 300.0,
-) -> CatchUp:
-    """Wait until the user stage has committed the end of the events ``topic`` and then the item
-    stage (group ``<group>.items``) the end of the deltas topic ``<topic>.deltas``, which is
-    final once the user stage is done: every event's effects are then in Redis and the table.
-    Returns the user stage's catch-up."""
-    caught = wait_caught_up(bootstrap, group, topic, partitions, worker, timeout)
-    deltas = f"{topic}.deltas"
-    wait_caught_up(bootstrap, f"{group}.items", deltas, _partitions(bootstrap, deltas), worker, timeout)
+def wait_stages_caught_up(s: Settings, partitions: int, worker: WorkerProcess, timeout: float = 300.0) -> CatchUp:
+    """Wait until the user stage has committed the end of the events topic (``partitions``
+    partitions) and then the item stage the end of the deltas topic, which is final once the
+    user stage is done: every event's effects are then in Redis and in the table. Returns the
+    user stage's catch-up, with how much later the item stage was done."""
+    bootstrap = s.kafka_bootstrap_servers
+    caught = wait_caught_up(bootstrap, s.group_id, s.events_topic, partitions, worker, timeout)
+    t0 = time.monotonic()
+    n = _partitions(bootstrap, s.deltas)
+    wait_caught_up(bootstrap, s.item_group_id, s.deltas, n, worker, timeout, poll=0.02)
+    caught.item_lag_s = time.monotonic() - t0
     return caught
 
 

@@ -61,6 +61,7 @@ class PartitionRun(Generic[S]):
     snapshot_at: float = field(default_factory=time.monotonic)
     buffer: list[Message] = field(default_factory=list)
     extra: Any = None  # stage-specific companions of the state (the user stage's sample builder)
+    published: dict[int, int] = field(default_factory=dict)  # the item stage's last watermark sent
 
 
 @dataclass
@@ -76,6 +77,8 @@ class StageLoop(Generic[S]):
 
     name = "stage"
     assigned_label = "partitions"  # how assignments are logged: "assigned <label> [...]"
+    queue_kbytes = 65536  # how much the consumer prefetches
+    consume_batch = 0  # messages per consume() call (a call waits until it has them, or for the timeout); 0: batch_size
 
     def __init__(self, settings: Settings, client: redis.Redis, topic: str, group: str) -> None:
         self.s = settings
@@ -124,7 +127,7 @@ class StageLoop(Generic[S]):
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
         """Blocking; returns when ``stop()`` is called. Runs in a dedicated thread."""
-        self.consumer = Consumer(consumer_config(self.s, self.group))
+        self.consumer = Consumer(consumer_config(self.s, self.group, self.queue_kbytes))
         self.sink = KafkaSink(self.s)
         try:
             # small matrices, latency-bound: BLAS threads would only compete with ours for cores
@@ -201,10 +204,16 @@ class StageLoop(Generic[S]):
         log.warning("%s: partitions lost: %s", self.name, [tp.partition for tp in tps])
 
     # -- the loop ----------------------------------------------------------------------------
+    def waiting(self) -> bool:
+        """Whether the next iteration should wait for something other than the stage's own
+        topic (then that topic is only polled, not waited on)."""
+        return False
+
     def _iteration(self) -> None:
         assert self.consumer is not None
-        want = max(self.s.batch_size, 500)
-        msgs = self.consumer.consume(num_messages=want, timeout=self.s.poll_timeout_ms / 1000)
+        want = self.consume_batch or max(self.s.batch_size, 500)
+        wait = 0.0 if self.waiting() else self.s.poll_timeout_ms / 1000
+        msgs = self.consumer.consume(num_messages=want, timeout=wait)
         drained = len(msgs) < want  # the local fetch queue ran dry: all that has arrived is here
         for m in msgs:
             err = m.error()
@@ -217,14 +226,25 @@ class StageLoop(Generic[S]):
             run = self.runs.get(m.partition() or 0)
             if run is not None and offset_of(m) >= run.next_offset:
                 run.buffer.append(m)
+        t0 = time.perf_counter()
         self._settle(sync=False)  # the previous iteration's outputs are in Redis: commit them
         now = time.monotonic()
         self._periodic_snapshots(now)  # the state now matches what Redis shows
         before = {p: r.next_offset for p, r in self.runs.items()}
+        t1 = time.perf_counter()
         out = self.process(drained, now)
         offsets = {p: r.next_offset for p, r in self.runs.items() if r.next_offset != before[p]}
         if out is not None or offsets:
             self._pending = PendingWrite(self._writer.submit(self.retry, out or _nothing), offsets)
+        if offsets and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "%s: %d messages in, %d consumed; work %.1f ms, waited for the last outputs %.1f ms",
+                self.name,
+                len(msgs),
+                sum(r.next_offset - before[p] for p, r in self.runs.items() if p in offsets),
+                1000 * (time.perf_counter() - t1),
+                1000 * (t1 - t0),
+            )
 
     def _settle(self, sync: bool) -> None:
         """Wait for the in-flight Redis write (which retries outages itself), flush what the

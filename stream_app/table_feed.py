@@ -20,7 +20,7 @@ import time
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from models.longterm import decode_model
-from models.table import ItemTable, TableEntry
+from models.table import ItemTable, TableEntry, decode_watermark
 from stream_app.config import Settings
 from stream_app.kafka_io import end_offsets, topic_partitions
 from stream_app.redis_store import RedisStore
@@ -70,7 +70,7 @@ class TableFeed:
                 "group.id": f"{s.group_id}.table-reader",  # never joins or commits: partitions are assigned
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": s.fetch_wait_max_ms,
-                "queued.max.messages.kbytes": 65536,
+                "queued.max.messages.kbytes": 16384,
             }
         )
         self.consumer.assign([TopicPartition(s.table, p, o) for p, o in start.items()])
@@ -92,10 +92,12 @@ class TableFeed:
             self.consumer.close()
 
     def poll(self, timeout: float = 0.0, max_messages: int = 5000) -> int:
-        """Apply the entries that have arrived (and a new long-term model); returns how many."""
+        """Apply the entries that have arrived (and a new long-term model); returns how many.
+        With a ``timeout``, waits at most that long for the first message."""
         assert self.consumer is not None
-        entries = []
-        for m in self.consumer.consume(num_messages=max_messages, timeout=timeout):
+        entries: list[TableEntry] = []
+        msgs = self.consumer.consume(num_messages=1, timeout=timeout) if timeout > 0 else []
+        for m in msgs + self.consumer.consume(num_messages=max_messages, timeout=0):
             if m.error() is not None:
                 continue
             p, o = m.partition(), m.offset()
@@ -105,6 +107,13 @@ class TableFeed:
             if value is None:  # a tombstone: the item stage never writes one
                 continue
             try:
+                wm = decode_watermark(value)
+                if wm is not None:
+                    self.table.apply(entries)  # the entries it covers came before it
+                    entries = []
+                    if p is not None:
+                        self.table.watermarks[p] = wm
+                    continue
                 entries.append(TableEntry.decode(value))
             except ValueError as e:
                 self.invalid += 1

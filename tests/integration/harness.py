@@ -108,8 +108,8 @@ def item_counts(parts: list[ItemPartition]) -> tuple[dict[str, float], dict[str,
         for i, x in enumerate(ids):
             if st.own[i]:
                 pop[x] = float(st.pop[i]) / scale
-        for i, row in st.cooc.items():
-            rows[ids[i]] = {ids[j]: v / scale for j, v in row.items()}
+        for i in st.slot:
+            rows[ids[i]] = {ids[j]: v / scale for j, v in st.row(i).items()}
     return pop, rows
 
 

@@ -87,13 +87,13 @@ def _assert_matches_reference(env: dict[str, str], values: list[bytes]) -> None:
 def test_single_partition_replay_equals_in_process_run(
     broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], log_path: Path
 ) -> None:
-    topic, group = worker_env["STREAMREC_EVENTS_TOPIC"], worker_env["STREAMREC_GROUP_ID"]
+    topic = worker_env["STREAMREC_EVENTS_TOPIC"]
     create_topics(broker, topic, 1)
     msgs = _keyed(ml100k[:SLICE])
     produce(broker, topic, msgs)
     w = Worker(worker_env, log_path).start()
     try:
-        wait_stages_caught_up(broker, group, topic, 1, w)
+        wait_stages_caught_up(settings_from(worker_env), 1, w)
     finally:
         assert w.stop() == 0, w.log()[-3000:]
     _assert_matches_reference(worker_env, [v for _, v in msgs])
@@ -131,7 +131,7 @@ def test_kill_9_mid_replay_loses_nothing_and_ends_identical(
     assert 0 < snap_offset < SLICE
     w2 = Worker(worker_env, log_path).start()
     try:
-        wait_stages_caught_up(broker, group, topic, 1, w2)
+        wait_stages_caught_up(settings_from(worker_env), 1, w2)
     finally:
         assert w2.stop() == 0
     assert f"restored snapshot at offset {snap_offset}" in w2.log()
@@ -201,7 +201,7 @@ def test_unavailable_items_from_the_catalogue_topic_are_not_recommended(
     w = Worker(worker_env, log_path).start()
     r = redis.Redis.from_url(s.redis_url)
     try:
-        wait_stages_caught_up(broker, group, topic, 1, w)  # trending comes from the item stage
+        wait_stages_caught_up(settings_from(worker_env), 1, w)  # trending comes from the item stage
         top = orjson.loads(r.get(f"{s.redis_prefix}trending"))[0]["item_id"]
         produce(
             broker,

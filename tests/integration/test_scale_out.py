@@ -97,7 +97,7 @@ def reference(
         produce(broker, s.events_topic, keyed(ml100k))
         w = WorkerProcess(env, tmp_path_factory.mktemp("ref") / "worker.log").start()
         try:
-            wait_stages_caught_up(broker, s.group_id, s.events_topic, 1, w)
+            wait_stages_caught_up(s, 1, w)
         finally:
             assert w.stop() == 0, w.log()[-3000:]
         yield collect(env, sorted({str(e["item_id"]) for e in ml100k}))
@@ -124,7 +124,7 @@ def finish(broker: str, s: Settings, workers: list[WorkerProcess]) -> None:
     """Wait for both stages to be done with the log, then stop every worker gracefully."""
     live = [w for w in workers if w.alive()]
     try:
-        wait_stages_caught_up(broker, s.group_id, s.events_topic, PARTS, live[0])
+        wait_stages_caught_up(s, PARTS, live[0])
     finally:
         for w in live:
             assert w.stop() == 0, w.log()[-3000:]

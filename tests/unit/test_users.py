@@ -209,3 +209,19 @@ def test_restored_state_takes_new_ranking_settings_but_refuses_structural_ones()
     assert s.params.epsilon == 0.3
     with pytest.raises(ValueError, match="dim=8"):
         s.reconfigure(dataclasses.replace(P, dim=16))
+
+
+def test_a_neighbour_list_naming_items_the_worker_never_heard_of_ranks_them() -> None:
+    """Entries are parsed when first ranked with; an entry can name an item whose own entry has
+    not arrived yet (another item partition publishes it), growing the catalogue mid-ranking."""
+    from models.ranking import recommend
+    from models.table import ItemTable, TableEntry
+
+    p = ModelParams(epsilon=0.0, dim=8, w_long=0.0)
+    part, table = UserPartition(p), ItemTable(p.dim)
+    part.apply([ev("u", "a", 0)])
+    unit = np.zeros(p.dim, dtype=np.float32)
+    table.apply([TableEntry.of("a", 0.0, ["x", "y"], np.array([0.9, 0.5], dtype=np.float32), unit)])
+    assert "x" not in table.index
+    (rl,) = recommend(part, table, ["u"])
+    assert [it.item_id for it in rl.items] == ["x", "y"] and rl.items[0].reason == "similar to a"
