@@ -20,7 +20,7 @@ class ModelParams:
     pair_decay: float = 0.9  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
     neighbours: int = 1000  # co-occurrence entries kept per item row (pruned back from 2x)
     sim_list_len: int = 200  # neighbours per item taken as candidates per source
-    sim_refresh: float = 0.2  # recompute a neighbour list once this share of its row's weight is new
+    sim_refresh: float = 0.2  # republish an item's table entry once this share of its weight is new
     dim: int = 64  # item/user vector dimension (random-indexing sketch)
     n_recs: int = 20  # length of a user's list
     epsilon: float = 0.1  # per-slot exploration probability

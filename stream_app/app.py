@@ -116,9 +116,13 @@ def create_app(settings: Settings) -> faust.App:
                 st.stop()
             for t in self.threads:
                 await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
+            log_stats()  # the last report: what happened since the previous one
 
     @app.timer(10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
+        log_stats()
+
+    def log_stats() -> None:
         if pipeline is not None:
             st = pipeline.stats
             log.info(

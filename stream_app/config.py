@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     pair_window: int = Field(20, ge=1)
     neighbours: int = Field(1000, ge=1, description="co-occurrence entries a row keeps (pruned back from 2x)")
     sim_list_len: int = Field(200, ge=1)
+    sim_refresh: float = Field(0.2, gt=0, description="republish an item's entry once this share of its weight is new")
     sources: int = Field(10, ge=1)
     source_decay: float = Field(0.8, gt=0.0, le=1.0)
     sim_beta: float = Field(0.3, ge=0.0, le=1.0)
@@ -198,6 +199,7 @@ class Settings(BaseSettings):
             pair_window=self.pair_window,
             neighbours=self.neighbours,
             sim_list_len=self.sim_list_len,
+            sim_refresh=self.sim_refresh,
             sources=self.sources,
             source_decay=self.source_decay,
             sim_beta=self.sim_beta,

@@ -9,6 +9,7 @@ of an item-stage worker, each restarted, mid-replay; a second worker joining mid
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import redis
 
 from stream_app.config import Settings
 from stream_app.kafka_io import end_offsets, topic_partitions
-from stream_app.processes import WorkerProcess, committed, wait_stages_caught_up
+from stream_app.processes import WorkerProcess, committed, wait_caught_up, wait_stages_caught_up
 from stream_app.redis_store import RedisStore
 from tests.integration.conftest import fresh_run, settings_from, worker_env_of
 from tests.integration.harness import create_topics, item_counts, produce, same_order_up_to_ties
@@ -120,11 +121,11 @@ def progress(broker: str, s: Settings) -> int:
     return sum(max(o, 0) for o in committed(broker, s.group_id, s.events_topic, PARTS).values())
 
 
-def finish(broker: str, s: Settings, workers: list[WorkerProcess]) -> None:
+def finish(broker: str, s: Settings, workers: list[WorkerProcess], partitions: int = PARTS) -> None:
     """Wait for both stages to be done with the log, then stop every worker gracefully."""
     live = [w for w in workers if w.alive()]
     try:
-        wait_stages_caught_up(s, PARTS, live[0])
+        wait_stages_caught_up(s, partitions, live[0])
     finally:
         for w in live:
             assert w.stop() == 0, w.log()[-3000:]
@@ -200,3 +201,31 @@ def test_a_second_worker_joining_mid_replay_changes_nothing(
     users = sorted({str(e["user_id"]) for e in ml100k})
     last = {str(e["user_id"]): e["ts"] for e in ml100k}
     assert all(d is not None and d["event_ts"] == last[u] for u, d in zip(users, store.get_recs(users), strict=True))
+
+
+def test_the_table_lag_bound_holds_and_a_user_stage_alone_goes_on_after_waiting(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """With both stages, no block is ranked with a table more than TABLE_MAX_LAG of its
+    partition's events behind; with no item stage at all, the user stage waits TABLE_WAIT_S,
+    says so, and ranks on."""
+    env = {**fresh_env(worker_env, "lag"), "STREAMREC_TABLE_MAX_LAG": "3000", "STREAMREC_TABLE_WAIT_S": "30"}
+    s = settings_from(env)
+    create_topics(broker, s.events_topic, 1)
+    produce(broker, s.events_topic, keyed(ml100k[:20_000]))
+    w = WorkerProcess(env, tmp_path / "both.log").start()
+    finish(broker, s, [w], partitions=1)
+    lags = [tuple(map(int, x)) for x in re.findall(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)", w.log())]
+    assert lags and max(x[2] for x in lags) <= 3000, lags
+    assert "item table is more than" not in w.log()
+
+    alone = {**fresh_env(worker_env, "alone"), "STREAMREC_ROLES": "user", "STREAMREC_TABLE_WAIT_S": "1"}
+    s = settings_from(alone)
+    create_topics(broker, s.events_topic, 1)
+    produce(broker, s.events_topic, keyed(ml100k[:20_000]))
+    u = WorkerProcess(alone, tmp_path / "user.log").start()
+    try:
+        wait_caught_up(broker, s.group_id, s.events_topic, 1, u)
+    finally:
+        assert u.stop() == 0, u.log()[-3000:]
+    assert "the item table is more than 5000 events behind" in u.log()
