@@ -91,15 +91,9 @@ class ItemPartition:
     def reconfigure(self, params: ModelParams) -> list[str]:
         """Adopt new settings on a restored state (see ``UserPartition.reconfigure``);
         ``half_life_h`` is structural here too: it sets the scale of every stored weight."""
-        old = self.params
-        changed = [k for k, v in vars(params).items() if getattr(old, k) != v]
-        bad = [n for n in changed if n in self._STRUCTURAL]
-        if bad:
-            raise ValueError(
-                f"the saved item state was built with {', '.join(f'{n}={getattr(old, n)}' for n in bad)}; it "
-                f"cannot continue with {', '.join(f'{n}={getattr(params, n)}' for n in bad)}. Restore those "
-                "settings, or delete the item-stage snapshots and the internal topics to rebuild from the log."
-            )
+        changed = self.params.changes_to(
+            params, self._STRUCTURAL, "delete the item-stage snapshots and the internal topics to rebuild from the log"
+        )
         self.params = params
         if self.long is not None:
             self.long.params = params

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from models.events import DEFAULT_TYPE_WEIGHTS
 
@@ -49,6 +49,19 @@ class ModelParams:
     max_users: int = 1_000_000  # per partition; least recently active users are evicted beyond it
     max_seen: int = 10_000  # per user; the oldest seen items are forgotten beyond it
     dedupe_window: int = 100_000  # recent event_ids remembered per partition
+
+    def changes_to(self, new: ModelParams, structural: tuple[str, ...], rebuild: str) -> list[str]:
+        """The names of the settings ``new`` changes; ValueError if one of them is ``structural``
+        (a state built with ``self`` cannot take it: ``rebuild`` says what to do instead)."""
+        changed = [f.name for f in fields(ModelParams) if getattr(self, f.name) != getattr(new, f.name)]
+        bad = [n for n in changed if n in structural]
+        if bad:
+            raise ValueError(
+                f"the saved state was built with {', '.join(f'{n}={getattr(self, n)}' for n in bad)}; it cannot "
+                f"continue with {', '.join(f'{n}={getattr(new, n)}' for n in bad)}. Restore those settings, "
+                f"or {rebuild}."
+            )
+        return changed
 
     @property
     def look_pool(self) -> int:

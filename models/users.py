@@ -23,7 +23,7 @@ import math
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING
 
@@ -104,15 +104,9 @@ class UserPartition:
         Ranking and bounds may change freely. ``dim`` and ``seed`` (the index vectors that user
         vectors are made of) cannot: the state would mix two bases, so this raises instead.
         """
-        old = self.params
-        changed = [f.name for f in fields(ModelParams) if getattr(old, f.name) != getattr(params, f.name)]
-        bad = [n for n in changed if n in self._STRUCTURAL]
-        if bad:
-            raise ValueError(
-                f"the saved state was built with {', '.join(f'{n}={getattr(old, n)}' for n in bad)}; it cannot "
-                f"continue with {', '.join(f'{n}={getattr(params, n)}' for n in bad)}. Restore those settings, "
-                "or delete the snapshot to rebuild the state from the log."
-            )
+        changed = self.params.changes_to(
+            params, self._STRUCTURAL, "delete the snapshot to rebuild the state from the log"
+        )
         self.params = params
         return changed
 

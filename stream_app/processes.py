@@ -16,7 +16,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.config import Settings
-from stream_app.kafka_io import end_offsets
+from stream_app.kafka_io import end_offsets, topic_partitions
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
@@ -140,16 +140,7 @@ def wait_stages_caught_up(s: Settings, partitions: int, worker: WorkerProcess, t
     bootstrap = s.kafka_bootstrap_servers
     caught = wait_caught_up(bootstrap, s.group_id, s.events_topic, partitions, worker, timeout)
     t0 = time.monotonic()
-    n = _partitions(bootstrap, s.deltas)
+    n = topic_partitions(s, s.deltas)
     wait_caught_up(bootstrap, s.item_group_id, s.deltas, n, worker, timeout, poll=0.02)
     caught.item_lag_s = time.monotonic() - t0
     return caught
-
-
-def _partitions(bootstrap: str, topic: str) -> int:
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-probe"})
-    try:
-        t = c.list_topics(topic, timeout=10).topics.get(topic)
-        return 0 if t is None or t.error is not None else len(t.partitions)
-    finally:
-        c.close()

@@ -131,13 +131,21 @@ def finish(broker: str, s: Settings, workers: list[WorkerProcess], partitions: i
             assert w.stop() == 0, w.log()[-3000:]
 
 
+def preloaded(
+    broker: str, worker_env: dict[str, str], events: list[dict[str, Any]], name: str
+) -> tuple[dict[str, str], Settings]:
+    """A run of its own (topics, group, keys) with ``events`` already in a 4-partition topic."""
+    env = fresh_env(worker_env, name)
+    s = settings_from(env)
+    create_topics(broker, s.events_topic, PARTS)
+    produce(broker, s.events_topic, keyed(events))
+    return env, s
+
+
 def test_four_partitions_two_workers_equal_one_partition(
     broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
 ) -> None:
-    env = fresh_env(worker_env, "two")
-    s = settings_from(env)
-    create_topics(broker, s.events_topic, PARTS)
-    produce(broker, s.events_topic, keyed(ml100k))
+    env, s = preloaded(broker, worker_env, ml100k, "two")
     workers = [WorkerProcess(env, tmp_path / f"w{k}.log").start() for k in range(2)]
     finish(broker, s, workers)
     assert all("assigned item partitions" in w.log() for w in workers)
@@ -148,11 +156,8 @@ def test_kill_9_of_each_stage_mid_replay_changes_nothing(
     broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
 ) -> None:
     """The stages run as separate workers here, so that each can be killed alone."""
-    env = fresh_env(worker_env, "kill")
-    s = settings_from(env)
+    env, s = preloaded(broker, worker_env, ml100k, "kill")
     user_env, item_env = {**env, "STREAMREC_ROLES": "user"}, {**env, "STREAMREC_ROLES": "item"}
-    create_topics(broker, s.events_topic, PARTS)
-    produce(broker, s.events_topic, keyed(ml100k))
     store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
     users = WorkerProcess(user_env, tmp_path / "user.log").start()
     items = WorkerProcess(item_env, tmp_path / "item.log").start()
@@ -178,10 +183,7 @@ def test_kill_9_of_each_stage_mid_replay_changes_nothing(
 def test_a_second_worker_joining_mid_replay_changes_nothing(
     broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
 ) -> None:
-    env = fresh_env(worker_env, "join")
-    s = settings_from(env)
-    create_topics(broker, s.events_topic, PARTS)
-    produce(broker, s.events_topic, keyed(ml100k))
+    env, s = preloaded(broker, worker_env, ml100k, "join")
     a = WorkerProcess(env, tmp_path / "a.log").start()
     wait_until(lambda: progress(broker, s) >= len(ml100k) // 3, [a], "a third of the log")
     b = WorkerProcess(env, tmp_path / "b.log").start()
