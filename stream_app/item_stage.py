@@ -36,7 +36,8 @@ from models.longterm import FitInput, ItemRegression, encode_model, fit
 from models.table import WATERMARK_KEY, encode_watermark
 from stream_app.config import Settings
 from stream_app.kafka_io import topic_partitions
-from stream_app.stage import Output, PartitionRun, StageLoop, offset_of
+from stream_app.output import Output
+from stream_app.stage import PartitionRun, StageLoop, offset_of
 
 log = logging.getLogger(__name__)
 

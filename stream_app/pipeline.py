@@ -33,8 +33,9 @@ from models.users import UserPartition
 from stream_app.config import Settings
 from stream_app.ctr_runtime import ModelWatcher
 from stream_app.kafka_io import topic_partitions
+from stream_app.output import Output
 from stream_app.snapshots import Tag
-from stream_app.stage import Output, PartitionRun, StageLoop, offset_of
+from stream_app.stage import PartitionRun, StageLoop, offset_of
 from stream_app.table_feed import TableFeed
 
 log = logging.getLogger(__name__)

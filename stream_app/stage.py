@@ -13,8 +13,9 @@ offset-tagged deltas that the item stage applies once, table entries that replac
 a batch's offsets are committed only once its outputs have landed, so lag monitoring works.
 
 A stage subclass says what a partition's state is and what an iteration does with the buffered
-messages (``process``); this class owns the consumer, the assignment callbacks, the output
-writer (Redis writes on their own thread, overlapping the next batch), snapshots and commits.
+messages (``process``); this class owns the consumer, the assignment callbacks and the commits,
+and uses the output writer (``stream_app.output``: Redis writes on their own thread, overlapping
+the next batch) and the snapshot scheduler (``stream_app.snapshots``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -34,13 +34,13 @@ from threadpoolctl import threadpool_limits
 
 from stream_app.config import Settings
 from stream_app.kafka_io import KafkaSink, consumer_config
+from stream_app.output import Output, OutputWriter
 from stream_app.redis_store import RedisStore
 from stream_app.snapshots import SnapshotScheduler, Snapshottable, Tag
 
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
-Output = Callable[[], object]  # one iteration's Redis writes
 
 
 def offset_of(m: Message) -> int:
@@ -64,14 +64,6 @@ class PartitionRun(Generic[S]):
     published: dict[int, int] = field(default_factory=dict)  # the item stage's last watermark sent
 
 
-@dataclass
-class PendingWrite:
-    """An iteration's Redis write in flight, and the offsets it completes once it lands."""
-
-    future: Future[Any]
-    offsets: dict[int, int]
-
-
 class StageLoop(Generic[S]):
     """Consume ``topic`` as consumer group ``group``; per partition, a state of type ``S``."""
 
@@ -92,8 +84,7 @@ class StageLoop(Generic[S]):
         self.snapshots = SnapshotScheduler(
             self.store, settings.redis_url, settings.snapshot_interval_s, settings.snapshot_fork
         )
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"streamrec-{self.name.split()[0]}-redis")
-        self._pending: PendingWrite | None = None
+        self.writer = OutputWriter(self.name.split()[0], self.retry)
 
     # -- what a stage defines ----------------------------------------------------------------
     def new_state(self, partition: int) -> S:
@@ -145,7 +136,7 @@ class StageLoop(Generic[S]):
             log.exception("%s stopped on an error", self.name)
             raise
         finally:
-            self._writer.shutdown(wait=True)
+            self.writer.close()
             self.close()
             self.consumer.close()
             self.sink.producer.flush(10)
@@ -235,7 +226,7 @@ class StageLoop(Generic[S]):
         out = self.process(drained, now)
         offsets = {p: r.next_offset for p, r in self.runs.items() if r.next_offset != before[p]}
         if out is not None or offsets:
-            self._pending = PendingWrite(self._writer.submit(self.retry, out or _nothing), offsets)
+            self.writer.submit(out, offsets)
         if offsets and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s: %d messages in, %d consumed; work %.1f ms, waited for the last outputs %.1f ms",
@@ -247,13 +238,11 @@ class StageLoop(Generic[S]):
             )
 
     def _settle(self, sync: bool) -> None:
-        """Wait for the in-flight Redis write (which retries outages itself), flush what the
-        iteration produced to Kafka, then commit the offsets they complete."""
-        if self._pending is None:
-            return
-        pending, self._pending = self._pending, None
-        pending.future.result()
-        self._commit(pending.offsets, sync)
+        """Wait for the write in flight (which retries outages itself), flush what the iteration
+        produced to Kafka, then commit the offsets they complete."""
+        offsets = self.writer.settle()
+        if offsets is not None:
+            self._commit(offsets, sync)
 
     def _commit(self, offsets: dict[int, int], sync: bool) -> None:
         assert self.consumer is not None and self.sink is not None
@@ -341,7 +330,3 @@ class StageLoop(Generic[S]):
                 log.warning("%s: redis unavailable (%s); retrying in %.1fs", self.name, type(e).__name__, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-
-
-def _nothing() -> None:
-    return None

@@ -50,3 +50,31 @@ def test_example_file_documents_the_defaults(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("STREAMREC_CONFIG")
     defaults = Settings().model_dump()
     assert from_file == defaults
+
+
+def test_the_example_file_names_every_setting_with_its_default() -> None:
+    import tomllib
+    from pathlib import Path
+
+    example = tomllib.loads((Path(__file__).parents[2] / "streamrec.example.toml").read_text())
+    documented = set(example) - {"event_types"}
+    fields = set(Settings.model_fields) - {"event_types", "model_dir", "data_dir", "config"}
+    assert documented == fields, (sorted(fields - documented), sorted(documented - fields))
+    defaults = Settings.model_construct()
+    assert {k: v for k, v in example.items() if k != "event_types" and getattr(defaults, k) != v} == {}
+
+
+def test_the_worker_imports_neither_torch_nor_the_trainer() -> None:
+    """torch alone costs a worker about 180 MiB; it is loaded only with W_CTR > 0."""
+    import subprocess
+    import sys
+
+    code = "import sys, stream_app.app; print(sorted(m for m in ('torch', 'stream_app.trainer') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_roles_are_checked() -> None:
+    assert Settings(roles="user").role_set == frozenset({"user"})
+    with pytest.raises(ValueError, match="roles"):
+        Settings(roles="users,items")
