@@ -29,6 +29,7 @@ from models.deltas import cut, encode
 from models.engine import user_step
 from models.events import Event, EventSchema, InvalidEvent
 from models.ranking import RecList
+from models.table import ItemTable
 from models.users import UserPartition
 from stream_app.config import Settings
 from stream_app.ctr_runtime import ModelWatcher
@@ -117,7 +118,8 @@ class Pipeline(StageLoop[UserPartition]):
         self._ranker: tuple[Any, float | None, str] = (None, None, settings.model_version)
 
     @property
-    def table(self) -> Any:
+    def table(self) -> ItemTable:
+        """The worker's item table (the feed replaces it when it restores a snapshot)."""
         return self.feed.table
 
     # -- the stage's parts -------------------------------------------------------------------

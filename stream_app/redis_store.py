@@ -209,22 +209,28 @@ class RedisStore:
         return bool(self._guarded_hset(keys=[self.key("long", "model")], args=[version, blob]))
 
     def long_model_version(self) -> int | None:
-        raw = self.r.hget(self.key("long", "model"), "version")
-        return None if raw is None else int(raw)
+        return self._version(self.key("long", "model"))
 
     def long_model(self) -> bytes | None:
-        blob = self.r.hget(self.key("long", "model"), "blob")
-        return blob if isinstance(blob, bytes) else None
+        return self._blob(self.key("long", "model"))
 
     def publish_ctr_model(self, version: int, blob: bytes) -> None:
         self.r.hset(self.key("ctr", "model"), mapping={"version": version, "blob": blob})
 
     def ctr_model_version(self) -> int | None:
-        raw = self.r.hget(self.key("ctr", "model"), "version")
-        return None if raw is None else int(raw)
+        return self._version(self.key("ctr", "model"))
 
     def ctr_model(self) -> bytes | None:
-        blob = self.r.hget(self.key("ctr", "model"), "blob")
+        return self._blob(self.key("ctr", "model"))
+
+    def _version(self, key: str) -> int | None:
+        """The ``version`` field of a published model's hash, or None."""
+        raw = self.r.hget(key, "version")
+        return None if raw is None else int(raw)
+
+    def _blob(self, key: str) -> bytes | None:
+        """The ``blob`` field of a published model's hash, or None."""
+        blob = self.r.hget(key, "blob")
         return blob if isinstance(blob, bytes) else None
 
     def set_ctr_control(self, epsilon: float, drift: bool) -> None:
