@@ -30,11 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import scipy.sparse as sp
 
 from models.deltas import DeltaMessage, item_partition
+from models.kernels import row_neighbours
 from models.longterm import LongTermOwner
 from models.params import ModelParams
 from models.table import TableEntry
@@ -287,23 +289,34 @@ class ItemPartition:
         """Owned item ``i``'s neighbours (indices, scores) by normalised co-occurrence, best first:
         ``c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)`` in weights as of now (scale-free when
         ``sim_beta`` is 0.5)."""
-        if self.pop[i] <= 0 or i not in self.slot:
-            return _EMPTY_I, _EMPTY_F
-        keys, vals = self.counts.row(i)
-        if not len(keys):
-            return _EMPTY_I, _EMPTY_F
-        beta = self.params.sim_beta
-        pk = self.pop[keys]
-        norm = np.sqrt(pk) if beta == 0.5 else pk**beta * self.scale_now() ** (0.5 - beta)
-        s = vals / np.maximum(math.sqrt(self.pop[i]) * norm, 1e-300)
-        k = self.params.sim_list_len
-        if k < len(s):  # the k best, then sorted: ties by item number
-            part = np.argpartition(-s, k - 1)[:k]
-            part = np.flatnonzero(s >= s[part].min())
-        else:
-            part = np.arange(len(s))
-        top = part[np.lexsort((keys[part], -s[part]))][:k]
-        return keys[top], s[top]
+        cnt, idx, sc = self.compute_sims([i])
+        return idx[0, : cnt[0]], sc[0, : cnt[0]]
+
+    def compute_sims(self, items: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``compute_sim`` for many owned items at once (one kernel call): (count, neighbours,
+        scores), (items, sim_list_len) arrays."""
+        rows = np.asarray(items, dtype=np.int64)
+        known = np.fromiter((i in self.slot for i in items), dtype=bool, count=len(rows))
+        row_pop = np.where(known, self.pop[rows], 0.0)  # an item without a row has no neighbours
+        c = self.counts
+        lo, hi = c.bounds(c.keys, rows)
+        rlo, rhi = c.bounds(c.rkeys, rows)
+        p = self.params
+        return row_neighbours(
+            c.keys,
+            c.vals,
+            lo,
+            hi,
+            c.rkeys,
+            c.rvals,
+            rlo,
+            rhi,
+            row_pop,
+            self.pop,
+            p.sim_beta,
+            self.scale_now(),
+            p.sim_list_len,
+        )
 
     def log_pop(self, i: int) -> float:
         """``log`` of item ``i``'s forward-decayed popularity, independent of the landmark."""
@@ -317,29 +330,35 @@ class ItemPartition:
         vectors as of now. The running system calls this on a schedule, so that how often an
         item is published does not depend on how its events were batched."""
         f = 1.0 + self.params.sim_refresh
-        out = []
+        due = []
         for i in self.unpublished:
             s = self.slot[i]
             mass, pop = self.row_mass[s], self.pop[i]
             if mass > self.pub_mass[s] * f or pop > self.pub_pop[s] * f:
                 self.pub_mass[s], self.pub_pop[s] = mass, pop
-                out.append(self.entry(i))
+                due.append(i)
         self.unpublished.clear()
-        return out
+        return self.entries(due)
 
     def entry(self, i: int) -> TableEntry:
         """Owned item ``i``'s table entry as of now."""
-        idx, sc = self.compute_sim(i)
-        ctx = self.context[self.slot[i]]
-        norm = float(np.linalg.norm(ctx))
+        (e,) = self.entries([i])
+        return e
+
+    def entries(self, items: Sequence[int]) -> list[TableEntry]:
+        """Owned ``items``' table entries as of now (their neighbour lists in one batch)."""
+        if not items:
+            return []
+        cnt, idx, sc = self.compute_sims(items)
+        ctx = self.context[self.slot_of[np.asarray(items, dtype=np.int64)]]
+        norms = np.linalg.norm(ctx, axis=1)
+        unit = ctx / np.where(norms > 0, norms, 1.0)[:, None]
         ids = self.item_ids
-        return TableEntry.of(
-            ids[i],
-            self.log_pop(i),
-            [ids[j] for j in idx.tolist()],
-            sc.astype(np.float32),
-            ctx / norm if norm > 0 else ctx.copy(),
-        )
+        idx_l, sc32 = idx.tolist(), sc.astype(np.float32)
+        return [
+            TableEntry.of(ids[i], self.log_pop(i), [ids[j] for j in idx_l[q][:m]], sc32[q, :m], unit[q])
+            for q, (i, m) in enumerate(zip(items, cnt.tolist(), strict=True))
+        ]
 
     def all_entries(self) -> list[TableEntry]:
         """Every owned item's entry (a full republication, e.g. to rebuild a lost table)."""
@@ -353,14 +372,18 @@ class ItemPartition:
     def sim_lists(self, budget: int, k: int) -> list[tuple[str, list[tuple[str, float]]]]:
         """Fresh ``sim:`` lists (best ``k`` neighbours, now) of at most ``budget`` items whose
         published list is out of date, oldest change first."""
-        out: list[tuple[str, list[tuple[str, float]]]] = []
         ids = self.item_ids
-        while self.sim_dirty and len(out) < budget:
-            i = next(iter(self.sim_dirty))
+        todo = list(islice(self.sim_dirty, budget))
+        for i in todo:
             del self.sim_dirty[i]
-            idx, sc = self.compute_sim(i)
-            out.append((ids[i], [(ids[j], s) for j, s in zip(idx[:k].tolist(), sc[:k].tolist(), strict=True)]))
-        return out
+        if not todo:
+            return []
+        cnt, idx, sc = self.compute_sims(todo)
+        idx_l, sc_l = idx.tolist(), sc.tolist()
+        return [
+            (ids[i], [(ids[j], x) for j, x in zip(idx_l[q][: min(m, k)], sc_l[q][: min(m, k)], strict=True)])
+            for q, (i, m) in enumerate(zip(todo, cnt.tolist(), strict=True))
+        ]
 
     def trending(self, k: int) -> list[tuple[str, float]]:
         """The k most popular items with their popularity now (type-weighted events), ties by
@@ -428,6 +451,12 @@ class PairCounts:
     def _bounds(self, keys: np.ndarray, r: int) -> tuple[int, int]:
         lo, hi = np.searchsorted(keys, [r << 32, (r + 1) << 32])
         return int(lo), int(hi)
+
+    @staticmethod
+    def bounds(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each of ``rows`` lies in the sorted ``keys``: (start, end) arrays."""
+        r = rows.astype(np.int64)
+        return np.searchsorted(keys, r << 32), np.searchsorted(keys, (r + 1) << 32)
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Row ``r``'s non-zero entries: (columns, weights)."""

@@ -19,7 +19,8 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from models.exploration import epsilon_greedy
+from models.hashing import stable_hash
+from models.kernels import explore_users, long_term_top, rank_users
 from models.longterm import recency_weights
 from models.params import ModelParams
 from models.table import ItemTable
@@ -38,12 +39,23 @@ class RecItem(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class RecList:
-    """One user's list; ``version`` is the user's event count, monotonic and replay-stable."""
+    """One user's list; ``version`` is the user's event count, monotonic and replay-stable.
+
+    Kept as columns (one entry per slot, best first): a block builds thousands of lists, and
+    the writer serialises the columns directly; ``items`` gives the slots as ``RecItem``s."""
 
     user_id: str
     version: int
     event_ts: int
-    items: list[RecItem]
+    item_ids: list[str]
+    scores: list[float]
+    explore: list[bool]
+    p: list[float]
+    reasons: list[str]
+
+    @property
+    def items(self) -> list[RecItem]:
+        return list(map(RecItem, self.item_ids, self.scores, self.explore, self.p, self.reasons))
 
 
 def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
@@ -78,33 +90,14 @@ def _sources(u: UserState, k: int, decay: float, step: float = 1.0) -> tuple[lis
     return srcs, hs
 
 
-@dataclass
-class _Candidates:
-    """Every (user row, item) candidate of a chunk of users, from the three sources."""
-
-    nu: int
-    seen_user: np.ndarray
-    seen_item: np.ndarray
-    c_user: np.ndarray  # co-occurrence rows: per user, sources newest first
-    c_item: np.ndarray
-    c_contrib: np.ndarray
-    c_src: np.ndarray
-    v_user: np.ndarray  # user-vector rows
-    v_item: np.ndarray
-    v_score: np.ndarray
-    trend: np.ndarray  # trending items, candidates for every user
-    hsum: np.ndarray  # per user: total source weight, normalises the co-occurrence score
-    l_user: np.ndarray  # long-term model rows (models.longterm); empty without one
-    l_item: np.ndarray
-    l_score: np.ndarray
-
-
 # A user's ranking: items best first, with score, contributing source (-1: none) and taste score
 # (user vector and long-term model).
 _Ranked = tuple[list[int], list[float], list[int], list[float]]
-# Dense scoring holds a (users x items) matrix; chunks of users keep it under this many cells.
-_DENSE_CELLS = 1 << 20
-_DENSE_MIN_USERS = 32
+# Users ranked per kernel call; with user-vector candidates, chunks keep the (users x pool)
+# similarity matrix under _DENSE_CELLS cells.
+_CHUNK_USERS = 512
+_DENSE_CELLS = 1 << 22
+_MIN_CHUNK = 16
 
 
 class Rescorer(Protocol):
@@ -273,10 +266,10 @@ def recommend(
     """Lists for ``user_ids`` of partition ``part`` (call after ``part.apply``), with the
     item table as it is now.
 
-    Items the user has seen and ``blocked`` items are never candidates. Users are scored a chunk
-    at a time with array operations: a dense (users x items) score matrix while the catalogue
-    is small enough, else a table of (user, item) rows reduced by sorting. Per-user Python is
-    limited to picking sources, exploration and building the output.
+    Items the user has seen and ``blocked`` items are never candidates. Users are ranked a chunk
+    at a time by compiled kernels (``models.kernels``): candidates, scores and the top of each
+    list, then exploration. Per-user Python is limited to picking sources and building the
+    output.
 
     With a ``rescorer`` (the CTR model), every chunk's candidates are re-ranked by the blend in
     one batched call before exploration. ``epsilon`` overrides the exploration rate (raised for
@@ -286,148 +279,197 @@ def recommend(
     without either, ranking stops at the shorter pool (the top of a deeper ranking is the same).
     """
     p = part.params
-    cat = part.catalogue_map(table)  # first: it may add the partition's items to the catalogue
-    n = table.n_items
-    if not user_ids or n == 0:
+    if not user_ids:
         return []
+    excluded = np.fromiter((table.index[b] for b in blocked if b in table.index), dtype=np.int64)
+    k = p.n_recs + p.explore_pool
+    looking = observer is not None or (rescorer is not None and rescorer.weight > 0)
+    k_look = p.look_pool if looking else k  # a re-ranker sees a deeper pool
+    eps = p.epsilon if epsilon is None else epsilon
+    chunk = _CHUNK_USERS if p.w_vec <= 0 else max(_MIN_CHUNK, _DENSE_CELLS // max(min(p.vector_pool, table.n_items), 1))
+    out: list[RecList] = []
+    for c0 in range(0, len(user_ids), chunk):
+        uids = user_ids[c0 : c0 + chunk]
+        users = [part.users[uid] for uid in uids]
+        ranked = _rank_chunk(part, table, uids, users, excluded, k_look)
+        if ranked is None:  # an empty catalogue
+            return []
+        cnt, items, scores, srcs, tastes = ranked
+        if looking:
+            lists = _look(part, table, uids, _as_lists(ranked), rescorer, observer, k)
+            cnt, items, scores, srcs, tastes = _as_arrays(lists, k)
+        seeds = np.array(
+            [stable_hash(p.seed, uid, u.n_events) for uid, u in zip(uids, users, strict=True)], dtype=np.uint64
+        )
+        n_s, pos, expl, prop = explore_users(cnt, p.n_recs, eps, seeds)
+        out.extend(_lists(table.ids, uids, users, n_s, pos, expl, prop, items, scores, srcs, tastes))
+    return out
+
+
+def _lists(
+    ids: list[str],
+    uids: Sequence[str],
+    users: Sequence[UserState],
+    n_s: np.ndarray,
+    pos: np.ndarray,
+    expl: np.ndarray,
+    prop: np.ndarray,
+    items: np.ndarray,
+    scores: np.ndarray,
+    srcs: np.ndarray,
+    tastes: np.ndarray,
+) -> list[RecList]:
+    """RecLists from the kernels' arrays: slot s of user r holds ranking position ``pos[r, s]``."""
+    rows = np.arange(len(uids))[:, None]
+    it = items[rows, pos].tolist()
+    sc = scores[rows, pos].tolist()
+    sr = srcs[rows, pos].tolist()
+    # reasons: 0 exploration, 1 similar to the source, 2 close to the user's taste, 3 trending
+    code = np.where(expl, 0, np.where(srcs[rows, pos] >= 0, 1, np.where(tastes[rows, pos] > 0, 2, 3))).tolist()
+    ex, pr = expl.tolist(), prop.tolist()
+    out = []
+    for r, (uid, u) in enumerate(zip(uids, users, strict=True)):
+        m = int(n_s[r])
+        its, srr, cd = it[r][:m], sr[r], code[r]
+        reasons = [_REASONS[c] if c != 1 else "similar to " + ids[srr[t]] for t, c in enumerate(cd[:m])]
+        out.append(RecList(uid, u.n_events, u.last_ts, [ids[i] for i in its], sc[r][:m], ex[r][:m], pr[r][:m], reasons))
+    return out
+
+
+_REASONS = ("exploration", "", "close to your taste", "trending")
+
+
+def _as_lists(ranked: tuple[np.ndarray, ...]) -> list[_Ranked]:
+    cnt, items, scores, srcs, tastes = ranked
+    t_l, v_l, s_l, w_l = items.tolist(), scores.tolist(), srcs.tolist(), tastes.tolist()
+    return [(t_l[r][:m], v_l[r][:m], s_l[r][:m], w_l[r][:m]) for r, m in enumerate(cnt.tolist())]
+
+
+def _as_arrays(lists: list[_Ranked], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    nu = len(lists)
+    cnt = np.array([min(len(x[0]), k) for x in lists], dtype=np.int64)
+    items = np.zeros((nu, k), dtype=np.int64)
+    scores, tastes = np.zeros((nu, k)), np.zeros((nu, k))
+    srcs = np.full((nu, k), -1, dtype=np.int64)
+    for r, (t, v, s, w) in enumerate(lists):
+        m = int(cnt[r])
+        items[r, :m], scores[r, :m], srcs[r, :m], tastes[r, :m] = t[:m], v[:m], s[:m], w[:m]
+    return cnt, items, scores, srcs, tastes
+
+
+def _rank_chunk(
+    part: UserPartition,
+    table: ItemTable,
+    uids: Sequence[str],
+    users: Sequence[UserState],
+    excluded: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The chunk's best ``k`` candidates per user (``kernels.rank_users``'s arrays); None when
+    the catalogue is empty."""
+    p = part.params
+    cat = part.catalogue_map(table)
+    nu = len(users)
+    decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
+    s_item: list[int] = []
+    s_w: list[float] = []
+    s_len: list[int] = []
+    hsum = np.zeros(nu)
+    for r, u in enumerate(users):
+        srcs, hs = _sources(u, p.sources, decay, p.source_decay)
+        s_item.extend(srcs)
+        s_w.extend(hs)
+        s_len.append(len(srcs))
+        hsum[r] = sum(hs)
+    src_item = cat[np.asarray(s_item, dtype=np.int64)]
+    table.parse(np.unique(src_item).tolist())  # may name items new to the catalogue
+    n = table.n_items
+    if n == 0:
+        return None
     pop = table.pop()
     pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
     trend = top_indices(pop, p.trending_len)
-    excluded = np.fromiter((table.index[b] for b in blocked if b in table.index), dtype=np.int64)
+    seen_raw = [np.frombuffer(u.seen_arr, dtype=np.int64) for u in users]
+    seen_len = np.fromiter(map(len, seen_raw), dtype=np.int64, count=nu)
+    seen_item = cat[np.concatenate(seen_raw)] if nu else _EMPTY_I
+    seen_user = np.repeat(np.arange(nu), seen_len)
+    if excluded.size:
+        seen_all_user = np.concatenate([seen_user, np.repeat(np.arange(nu), excluded.size)])
+        seen_all_item = np.concatenate([seen_item, np.tile(excluded, nu)])
+    else:
+        seen_all_user, seen_all_item = seen_user, seen_item
+    v_user, v_item, v_score = _vector_candidates(part, table, uids, n, pop, seen_all_user, seen_all_item)
+    l_ptr, l_item, l_score = _long_term(table, cat, p, users, _ptr(seen_len), seen_item, excluded)
+    return rank_users(
+        _ptr(np.asarray(s_len, dtype=np.int64)),
+        src_item,
+        np.asarray(s_w, dtype=np.float64),
+        table.nb_off,
+        table.nb_len,
+        table.slab_item,
+        table.slab_score,
+        _ptr(seen_len),
+        seen_item,
+        excluded,
+        trend,
+        _ptr(np.bincount(v_user, minlength=nu)),
+        v_item,
+        v_score,
+        l_ptr,
+        l_item,
+        l_score,
+        l_item.size > 0,
+        hsum,
+        pop_term,
+        p.w_cooc,
+        p.w_vec,
+        p.w_long,
+        k,
+    )
+
+
+def _ptr(lens: np.ndarray) -> np.ndarray:
+    """Offsets of consecutive groups of ``lens`` (len + 1 entries)."""
+    out = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out[1:])
+    return out
+
+
+def _vector_candidates(
+    part: UserPartition,
+    table: ItemTable,
+    uids: Sequence[str],
+    n: int,
+    pop: np.ndarray,
+    seen_user: np.ndarray,
+    seen_item: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's nearest unseen items to its vector among the ``vector_pool`` most popular
+    (one matrix product): (user row, item, score >= 0), grouped by user; none when the vector
+    score has no weight."""
+    p = part.params
+    if p.w_vec <= 0 or p.vector_candidates <= 0:
+        return _EMPTY_I, _EMPTY_I, _EMPTY_F
+    nu = len(uids)
     if n > p.vector_pool:
         pool = top_indices(pop, p.vector_pool)
         pos = np.full(n, -1, dtype=np.int64)
         pos[pool] = np.arange(len(pool))
     else:
         pool, pos = np.arange(n), None
-    chunk = _DENSE_CELLS // n
-    dense = chunk >= _DENSE_MIN_USERS
-    if not dense:
-        chunk = len(user_ids)
-    k = p.n_recs + p.explore_pool
-    looking = observer is not None or (rescorer is not None and rescorer.weight > 0)
-    k_look = p.look_pool if looking else k  # a re-ranker sees a deeper pool
-    eps = p.epsilon if epsilon is None else epsilon
-    ids = table.ids
-    out: list[RecList] = []
-    for c0 in range(0, len(user_ids), chunk):
-        uids = user_ids[c0 : c0 + chunk]
-        cand = _gather(part, table, cat, uids, excluded, trend, pool, pos)
-        if table.n_items != n:  # lists read for the first time named items new to the catalogue
-            n = table.n_items
-            pop = table.pop()
-            pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
-        ranked = _rank_dense(cand, n, k_look, pop_term, p) if dense else _rank_table(cand, n, k_look, pop_term, p)
-        if looking:
-            ranked = _look(part, table, uids, ranked, rescorer, observer, k)
-        for uid, (items, scores, srcs, vecs) in zip(uids, ranked, strict=True):
-            u = part.users[uid]
-            info = dict(zip(items, zip(scores, srcs, vecs, strict=True), strict=True))
-            slots = epsilon_greedy(items[: p.n_recs], items[p.n_recs :], p.n_recs, eps, p.seed, uid, u.n_events)
-            rec = []
-            for sl in slots:
-                sc_j, src_j, vec_j = info[sl.item]
-                if sl.explore:
-                    reason = "exploration"
-                elif src_j >= 0:
-                    reason = "similar to " + ids[src_j]
-                elif vec_j > 0:
-                    reason = "close to your taste"
-                else:
-                    reason = "trending"
-                rec.append(RecItem(ids[sl.item], sc_j, sl.explore, sl.p, reason))
-            out.append(RecList(uid, u.n_events, u.last_ts, rec))
-    return out
-
-
-def _gather(
-    part: UserPartition,
-    table: ItemTable,
-    cat: np.ndarray,
-    user_ids: Sequence[str],
-    excluded: np.ndarray,
-    trend: np.ndarray,
-    pool: np.ndarray,
-    pos: np.ndarray | None,
-) -> _Candidates:
-    p = part.params
-    nu = len(user_ids)
-    users = [part.users[uid] for uid in user_ids]
-    ar = np.arange(nu)
-    decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
-
-    # seen and blocked items, as (user row, item) pairs
-    seen_parts = [cat[np.frombuffer(u.seen_arr, dtype=np.int64)] for u in users]
-    seen_item = np.concatenate(seen_parts)
-    seen_user = np.repeat(ar, [len(x) for x in seen_parts])
-    if excluded.size:
-        seen_item = np.concatenate([seen_item, np.tile(excluded, nu)])
-        seen_user = np.concatenate([seen_user, np.repeat(ar, excluded.size)])
-
-    # nearest items to each user vector (one matrix product), seen ones masked out; skipped
-    # when the vector score has no weight
-    kv = min(p.vector_candidates, len(pool)) if p.w_vec > 0 else 0
-    if kv:
-        vecs = part.user_vectors(user_ids)
-        sims = vecs @ table.unit[pool].T
-        if pos is None:
-            sims[seen_user, seen_item] = -np.inf
-        else:
-            ps = pos[seen_item]
-            ok = ps >= 0
-            sims[seen_user[ok], ps[ok]] = -np.inf
-        vpos = np.argpartition(-sims, kv - 1, axis=1)[:, :kv] if kv < sims.shape[1] else np.tile(np.arange(kv), (nu, 1))
-        vval = np.take_along_axis(sims, vpos, axis=1).ravel()
+    kv = min(p.vector_candidates, len(pool))
+    vecs = part.user_vectors(uids)
+    sims = vecs @ table.unit[pool].T
+    if pos is None:
+        sims[seen_user, seen_item] = -np.inf
     else:
-        vpos, vval = np.zeros((nu, 0), dtype=np.int64), _EMPTY_F
+        ps = pos[seen_item]
+        ok = ps >= 0
+        sims[seen_user[ok], ps[ok]] = -np.inf
+    vpos = np.argpartition(-sims, kv - 1, axis=1)[:, :kv] if kv < sims.shape[1] else np.tile(np.arange(kv), (nu, 1))
+    vval = np.take_along_axis(sims, vpos, axis=1).ravel()
     fin = np.isfinite(vval)
-
-    # co-occurrence neighbours of each user's recent items
-    hsum = np.zeros(nu)
-    nb_parts: list[np.ndarray] = []
-    sc_parts: list[np.ndarray] = []
-    h_rep: list[float] = []
-    src_rep: list[int] = []
-    lens: list[int] = []
-    per_user: list[int] = []
-    for r, u in enumerate(users):
-        srcs, hs = _sources(u, p.sources, decay, p.source_decay)
-        hsum[r] = sum(hs)
-        cnt = 0
-        for j, h in zip(cat[srcs].tolist(), hs, strict=True):
-            nb, sc = table.sim_top(j)
-            if nb.size:
-                nb_parts.append(nb)
-                sc_parts.append(sc)
-                h_rep.append(h)
-                src_rep.append(j)
-                lens.append(nb.size)
-                cnt += nb.size
-        per_user.append(cnt)
-    l_user, l_item, l_score = _long_term(table, cat, p, users, seen_user, seen_item)
-    if nb_parts:
-        c_item = np.concatenate(nb_parts)
-        c_contrib = np.concatenate(sc_parts) * np.repeat(np.asarray(h_rep), lens)
-        c_src = np.repeat(np.asarray(src_rep, dtype=np.int64), lens)
-    else:
-        c_item, c_contrib, c_src = _EMPTY_I, _EMPTY_F, _EMPTY_I
-    return _Candidates(
-        nu,
-        seen_user,
-        seen_item,
-        np.repeat(ar, per_user),
-        c_item,
-        c_contrib,
-        c_src,
-        np.repeat(ar, kv)[fin],
-        pool[vpos.ravel()[fin]],
-        np.maximum(vval[fin], 0.0),
-        trend,
-        hsum,
-        l_user,
-        l_item,
-        l_score,
-    )
+    return np.repeat(np.arange(nu), kv)[fin], pool[vpos.ravel()[fin]], np.maximum(vval[fin], 0.0).astype(np.float64)
 
 
 def _long_term(
@@ -435,133 +477,31 @@ def _long_term(
     cat: np.ndarray,
     p: ModelParams,
     users: Sequence[UserState],
-    seen_user: np.ndarray,
+    seen_ptr: np.ndarray,
     seen_item: np.ndarray,
+    excluded: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each user's best unseen items by the long-term model: (user row, item, positive score)."""
+    """Each user's best unseen items by the long-term model: (per-user offsets, item, positive
+    score), grouped by user."""
     lt = table.long
     if lt is None or p.w_long <= 0:
-        return _EMPTY_I, _EMPTY_I, _EMPTY_F
+        return np.zeros(len(users) + 1, dtype=np.int64), _EMPTY_I, _EMPTY_F
     lens = [len(u.history) for u in users]
-    items = cat[np.array([i for u in users for i, _, _ in u.history], dtype=np.int64)]
-    rows = np.repeat(np.arange(len(users)), lens)
-    sc = lt.scores(items, recency_weights(lens, p.long_half_life), rows, len(users))
-    ok = seen_item < len(lt.pos)
-    ps = lt.pos[seen_item[ok]]
-    hit = ps >= 0
-    sc[seen_user[ok][hit], ps[hit]] = -np.inf
-    m = sc.shape[1]
-    kl = min(p.long_candidates, m)
-    top = np.argpartition(-sc, kl - 1, axis=1)[:, :kl] if kl < m else np.tile(np.arange(m), (len(users), 1))
-    val = np.take_along_axis(sc, top, axis=1).ravel()
-    good = val > 0
-    return np.repeat(np.arange(len(users)), kl)[good], lt.pool[top.ravel()[good]], val[good].astype(np.float64)
-
-
-def _rank_dense(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
-    """Scores in a (users x items) matrix; per row, the top k by argpartition."""
-    nu = c.nu
-    cells = nu * n
-    ckey = c.c_user * n + c.c_item
-    vkey = c.v_user * n + c.v_item
-    cooc = np.bincount(ckey, weights=c.c_contrib, minlength=cells)
-    vec = np.zeros(cells)
-    vec[vkey] = c.v_score
-    member = np.zeros(cells, dtype=bool)
-    member[ckey] = True
-    member[vkey] = True
-    member.reshape(nu, n)[:, c.trend] = True
-    member[c.seen_user * n + c.seen_item] = False
-    safe = np.where(c.hsum > 0, c.hsum, 1.0)
-    cooc_term = p.w_cooc * cooc.reshape(nu, n) / safe[:, None]
-    taste = p.w_vec * vec
-    if c.l_item.size:
-        lkey = c.l_user * n + c.l_item
-        member[lkey] = True
-        lng = np.zeros(cells)
-        lng[lkey] = c.l_score
-        lng2 = lng.reshape(nu, n)
-        unseen_cooc = np.where(member.reshape(nu, n), cooc_term, 0.0)
-        scale = _long_scale(unseen_cooc.max(axis=1), lng2.max(axis=1))
-        taste = taste + (p.w_long * lng2 * scale[:, None]).ravel()
-    score = (pop_term + cooc_term).ravel() + taste
-    score[~member] = -np.inf
-    score2 = score.reshape(nu, n)
-    top = np.argpartition(-score2, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (nu, 1))
-    vals = np.take_along_axis(score2, top, axis=1)
-    order = np.lexsort((top, -vals), axis=-1)  # best first, ties by item index
-    top = np.take_along_axis(top, order, axis=1)
-    vals = np.take_along_axis(vals, order, axis=1)
-    at = np.arange(nu)[:, None] * n + top
-    # the source that contributed most to each listed (user, item); ties: the newest source.
-    # Only the rows of listed cells take part: a user has thousands of candidate rows.
-    listed = np.zeros(cells, dtype=bool)
-    listed[at] = True
-    rows = np.flatnonzero(listed[ckey] & (c.c_contrib > 0))
-    lk, lc = ckey[rows], c.c_contrib[rows]
-    best = np.zeros(cells)
-    np.maximum.at(best, lk, lc)
-    m = rows[lc == best[lk]]
-    uk, first = np.unique(ckey[m], return_index=True)
-    src = np.full(cells, -1, dtype=np.int64)
-    src[uk] = c.c_src[m[first]]
-    # rows are sorted best first, so the candidates (finite scores) are a prefix of each row
-    counts = np.isfinite(vals).sum(axis=1).tolist()
-    # the reason names a source only where co-occurrence weighs more than taste
-    src_at = np.where(taste[at] > cooc_term.ravel()[at], -1, src[at])
-    t_l, v_l, s_l, w_l = top.tolist(), vals.tolist(), src_at.tolist(), taste[at].tolist()
-    return [(t_l[r][:m], v_l[r][:m], s_l[r][:m], w_l[r][:m]) for r, m in enumerate(counts)]
-
-
-def _long_scale(cooc_max: np.ndarray, long_max: np.ndarray) -> np.ndarray:
-    """Per user, the factor that puts the long-term scores on the co-occurrence scores' scale
-    (their maxima equal), so that ``w_long`` is a relative weight; 1/max without co-occurrence."""
-    c = np.where(cooc_max > 0, cooc_max, 1.0)
-    return np.asarray(c / np.where(long_max > 0, long_max, 1.0))
-
-
-def _rank_table(c: _Candidates, n: int, k: int, pop_term: np.ndarray, p: ModelParams) -> list[_Ranked]:
-    """One table of (user, item) rows from all sources, reduced per pair by sorting; for
-    catalogues too large for a dense matrix."""
-    nu = c.nu
-    ar = np.arange(nu)
-    nt = c.trend.size
-    nl = c.l_item.size
-    n_other = c.v_item.size + nu * nt + nl
-    item = np.concatenate([c.c_item, c.v_item, np.tile(c.trend, nu), c.l_item])
-    user = np.concatenate([c.c_user, c.v_user, np.repeat(ar, nt), c.l_user])
-    contrib = np.concatenate([c.c_contrib, np.zeros(n_other)])
-    vsc = np.concatenate([np.zeros(c.c_item.size), c.v_score, np.zeros(nu * nt + nl)])
-    lsc = np.concatenate([np.zeros(item.size - nl), c.l_score])
-    src = np.concatenate([c.c_src, np.full(n_other, -1, dtype=np.int64)])
-    key = user * n + item
-    order = np.lexsort((-contrib, key))  # per key, the biggest contribution first (ties: newest source)
-    key = key[order]
-    first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
-    g_key = key[first]
-    g_cooc = np.add.reduceat(contrib[order], first)
-    g_vec = np.maximum.reduceat(vsc[order], first)
-    g_long = np.maximum.reduceat(lsc[order], first)
-    g_src = np.where(g_cooc > 0, src[order][first], -1)
-    keep = ~np.isin(g_key, c.seen_user * n + c.seen_item)
-    g_key, g_cooc, g_vec, g_long, g_src = g_key[keep], g_cooc[keep], g_vec[keep], g_long[keep], g_src[keep]
-    g_user, g_item = g_key // n, g_key % n
-    safe = np.where(c.hsum > 0, c.hsum, 1.0)
-    cooc_term = p.w_cooc * g_cooc / safe[g_user]
-    taste = p.w_vec * g_vec
-    if nl:
-        cmax, lmax = np.zeros(nu), np.zeros(nu)
-        np.maximum.at(cmax, g_user, cooc_term)
-        np.maximum.at(lmax, g_user, g_long)
-        taste = taste + p.w_long * g_long * _long_scale(cmax, lmax)[g_user]
-    score = pop_term[g_item] + cooc_term + taste
-    g_src = np.where(taste > cooc_term, -1, g_src)  # the reason names a source only where it weighs most
-    rank = np.lexsort((g_item, -score, g_user))  # per user: best first, ties by item index
-    starts = np.searchsorted(g_user[rank], ar)
-    ends = np.searchsorted(g_user[rank], ar, side="right")
-    t_l, v_l, s_l, w_l = (a[rank].tolist() for a in (g_item, score, g_src, taste))
-    bounds = zip(starts.tolist(), np.minimum(ends, starts + k).tolist(), strict=True)
-    return [(t_l[a:b], v_l[a:b], s_l[a:b], w_l[a:b]) for a, b in bounds]
+    items = cat[np.fromiter((i for u in users for i, _, _ in u.history), dtype=np.int64, count=sum(lens))]
+    cnt, item, score = long_term_top(
+        lt.weights,
+        lt.pos,
+        lt.pool,
+        _ptr(np.asarray(lens, dtype=np.int64)),
+        items,
+        recency_weights(lens, p.long_half_life),
+        seen_ptr,
+        seen_item,
+        excluded,
+        p.long_candidates,
+    )
+    have = np.arange(item.shape[1]) < cnt[:, None]
+    return _ptr(cnt), item[have], score[have]
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)

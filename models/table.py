@@ -99,16 +99,31 @@ class TableEntry:
 
 
 class ItemTable:
-    """Neighbour lists, popularity and vectors of every item, indexed by catalogue number."""
+    """Neighbour lists, popularity and vectors of every item, indexed by catalogue number.
+
+    The parsed neighbour lists live in one flat *slab* (``slab_item``, ``slab_score``; item i's
+    list is ``nb_len[i]`` entries from ``nb_off[i]``), so that compiled ranking kernels read any
+    item's list without a Python object per item. A replaced list leaves its old slice behind;
+    the slab is compacted when over half of it is dead.
+    """
+
+    FORMAT = 2  # of the pickled table (a table snapshot of another format is not restored)
 
     def __init__(self, dim: int) -> None:
+        self.format = ItemTable.FORMAT
         self.dim = dim
         self.ids: list[str] = []
         self.index: dict[str, int] = {}
         self.log_pop = np.full(0, -np.inf)
         self.unit = np.zeros((0, dim), dtype=np.float32)
-        # per item: its neighbours (catalogue numbers, scores), or the entry not yet parsed
-        self.neighbours: list[tuple[np.ndarray, np.ndarray] | TableEntry | None] = []
+        # per item: the entry whose neighbour list is not yet parsed into the slab, else None
+        self.pending: list[TableEntry | None] = []
+        self.nb_off = np.zeros(0, dtype=np.int64)
+        self.nb_len = np.zeros(0, dtype=np.int64)
+        self.slab_item = np.zeros(1024, dtype=np.int32)
+        self.slab_score = np.zeros(1024, dtype=np.float32)
+        self.slab_used = 0
+        self.slab_live = 0
         self.entries = 0  # entries applied, ever
         # item partition -> its watermark (source partition -> offset applied before)
         self.watermarks: dict[int, dict[int, int]] = {}
@@ -126,7 +141,7 @@ class ItemTable:
         if i is None:
             i = self.index[item_id] = len(self.ids)
             self.ids.append(item_id)
-            self.neighbours.append(None)
+            self.pending.append(None)
             if i >= len(self.log_pop):
                 cap = max(1024, 2 * len(self.log_pop))
                 lp = np.full(cap, -np.inf)
@@ -134,6 +149,8 @@ class ItemTable:
                 un = np.zeros((cap, self.dim), dtype=np.float32)
                 un[:i] = self.unit[:i]
                 self.log_pop, self.unit = lp, un
+                self.nb_off = _grown(self.nb_off, cap)
+                self.nb_len = _grown(self.nb_len, cap)
         return i
 
     def apply(self, entries: Iterable[TableEntry]) -> int:
@@ -143,7 +160,7 @@ class ItemTable:
         item = self.item
         for e in entries:
             i = item(e.item_id)
-            self.neighbours[i] = e
+            self.pending[i] = e
             self.log_pop[i] = e.log_pop
             if len(e.unit) == self.dim:
                 self.unit[i] = e.unit
@@ -151,12 +168,45 @@ class ItemTable:
         self.entries += n
         return n
 
-    def _parse(self, e: TableEntry) -> tuple[np.ndarray, np.ndarray]:
+    def parse(self, items: Iterable[int]) -> None:
+        """Parse the pending neighbour lists of ``items`` into the slab (new ids they name join
+        the catalogue), so that ``nb_off``/``nb_len`` describe them."""
+        pending = self.pending
+        for i in items:
+            e = pending[i]
+            if e is not None:
+                pending[i] = None
+                self._store(i, e)
+
+    def _store(self, i: int, e: TableEntry) -> None:
         ids = e.neighbours
-        codes = list(map(self.index.get, ids))  # C-speed lookups; new ids take the slow path
-        if None in codes:
-            codes = [self.item(x) for x in ids]
-        return np.array(codes, dtype=np.int32), np.array(e.scores, dtype=np.float32)  # copies: the entry can go
+        found = list(map(self.index.get, ids))  # C-speed lookups; new ids take the slow path
+        codes: list[int] = [self.item(x) for x in ids] if None in found else found  # type: ignore[assignment]
+        k = len(codes)
+        self.slab_live -= int(self.nb_len[i])
+        if self.slab_used + k > len(self.slab_item):
+            self._compact(k)
+        a = self.slab_used
+        self.slab_item[a : a + k] = codes
+        self.slab_score[a : a + k] = e.scores
+        self.nb_off[i], self.nb_len[i] = a, k
+        self.slab_used += k
+        self.slab_live += k
+
+    def _compact(self, room: int) -> None:
+        """Drop the dead slices (and make ``room`` more), in one vectorised copy."""
+        n = self.n_items
+        lens = self.nb_len[:n]
+        live = np.flatnonzero(lens)
+        total = int(lens[live].sum())
+        src = np.repeat(self.nb_off[live] - (np.cumsum(lens[live]) - lens[live]), lens[live]) + np.arange(total)
+        cap = max(1024, 2 * (total + room))
+        item, score = np.zeros(cap, dtype=np.int32), np.zeros(cap, dtype=np.float32)
+        item[:total] = self.slab_item[src]
+        score[:total] = self.slab_score[src]
+        self.nb_off[live] = np.cumsum(lens[live]) - lens[live]
+        self.slab_item, self.slab_score = item, score
+        self.slab_used = self.slab_live = total
 
     def applied(self, source: int, partitions: int) -> int:
         """The source offset before which every event of user partition ``source`` is reflected in
@@ -174,11 +224,13 @@ class ItemTable:
         return self._pop[1]
 
     def sim_top(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Item ``i``'s published neighbours (catalogue numbers, scores), best first."""
-        nb = self.neighbours[i] if i < len(self.neighbours) else None
-        if isinstance(nb, TableEntry):
-            nb = self.neighbours[i] = self._parse(nb)
-        return nb if nb is not None else (_EMPTY_I, _EMPTY_F)
+        """Item ``i``'s published neighbours (catalogue numbers, scores), best first (views of
+        the slab: read them before the table changes)."""
+        if i >= self.n_items:
+            return _EMPTY_I, _EMPTY_F
+        self.parse((i,))
+        a, k = int(self.nb_off[i]), int(self.nb_len[i])
+        return self.slab_item[a : a + k], self.slab_score[a : a + k]
 
     def set_long(self, version: int, ids: Sequence[str], weights: np.ndarray) -> None:
         """Install a long-term model version: its pool's item ids mapped onto the catalogue."""
@@ -190,9 +242,8 @@ class ItemTable:
 
     def memory_bytes(self) -> int:
         """Bytes held in the table's arrays (neighbour lists, popularity, vectors)."""
-        for i in range(self.n_items):
-            self.sim_top(i)  # every list parsed, as after a worker has ranked with all of them
-        lists = sum(nb[0].nbytes + nb[1].nbytes for nb in self.neighbours if isinstance(nb, tuple))
+        self.parse(range(self.n_items))  # every list parsed, as after a worker has ranked with all of them
+        lists = self.slab_item.nbytes + self.slab_score.nbytes + self.nb_off.nbytes + self.nb_len.nbytes
         lt = self.long
         long_bytes = 0 if lt is None else lt.weights.nbytes + lt.pos.nbytes + lt.pool.nbytes
         return lists + self.log_pop.nbytes + self.unit.nbytes + long_bytes
@@ -200,3 +251,9 @@ class ItemTable:
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
 _EMPTY_F = np.zeros(0, dtype=np.float32)
+
+
+def _grown(a: np.ndarray, cap: int) -> np.ndarray:
+    out = np.zeros(cap, dtype=a.dtype)
+    out[: len(a)] = a
+    return out

@@ -62,8 +62,8 @@ def rec_doc(rl: RecList, now_ms: int, model: str) -> bytes:
             "version": rl.version,
             "user_id": rl.user_id,
             "items": [
-                {"item_id": it.item_id, "score": it.score, "explore": it.explore, "p": it.p, "reason": it.reason}
-                for it in rl.items
+                {"item_id": i, "score": s, "explore": e, "p": p, "reason": r}
+                for i, s, e, p, r in zip(rl.item_ids, rl.scores, rl.explore, rl.p, rl.reasons, strict=True)
             ],
             "event_ts": rl.event_ts,
             "generated_at": now_ms,

@@ -56,7 +56,12 @@ class TableFeed:
         start = {p: OFFSET_BEGINNING for p in range(n)}
         if snap is not None:
             offsets, table = snap
-            if isinstance(table, ItemTable) and table.dim == self.table.dim and set(offsets) <= set(start):
+            if (
+                isinstance(table, ItemTable)
+                and getattr(table, "format", 1) == ItemTable.FORMAT
+                and table.dim == self.table.dim
+                and set(offsets) <= set(start)
+            ):
                 self.table = table
                 self.offsets = dict(offsets)
                 self.saved = dict(offsets)

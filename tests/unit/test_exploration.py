@@ -1,4 +1,10 @@
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from models.exploration import epsilon_greedy
+from models.hashing import stable_hash
+from models.kernels import explore_users
 
 
 def test_no_exploration_keeps_the_ranking() -> None:
@@ -49,3 +55,23 @@ def test_exploration_rate_and_pool_draws_match_epsilon() -> None:
     counts = Counter(s.item for s in explored)
     assert set(counts) == set(range(100, 150))
     assert max(counts.values()) < 2 * min(counts.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_items=st.integers(0, 40),
+    n=st.integers(1, 12),
+    epsilon=st.sampled_from([0.0, 0.05, 0.3, 0.9, 1.0]),
+    version=st.integers(0, 10**6),
+)
+def test_the_compiled_exploration_places_what_epsilon_greedy_places(
+    n_items: int, n: int, epsilon: float, version: int
+) -> None:
+    """``kernels.explore_users`` (all users of a block at once) is ``epsilon_greedy`` exactly:
+    the same items in the same slots with the same propensities, from the same seed."""
+    ranking = list(range(100, 100 + n_items))
+    want = epsilon_greedy(ranking[:n], ranking[n:], n, epsilon, 0, "u", version)
+    seeds = np.array([stable_hash(0, "u", version)], dtype=np.uint64)
+    cnt, pos, explored, p = explore_users(np.array([n_items], dtype=np.int64), n, epsilon, seeds)
+    got = [(ranking[pos[0, s]], bool(explored[0, s]), float(p[0, s])) for s in range(int(cnt[0]))]
+    assert got == [(x.item, x.explore, x.p) for x in want]

@@ -1,0 +1,457 @@
+"""Compiled kernels for the per-block hot paths (numba, ``nogil``: they run beside other threads).
+
+Each kernel takes a whole block's (or chunk's) worth of flat arrays and does the per-user or
+per-row loops that numpy cannot express without materialising a (users x catalogue) matrix.
+They are pure functions of their inputs; ``models.ranking`` and ``models.items`` prepare the
+arrays and keep the semantics, which the tests check against plain-Python references.
+
+Compiled on first use and cached next to this file (``cache=True``), so a worker pays the
+compilation once per installation, not once per start.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@nb.njit(cache=True, nogil=True)
+def rank_users(
+    src_ptr: np.ndarray,
+    src_item: np.ndarray,
+    src_w: np.ndarray,
+    nb_off: np.ndarray,
+    nb_len: np.ndarray,
+    slab_item: np.ndarray,
+    slab_score: np.ndarray,
+    seen_ptr: np.ndarray,
+    seen_item: np.ndarray,
+    excluded: np.ndarray,
+    trend: np.ndarray,
+    v_ptr: np.ndarray,
+    v_item: np.ndarray,
+    v_score: np.ndarray,
+    l_ptr: np.ndarray,
+    l_item: np.ndarray,
+    l_score: np.ndarray,
+    has_long: bool,
+    hsum: np.ndarray,
+    pop_term: np.ndarray,
+    w_cooc: float,
+    w_vec: float,
+    w_long: float,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's best ``k`` candidates, best first (ties: lower item number).
+
+    User r's candidates are the neighbours of its sources (``src_item`` from ``src_ptr[r]``,
+    newest first, weights ``src_w``; item j's neighbours are ``nb_len[j]`` slab entries from
+    ``nb_off[j]``), its user-vector and long-term candidates (``v_*``, ``l_*``, grouped by user
+    through ``*_ptr``) and the trending items, less its seen items and the excluded ones. Score:
+    ``pop_term + w_cooc * cooc / hsum + taste``, where cooc sums the neighbour score times the
+    source weight and taste is ``w_vec * vec`` plus, with a long-term model, ``w_long * long``
+    scaled so that the user's best long-term and co-occurrence scores are equal.
+
+    Returns (count, items, scores, source, taste), (users, k) arrays; ``source`` is the source
+    contributing most (ties: the newest), or -1 where taste outweighs co-occurrence or no source
+    contributed.
+    """
+    nu = len(hsum)
+    n = len(pop_term)
+    # scratch per catalogue item, zero between users (each user resets what it touched)
+    stamp = np.full(n, -1, dtype=np.int64)  # the last user row that made the item a candidate
+    bad = np.full(n, -1, dtype=np.int64)  # the last user row that has seen it
+    cooc = np.zeros(n)
+    vec = np.zeros(n)
+    lng = np.zeros(n)
+    listed = np.full(n, -1, dtype=np.int64)  # per item: its position in the user's list, if a source may be named
+    cand = np.empty(n + 1, dtype=np.int64)
+    c_score = np.empty(n)
+    c_item = np.empty(n, dtype=np.int64)
+    blocked = np.zeros(n, dtype=np.bool_)
+    for x in excluded:
+        if x < n:
+            blocked[x] = True
+    out_cnt = np.zeros(nu, dtype=np.int64)
+    out_item = np.zeros((nu, k), dtype=np.int64)
+    out_score = np.zeros((nu, k))
+    out_src = np.full((nu, k), -1, dtype=np.int64)
+    out_taste = np.zeros((nu, k))
+    best = np.zeros(k)
+    for r in range(nu):
+        for q in range(seen_ptr[r], seen_ptr[r + 1]):
+            bad[seen_item[q]] = r
+        m = 0
+        for q in range(src_ptr[r], src_ptr[r + 1]):
+            h = src_w[q]
+            a = nb_off[src_item[q]]
+            for t in range(a, a + nb_len[src_item[q]]):
+                i = slab_item[t]
+                cand[m] = i  # branch-free: kept only if the item is new to this user
+                m += stamp[i] != r
+                stamp[i] = r
+                cooc[i] += np.float64(slab_score[t]) * h
+        for q in range(v_ptr[r], v_ptr[r + 1]):
+            i = v_item[q]
+            cand[m] = i
+            m += stamp[i] != r
+            stamp[i] = r
+            vec[i] = v_score[q]
+        for i in trend:
+            cand[m] = i
+            m += stamp[i] != r
+            stamp[i] = r
+        for q in range(l_ptr[r], l_ptr[r + 1]):
+            i = l_item[q]
+            cand[m] = i
+            m += stamp[i] != r
+            stamp[i] = r
+            lng[i] = l_score[q]
+        safe = hsum[r] if hsum[r] > 0 else 1.0
+        scale = 1.0
+        if has_long:
+            cmax = 0.0
+            lmax = 0.0
+            for t in range(m):
+                i = cand[t]
+                if bad[i] == r or blocked[i]:
+                    continue
+                ct = w_cooc * cooc[i] / safe
+                if ct > cmax:
+                    cmax = ct
+                if lng[i] > lmax:
+                    lmax = lng[i]
+            scale = (cmax if cmax > 0 else 1.0) / (lmax if lmax > 0 else 1.0)
+        mm = 0
+        for t in range(m):
+            i = cand[t]
+            if bad[i] == r or blocked[i]:
+                continue
+            ct = w_cooc * cooc[i] / safe
+            taste = w_vec * vec[i]
+            if has_long:
+                taste = taste + w_long * lng[i] * scale
+            c_score[mm] = pop_term[i] + ct + taste
+            c_item[mm] = i
+            mm += 1
+        sel = _top(c_score[:mm], c_item[:mm], k)
+        kk = len(sel)
+        out_cnt[r] = kk
+        for t in range(kk):
+            i = c_item[sel[t]]
+            ct = w_cooc * cooc[i] / safe
+            taste = w_vec * vec[i]
+            if has_long:
+                taste = taste + w_long * lng[i] * scale
+            out_item[r, t] = i
+            out_score[r, t] = c_score[sel[t]]
+            out_taste[r, t] = taste
+            if taste <= ct:  # a source is named only where co-occurrence weighs most
+                listed[i] = t
+        # the source contributing most to each listed item (ties: the newest): a second pass
+        # over the sources, for the listed items only
+        for t in range(kk):
+            best[t] = 0.0
+        for q in range(src_ptr[r], src_ptr[r + 1]):
+            j = src_item[q]
+            h = src_w[q]
+            a = nb_off[j]
+            for t in range(a, a + nb_len[j]):
+                i = slab_item[t]
+                u = listed[i]
+                if u >= 0:
+                    c = np.float64(slab_score[t]) * h
+                    if c > best[u]:
+                        best[u] = c
+                        out_src[r, u] = j
+        for t in range(kk):
+            listed[out_item[r, t]] = -1
+        for t in range(m):
+            i = cand[t]
+            cooc[i] = 0.0
+            vec[i] = 0.0
+            lng[i] = 0.0
+    return out_cnt, out_item, out_score, out_src, out_taste
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _worse(s1: float, i1: int, s2: float, i2: int) -> bool:
+    """Whether (score s1, item i1) ranks below (s2, i2): lower score, or a tie and a higher item."""
+    return s1 < s2 or (s1 == s2 and i1 > i2)
+
+
+@nb.njit(cache=True, nogil=True)
+def _top(score: np.ndarray, item: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best (score descending, ties by lower item), best first: one pass
+    with a min-heap of the k best so far (most candidates lose one comparison with its root)."""
+    m = len(score)
+    k = min(k, m)
+    heap = np.empty(k, dtype=np.int64)  # positions; heap[0] is the worst kept
+    size = 0
+    for t in range(m):
+        s, i = score[t], item[t]
+        if size < k:
+            c = size  # sift up
+            size += 1
+            while c > 0:
+                up = (c - 1) >> 1
+                if not _worse(s, i, score[heap[up]], item[heap[up]]):
+                    break
+                heap[c] = heap[up]
+                c = up
+            heap[c] = t
+        elif _worse(score[heap[0]], item[heap[0]], s, i):
+            _sift_down(heap, size, t, score, item)
+    out = np.empty(k, dtype=np.int64)
+    for j in range(k - 1, -1, -1):  # pop the worst first: the best end up first
+        out[j] = heap[0]
+        size -= 1
+        if size > 0:
+            _sift_down(heap, size, heap[size], score, item)
+    return out
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _sift_down(heap: np.ndarray, size: int, t: int, score: np.ndarray, item: np.ndarray) -> None:
+    """Put position ``t`` at the root of ``heap[:size]`` and restore the heap order."""
+    s, i = score[t], item[t]
+    c = 0
+    while True:
+        child = 2 * c + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(
+            score[heap[child + 1]], item[heap[child + 1]], score[heap[child]], item[heap[child]]
+        ):
+            child += 1
+        if not _worse(score[heap[child]], item[heap[child]], s, i):
+            break
+        heap[c] = heap[child]
+        c = child
+    heap[c] = t
+
+
+@nb.njit(cache=True, nogil=True)
+def _next(state: np.ndarray) -> float:
+    """SplitMix64 (``models.exploration.SplitMix64``): advance ``state[0]``, uniform in [0, 1)."""
+    z = state[0] + _GOLDEN
+    state[0] = z
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return float((z ^ (z >> np.uint64(31))) >> np.uint64(11)) / 9007199254740992.0
+
+
+@nb.njit(cache=True, nogil=True)
+def explore_users(
+    cnt: np.ndarray, n: int, epsilon: float, seeds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``models.exploration.epsilon_greedy`` for every user at once: user r's ranking has ``cnt[r]``
+    items: the first ``min(cnt[r], n)`` are its ranked items, the rest its exploration pool; its
+    random stream is seeded ``seeds[r]``. Returns, per user, the slots filled and per slot the
+    ranking position placed there, whether it was explored, and its propensity."""
+    nu = len(cnt)
+    out_n = np.zeros(nu, dtype=np.int64)
+    out_item = np.zeros((nu, n), dtype=np.int64)
+    out_explore = np.zeros((nu, n), dtype=np.bool_)
+    out_p = np.zeros((nu, n))
+    flags = np.zeros(n, dtype=np.bool_)
+    state = np.zeros(1, dtype=np.uint64)
+    remaining = np.zeros(max(cnt.max(), 1) if nu else 1, dtype=np.int64)  # positions of the pool not drawn yet
+    for r in range(nu):
+        c = cnt[r]
+        n_ranked = min(c, n)
+        n_rem = c - n_ranked
+        remaining[:n_rem] = np.arange(n_ranked, c)
+        state[0] = seeds[r]
+        flags[:] = False
+        if n_rem > 0 and epsilon > 0.0:
+            if epsilon >= 1.0:
+                flags[:] = True
+            else:
+                lq = math.log1p(-epsilon)
+                g = int(math.log1p(-_next(state)) / lq)
+                while g < n:
+                    flags[g] = True
+                    g += 1 + int(math.log1p(-_next(state)) / lq)
+        q = 1.0 - epsilon if n_rem > 0 else 1.0
+        e = 0
+        s = 0
+        for f in range(n):
+            if flags[f] and n_rem > 0:
+                at = int(_next(state) * n_rem)
+                out_item[r, s] = remaining[at]
+                out_explore[r, s] = True
+                out_p[r, s] = epsilon / n_rem
+                s += 1
+                remaining[at : n_rem - 1] = remaining[at + 1 : n_rem].copy()
+                n_rem -= 1
+                continue
+            if e < n_ranked:  # the pool and the ranked items are disjoint: nothing to skip
+                out_item[r, s] = e
+                out_p[r, s] = q
+                s += 1
+                e += 1
+            elif n_rem > 0:  # nothing ranked is left: fill from the pool, with certainty
+                out_item[r, s] = remaining[0]
+                out_p[r, s] = 1.0
+                s += 1
+                remaining[: n_rem - 1] = remaining[1:n_rem].copy()
+                n_rem -= 1
+        out_n[r] = s
+    return out_n, out_item, out_explore, out_p
+
+
+@nb.njit(cache=True, nogil=True)
+def long_term_top(
+    weights: np.ndarray,
+    pos: np.ndarray,
+    pool: np.ndarray,
+    hist_ptr: np.ndarray,
+    hist_item: np.ndarray,
+    hist_w: np.ndarray,
+    seen_ptr: np.ndarray,
+    seen_item: np.ndarray,
+    excluded: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's best ``k`` unseen pool items with a positive long-term score (``models.longterm``):
+    user r's score row is ``sum_q hist_w[q] * weights[pos[hist_item[q]]]`` over its history
+    (items outside the pool skipped), summed in float32 in pool order as a sparse product would.
+    Returns (count, catalogue items, scores), (users, k) arrays, best first."""
+    nu = len(hist_ptr) - 1
+    m = len(pool)
+    n_pos = len(pos)
+    acc = np.zeros(m, dtype=np.float32)
+    bad = np.full(m, -1, dtype=np.int64)
+    blocked = np.zeros(m, dtype=np.bool_)
+    for x in excluded:
+        if x < n_pos and pos[x] >= 0:
+            blocked[pos[x]] = True
+    out_cnt = np.zeros(nu, dtype=np.int64)
+    out_item = np.zeros((nu, k), dtype=np.int64)
+    out_score = np.zeros((nu, k))
+    cols = np.empty(hist_item.size + 1, dtype=np.int64)
+    vals = np.empty(hist_item.size + 1, dtype=np.float32)
+    c_score = np.empty(m)
+    c_item = np.empty(m, dtype=np.int64)
+    for r in range(nu):
+        nc = 0
+        for q in range(hist_ptr[r], hist_ptr[r + 1]):
+            i = hist_item[q]
+            if i < n_pos and pos[i] >= 0:
+                cols[nc] = pos[i]
+                vals[nc] = np.float32(hist_w[q])
+                nc += 1
+        if nc == 0:
+            continue
+        order = np.argsort(cols[:nc], kind="mergesort")  # pool order; duplicates summed first
+        acc[:] = 0.0
+        t = 0
+        while t < nc:
+            c = cols[order[t]]
+            w = vals[order[t]]
+            t += 1
+            while t < nc and cols[order[t]] == c:
+                w += vals[order[t]]
+                t += 1
+            row = weights[c]
+            for j in range(m):
+                acc[j] += w * row[j]
+        for q in range(seen_ptr[r], seen_ptr[r + 1]):
+            i = seen_item[q]
+            if i < n_pos and pos[i] >= 0:
+                bad[pos[i]] = r
+        mm = 0
+        for j in range(m):
+            if acc[j] > 0 and bad[j] != r and not blocked[j]:
+                c_score[mm] = acc[j]
+                c_item[mm] = pool[j]
+                mm += 1
+        sel = _top(c_score[:mm], c_item[:mm], k)
+        out_cnt[r] = len(sel)
+        for t in range(len(sel)):
+            out_item[r, t] = c_item[sel[t]]
+            out_score[r, t] = c_score[sel[t]]
+    return out_cnt, out_item, out_score
+
+
+@nb.njit(cache=True, nogil=True)
+def row_neighbours(
+    keys: np.ndarray,
+    vals: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    rkeys: np.ndarray,
+    rvals: np.ndarray,
+    rlo: np.ndarray,
+    rhi: np.ndarray,
+    row_pop: np.ndarray,
+    pop: np.ndarray,
+    beta: float,
+    scale: float,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The best ``k`` neighbours of each of a batch of rows by normalised co-occurrence,
+    ``c_ij / (sqrt(pop_i) * pop_j ** beta * scale ** (0.5 - beta))`` (``sqrt(pop_j)`` when beta
+    is 0.5), best first, ties by lower item. Row q's entries are the non-zero ones of
+    ``keys[lo[q]:hi[q]]`` and ``rkeys[rlo[q]:rhi[q]]`` (``PairCounts``' two sorted arrays, keyed
+    ``row << 32 | col``), its popularity ``row_pop[q]`` (none: no neighbours). Returns (count,
+    items, scores), (rows, k) arrays."""
+    nr = len(row_pop)
+    out_cnt = np.zeros(nr, dtype=np.int64)
+    out_item = np.zeros((nr, k), dtype=np.int64)
+    out_score = np.zeros((nr, k))
+    width = 1
+    for q in range(nr):
+        width = max(width, hi[q] - lo[q] + rhi[q] - rlo[q])
+    c_score = np.empty(width)
+    c_item = np.empty(width, dtype=np.int64)
+    f = scale ** (0.5 - beta)
+    for q in range(nr):
+        pi = row_pop[q]
+        if pi <= 0:
+            continue
+        si = math.sqrt(pi)
+        m = _scored(keys, vals, lo[q], hi[q], pop, si, beta, f, c_score, c_item, 0)
+        m = _scored(rkeys, rvals, rlo[q], rhi[q], pop, si, beta, f, c_score, c_item, m)
+        sel = _top(c_score[:m], c_item[:m], k)
+        out_cnt[q] = len(sel)
+        for t in range(len(sel)):
+            out_item[q, t] = c_item[sel[t]]
+            out_score[q, t] = c_score[sel[t]]
+    return out_cnt, out_item, out_score
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _scored(
+    keys: np.ndarray,
+    vals: np.ndarray,
+    a: int,
+    b: int,
+    pop: np.ndarray,
+    si: float,
+    beta: float,
+    f: float,
+    c_score: np.ndarray,
+    c_item: np.ndarray,
+    m: int,
+) -> int:
+    """Append the normalised scores of the non-zero entries ``a:b`` to ``c_score``/``c_item``
+    from position ``m``; returns the new length."""
+    for t in range(a, b):
+        v = vals[t]
+        if v == 0:
+            continue
+        j = keys[t] & 0xFFFFFFFF
+        pj = pop[j]
+        norm = math.sqrt(pj) if beta == 0.5 else pj**beta * f
+        c_score[m] = v / max(si * norm, 1e-300)
+        c_item[m] = j
+        m += 1
+    return m
