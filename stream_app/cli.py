@@ -220,10 +220,27 @@ def bench(
         False, "--table-memory", help="instead: memory of a worker's item table, ml-100k and a synthetic catalogue"
     ),
     items: int = typer.Option(100_000, help="catalogue size for --table-memory"),
+    stages: bool = typer.Option(
+        False, "--stages", help="instead: CPU time per phase of one worker's code, in one thread, on ml-100k"
+    ),
+    block: int = typer.Option(2000, help="events per block for --stages"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
-    if table_memory:
+    if stages:
+        from stream_app.datasets import fetch_ml100k
+        from stream_app.stage_profile import profile_stages
+
+        s = _settings(config)
+        res = profile_stages(s, fetch_ml100k(s.data_dir), block, events)
+        typer.echo(
+            f"{res['events']:,} events, {res['lists']:,} lists, blocks of {block}: "
+            f"{res['events_per_s']:,.0f} events/s in one thread\n"
+            "| phase | s | µs per event | µs per list |\n|---|---|---|---|"
+        )
+        for k, v in res["phases"].items():
+            typer.echo(f"| {k} | {v['seconds']:.2f} | {v['us_per_event']:.1f} | {v['us_per_list']:.1f} |")
+    elif table_memory:
         from stream_app.bench import table_memory as run_table_memory
 
         typer.echo("| log | table | in memory | the item stage's counts |\n|---|---|---|---|")

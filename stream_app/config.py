@@ -47,7 +47,13 @@ class Settings(BaseSettings):
     table_wait_s: float = Field(5.0, ge=0, description="longest such wait; then the block is ranked anyway")
     # pipeline
     batch_size: int = Field(2000, ge=1, description="events per micro-batch and per partition")
-    poll_timeout_ms: int = Field(20, ge=1)
+    poll_timeout_ms: int = Field(20, ge=1, description="how long a consume call waits for a full block")
+    block_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        description="live traffic: how long an arrived event waits for others to join its block "
+        "(0: blocks are what has arrived; larger: fewer, bigger blocks, later lists)",
+    )
     fetch_wait_max_ms: int = Field(5, ge=0)
     session_timeout_ms: int = Field(10_000, ge=1000)
     snapshot_interval_s: float = Field(30.0, gt=0)

@@ -85,6 +85,7 @@ class StageLoop(Generic[S]):
             self.store, settings.redis_url, settings.snapshot_interval_s, settings.snapshot_fork
         )
         self.writer = OutputWriter(self.name.split()[0], self.retry)
+        self._live = False  # the last consume call ran dry: no backlog, latency matters
 
     # -- what a stage defines ----------------------------------------------------------------
     def new_state(self, partition: int) -> S:
@@ -204,8 +205,17 @@ class StageLoop(Generic[S]):
         assert self.consumer is not None
         want = self.consume_batch or max(self.s.batch_size, 500)
         wait = 0.0 if self.waiting() else self.s.poll_timeout_ms / 1000
-        msgs = self.consumer.consume(num_messages=want, timeout=wait)
+        delay = self.s.block_delay_ms / 1000
+        if self._live and delay < wait:
+            # live traffic: start a block as soon as an event arrives, with what else arrives
+            # within block_delay_ms (a consume call waits until it has ``want`` messages)
+            msgs = self.consumer.consume(num_messages=1, timeout=wait)
+            if msgs:
+                msgs.extend(self.consumer.consume(num_messages=want - 1, timeout=delay))
+        else:
+            msgs = self.consumer.consume(num_messages=want, timeout=wait)
         drained = len(msgs) < want  # the local fetch queue ran dry: all that has arrived is here
+        self._live = drained
         for m in msgs:
             err = m.error()
             if err is not None:

@@ -1,0 +1,77 @@
+"""Where one worker's CPU time goes, phase by phase (``streamrec bench --stages``).
+
+Runs a log through the worker's own code in one thread, in blocks, the way one worker with both
+stages takes a backlog: decode, the user state, ranking, serialising the lists, the deltas out
+and in, the item state with the table entries due, and the table. Brokers and Redis are left
+out (``streamrec bench`` measures the live worker); what remains is the Python and compiled
+work per event and per list, which is what the kernels (``models.kernels``) are for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from models.deltas import cut, decode, encode, split
+from models.engine import item_step
+from models.items import ItemPartition
+from models.ranking import recommend
+from models.table import ItemTable, TableEntry
+from models.users import UserPartition
+from stream_app.config import Settings
+from stream_app.redis_store import rec_doc
+
+
+def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0) -> dict[str, Any]:
+    """Seconds per phase for the first ``n_events`` (0: all) of the JSON-lines log at ``path``,
+    cut into blocks of ``block`` events; also per event and per list."""
+    schema, params = settings.event_schema(), settings.params()
+    with path.open("rb") as f:
+        raw = f.read().splitlines()
+    if n_events:
+        raw = raw[:n_events]
+    part, items, table = UserPartition(params), ItemPartition(params), ItemTable(params.dim)
+    spent: dict[str, float] = defaultdict(float)
+    lists = 0
+
+    def timed(phase: str, t0: float) -> float:
+        t1 = time.perf_counter()
+        spent[phase] += t1 - t0
+        return t1
+
+    start = time.perf_counter()
+    for b0 in range(0, len(raw), block):
+        t = time.perf_counter()
+        events = [schema.decode(x) for x in raw[b0 : b0 + block]]
+        t = timed("decode and validate", t)
+        eff = part.apply(events, list(range(b0, b0 + len(events))))
+        t = timed("user state", t)
+        out = recommend(part, table, eff.users)
+        t = timed("ranking", t)
+        docs = [rec_doc(rl, 0, "m") for rl in out]
+        lists += len(docs)
+        t = timed("list documents", t)
+        assert eff.deltas is not None
+        msgs = split(eff.deltas, 0, b0, b0 + len(events), part.routes(1), 1)
+        blobs = [encode(piece) for m in msgs for piece in cut(m, settings.delta_max_bytes)]
+        received = [decode(x) for x in blobs]
+        t = timed("deltas out and in", t)
+        step = item_step(items, received)
+        t = timed("item state and due entries", t)
+        table.apply([TableEntry.decode(e.encode()) for e in step.entries])
+        timed("table entries out and in", t)
+    total = time.perf_counter() - start
+    n = len(raw)
+    return {
+        "events": n,
+        "lists": lists,
+        "block": block,
+        "seconds": total,
+        "events_per_s": n / total,
+        "phases": {
+            k: {"seconds": v, "us_per_event": 1e6 * v / n, "us_per_list": 1e6 * v / max(lists, 1)}
+            for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
+        },
+    }

@@ -1,0 +1,100 @@
+"""Benchmarks of the per-block hot paths on MovieLens-100K (pytest-benchmark).
+
+They run in CI with the rest of the suite and have no thresholds: their numbers are there to be
+compared between commits (``pytest tests/benchmarks --benchmark-only``; ``--benchmark-json``
+keeps them). Each benchmark also checks what it computed, so a broken kernel fails here too.
+The state is the one a worker holds after the first 30,000 events; each benchmark times one
+block of the next 2,000.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from models.deltas import split
+from models.events import Event
+from models.items import ItemPartition
+from models.ranking import recommend
+from models.simulation import TwoStage
+from models.users import UserPartition
+from stream_app.config import Settings
+from stream_app.datasets import fetch_ml100k
+
+WARM = 30_000
+BLOCK = 2_000
+
+
+@dataclass
+class Warm:
+    system: TwoStage
+    block: list[Event]
+    users: list[str]
+
+
+@pytest.fixture(scope="module")
+def warm() -> Warm:
+    s = Settings()
+    schema = s.event_schema()
+    with fetch_ml100k(s.data_dir).open("rb") as f:
+        events = [schema.decode(line) for _, line in zip(range(WARM + BLOCK), f, strict=False)]
+    sy = TwoStage(s.params())
+    for b in range(0, WARM, BLOCK):
+        sy.block(events[b : b + BLOCK])
+    block = events[WARM:]
+    return Warm(sy, block, list(dict.fromkeys(e.user_id for e in block)))
+
+
+def _copy_users(part: UserPartition) -> UserPartition:
+    import pickle
+
+    copy: UserPartition = pickle.loads(pickle.dumps(part))
+    return copy
+
+
+def test_user_state_update(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """One block into the user state: histories, seen sets, vectors and the block's pairs."""
+    effects = benchmark.pedantic(
+        lambda part: part.apply(warm.block, list(range(WARM, WARM + BLOCK))),
+        setup=lambda: ((_copy_users(warm.system.parts[0]),), {}),
+        rounds=5,
+    )
+    assert effects.applied == BLOCK and len(effects.deltas.pr_i) > BLOCK  # type: ignore[union-attr]
+
+
+def test_ranking(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """The lists of every user one block touches (candidates, scores, top-N, exploration)."""
+    sy = warm.system
+    users = [u for u in warm.users if u in sy.parts[0].users]
+    lists = benchmark(recommend, sy.parts[0], sy.table, users)
+    assert len(lists) == len(users) and all(len(rl.items) == sy.params.n_recs for rl in lists)
+
+
+def test_item_state_update(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """One block's deltas into the item state (popularity, co-occurrence rows, context vectors)
+    and the table entries then due."""
+    import pickle
+
+    sy = warm.system
+    part = _copy_users(sy.parts[0])
+    d = part.apply(warm.block, list(range(WARM, WARM + BLOCK))).deltas
+    assert d is not None
+    msgs = split(d, 0, WARM, WARM + BLOCK, part.routes(1), 1)
+
+    def step(items: ItemPartition) -> int:
+        items.apply(msgs)
+        return len(items.due_entries())
+
+    entries = benchmark.pedantic(step, setup=lambda: ((pickle.loads(pickle.dumps(sy.items)),), {}), rounds=5)
+    assert entries > 0
+
+
+def test_neighbour_lists(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """Neighbour lists (normalised co-occurrence, top ``sim_list_len``) of 500 items at once."""
+    items = warm.system.items
+    rows = list(items.slot)[:500]
+    cnt, idx, sc = benchmark(items.compute_sims, rows)
+    assert cnt.max() == items.params.sim_list_len and np.all(np.diff(sc[0, : cnt[0]]) <= 0)
