@@ -33,17 +33,15 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
-import scipy.sparse as sp
 
 from models.deltas import DeltaMessage, item_partition
-from models.kernels import row_neighbours
+from models.kernels import add_context, row_neighbours
 from models.longterm import LongTermOwner
 from models.params import ModelParams
 from models.table import TableEntry
 from models.users import index_vector
 
 _REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
-_DENSE_PAIRS = 4096  # below this many pair updates, the dense context update is faster
 _MS_PER_H = 3_600_000.0
 
 
@@ -237,52 +235,43 @@ class ItemPartition:
         self.events_applied += n_ev
         owned = np.unique(items[self.own[items]])  # owned items whose popularity moved
         rows = np.concatenate(pr_row)
-        for i in np.union1d(owned, rows).tolist():
+        inc = np.concatenate(pr_w).astype(np.float64) * g[np.concatenate(pr_ev)]
+        # one sort for the whole iteration: the distinct (row, col) entries, increments summed
+        # in input order; everything below works on them
+        keys, inv = np.unique((rows << 32) | np.concatenate(pr_col), return_inverse=True)
+        summed = np.bincount(inv, weights=inc, minlength=len(keys))
+        key_rows = keys >> 32
+        starts = np.flatnonzero(np.diff(key_rows, prepend=-1))  # where each row's entries begin
+        moved_rows = key_rows[starts]
+        for i in np.union1d(owned, moved_rows).tolist():
             if i not in self.slot:
                 self._slot(i)
-        self._update_rows(
-            rows, np.concatenate(pr_col), np.concatenate(pr_w).astype(np.float64) * g[np.concatenate(pr_ev)]
-        )
+        self._update_rows(keys, summed, starts)
         if self.long is not None:
             for users, its, new in profiles:
                 self.long.feed(users, its, new)
-        changed = dict.fromkeys(np.unique(rows).tolist())
+        changed = dict.fromkeys(moved_rows.tolist())
         changed.update(dict.fromkeys(owned.tolist()))
         eff.items = list(changed)
         self.sim_dirty.update(changed)
         self.unpublished.update(changed)
         return eff
 
-    def _update_rows(self, rows: np.ndarray, cols: np.ndarray, inc: np.ndarray) -> None:
-        """``row[r][c] += inc`` per update (rows are owned and have slots), then the row bound,
-        masses and vectors, all batched."""
-        if not len(rows):
+    def _update_rows(self, keys: np.ndarray, inc: np.ndarray, starts: np.ndarray) -> None:
+        """``row[r][c] += inc`` per distinct entry (sorted ``keys``, ``row << 32 | col``; each row's
+        entries start at ``starts``; rows are owned and have slots), then the row bound, masses
+        and context vectors, all batched: cost grows with the batch, not with the catalogue."""
+        if not len(keys):
             return
-        slots = self.slot_of[rows]
-        fresh = self.counts.add(rows, cols, inc)
+        fresh = self.counts.add_sorted(keys, inc)
         n = len(self.slot)
         self.row_len[:n] += np.bincount(self.slot_of[fresh], minlength=n)
         cap, keep = 2 * self.params.neighbours, self.params.neighbours
         for s in np.flatnonzero(self.row_len[:n] > cap).tolist():
             self.row_len[s] = self.counts.prune(self.slot_items[s], keep)
-        self.row_mass[:n] += np.bincount(slots, weights=inc, minlength=n)
-        self._update_context(slots, cols, inc)
-
-    def _update_context(self, slots: np.ndarray, cols: np.ndarray, inc: np.ndarray) -> None:
-        """context[r] += inc * index[c] for every pair, batched over the rows touched: cost grows
-        with the batch, not with the catalogue. Small batches gather rows densely, large ones go
-        through a sparse product; which path runs depends only on the batch."""
-        if len(inc) <= _DENSE_PAIRS:
-            order = np.argsort(slots, kind="stable")
-            s2, c2, v2 = slots[order], cols[order], inc[order]
-            us, starts = np.unique(s2, return_index=True)
-            delta = np.add.reduceat(self.index_vecs[c2] * v2[:, None].astype(np.float32), starts, axis=0)
-        else:
-            us, sinv = np.unique(slots, return_inverse=True)
-            uc, cinv = np.unique(cols, return_inverse=True)
-            mat = sp.csr_matrix((inc, (sinv, cinv)), shape=(len(us), len(uc)))
-            delta = (mat @ self.index_vecs[uc].astype(np.float64)).astype(np.float32)
-        self.context[us] += delta
+        slots = self.slot_of[keys[starts] >> 32]
+        self.row_mass[slots] += np.add.reduceat(inc, starts)
+        add_context(self.context, slots, starts, keys & _COL, inc, self.index_vecs)  # context[r] += inc * index[c]
 
     # -- reads ---------------------------------------------------------------------------------
     def compute_sim(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -302,21 +291,10 @@ class ItemPartition:
         lo, hi = c.bounds(c.keys, rows)
         rlo, rhi = c.bounds(c.rkeys, rows)
         p = self.params
-        return row_neighbours(
-            c.keys,
-            c.vals,
-            lo,
-            hi,
-            c.rkeys,
-            c.rvals,
-            rlo,
-            rhi,
-            row_pop,
-            self.pop,
-            p.sim_beta,
-            self.scale_now(),
-            p.sim_list_len,
-        )
+        pop = self.pop[: self.n_items]
+        beta = p.sim_beta
+        col_norm = np.sqrt(pop) if beta == 0.5 else pop**beta * self.scale_now() ** (0.5 - beta)
+        return row_neighbours(c.keys, c.vals, lo, hi, c.rkeys, c.rvals, rlo, rhi, row_pop, col_norm, p.sim_list_len)
 
     def log_pop(self, i: int) -> float:
         """``log`` of item ``i``'s forward-decayed popularity, independent of the landmark."""
@@ -427,7 +405,10 @@ class PairCounts:
         rows of the entries that were zero or absent before (one per such entry)."""
         key = (rows.astype(np.int64) << 32) | cols.astype(np.int64)
         uk, inv = np.unique(key, return_inverse=True)
-        v = np.bincount(inv, weights=inc, minlength=len(uk))
+        return self.add_sorted(uk, np.bincount(inv, weights=inc, minlength=len(uk)))
+
+    def add_sorted(self, uk: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """``add`` for distinct sorted keys ``row << 32 | col`` and their summed increments."""
         hit, fresh_main = _add_found(self.keys, self.vals, uk, v)
         uk, v = uk[~hit], v[~hit]
         hit, fresh_recent = _add_found(self.rkeys, self.rvals, uk, v)

@@ -392,14 +392,11 @@ def row_neighbours(
     rlo: np.ndarray,
     rhi: np.ndarray,
     row_pop: np.ndarray,
-    pop: np.ndarray,
-    beta: float,
-    scale: float,
+    col_norm: np.ndarray,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The best ``k`` neighbours of each of a batch of rows by normalised co-occurrence,
-    ``c_ij / (sqrt(pop_i) * pop_j ** beta * scale ** (0.5 - beta))`` (``sqrt(pop_j)`` when beta
-    is 0.5), best first, ties by lower item. Row q's entries are the non-zero ones of
+    ``c_ij / (sqrt(pop_i) * col_norm[j])``, best first, ties by lower item. Row q's entries are the non-zero ones of
     ``keys[lo[q]:hi[q]]`` and ``rkeys[rlo[q]:rhi[q]]`` (``PairCounts``' two sorted arrays, keyed
     ``row << 32 | col``), its popularity ``row_pop[q]`` (none: no neighbours). Returns (count,
     items, scores), (rows, k) arrays."""
@@ -412,14 +409,13 @@ def row_neighbours(
         width = max(width, hi[q] - lo[q] + rhi[q] - rlo[q])
     c_score = np.empty(width)
     c_item = np.empty(width, dtype=np.int64)
-    f = scale ** (0.5 - beta)
     for q in range(nr):
         pi = row_pop[q]
         if pi <= 0:
             continue
         si = math.sqrt(pi)
-        m = _scored(keys, vals, lo[q], hi[q], pop, si, beta, f, c_score, c_item, 0)
-        m = _scored(rkeys, rvals, rlo[q], rhi[q], pop, si, beta, f, c_score, c_item, m)
+        m = _scored(keys, vals, lo[q], hi[q], col_norm, si, c_score, c_item, 0)
+        m = _scored(rkeys, rvals, rlo[q], rhi[q], col_norm, si, c_score, c_item, m)
         sel = _top(c_score[:m], c_item[:m], k)
         out_cnt[q] = len(sel)
         for t in range(len(sel)):
@@ -434,10 +430,8 @@ def _scored(
     vals: np.ndarray,
     a: int,
     b: int,
-    pop: np.ndarray,
+    col_norm: np.ndarray,
     si: float,
-    beta: float,
-    f: float,
     c_score: np.ndarray,
     c_item: np.ndarray,
     m: int,
@@ -449,9 +443,34 @@ def _scored(
         if v == 0:
             continue
         j = keys[t] & 0xFFFFFFFF
-        pj = pop[j]
-        norm = math.sqrt(pj) if beta == 0.5 else pj**beta * f
-        c_score[m] = v / max(si * norm, 1e-300)
+        c_score[m] = v / max(si * col_norm[j], 1e-300)
         c_item[m] = j
         m += 1
     return m
+
+
+@nb.njit(cache=True, nogil=True)
+def add_context(
+    context: np.ndarray,
+    slots: np.ndarray,
+    starts: np.ndarray,
+    cols: np.ndarray,
+    inc: np.ndarray,
+    index_vecs: np.ndarray,
+) -> None:
+    """``context[slots[r]] += sum_k inc[k] * index_vecs[cols[k]]`` over row r's entries, which
+    run from ``starts[r]`` to the next start (float32, summed per row in entry order first)."""
+    d = context.shape[1]
+    acc = np.zeros(d, dtype=np.float32)
+    n = len(cols)
+    for r in range(len(starts)):
+        acc[:] = 0.0
+        end = starts[r + 1] if r + 1 < len(starts) else n
+        for k in range(starts[r], end):
+            w = np.float32(inc[k])
+            v = index_vecs[cols[k]]
+            for j in range(d):
+                acc[j] += w * v[j]
+        row = context[slots[r]]
+        for j in range(d):
+            row[j] += acc[j]

@@ -14,6 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from models.deltas import cut, decode, encode, split
 from models.engine import item_step
 from models.items import ItemPartition
@@ -21,17 +23,16 @@ from models.ranking import recommend
 from models.table import ItemTable, TableEntry
 from models.users import UserPartition
 from stream_app.config import Settings
+from stream_app.datasets import read_log
 from stream_app.redis_store import rec_doc
 
 
 def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0) -> dict[str, Any]:
-    """Seconds per phase for the first ``n_events`` (0: all) of the JSON-lines log at ``path``,
-    cut into blocks of ``block`` events; also per event and per list."""
+    """Seconds per phase for the first ``n_events`` (0: all) of the JSON-lines log at ``path``
+    in event-time order, cut into blocks of ``block`` events; also per event and per list."""
     schema, params = settings.event_schema(), settings.params()
-    with path.open("rb") as f:
-        raw = f.read().splitlines()
-    if n_events:
-        raw = raw[:n_events]
+    rows = read_log(path, "jsonl")  # in event time, as the bench and a replay send them
+    raw = [orjson.dumps(r) for r in (rows[:n_events] if n_events else rows)]
     part, items, table = UserPartition(params), ItemPartition(params), ItemTable(params.dim)
     spent: dict[str, float] = defaultdict(float)
     lists = 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
@@ -22,7 +23,7 @@ from models.ranking import recommend
 from models.simulation import TwoStage
 from models.users import UserPartition
 from stream_app.config import Settings
-from stream_app.datasets import fetch_ml100k
+from stream_app.datasets import fetch_ml100k, read_log
 
 WARM = 30_000
 BLOCK = 2_000
@@ -39,8 +40,8 @@ class Warm:
 def warm() -> Warm:
     s = Settings()
     schema = s.event_schema()
-    with fetch_ml100k(s.data_dir).open("rb") as f:
-        events = [schema.decode(line) for _, line in zip(range(WARM + BLOCK), f, strict=False)]
+    rows = read_log(fetch_ml100k(s.data_dir), "jsonl")[: WARM + BLOCK]  # in event time, as a replay sends them
+    events = [schema.decode(orjson.dumps(r)) for r in rows]
     sy = TwoStage(s.params())
     for b in range(0, WARM, BLOCK):
         sy.block(events[b : b + BLOCK])
