@@ -224,10 +224,23 @@ def bench(
         False, "--stages", help="instead: CPU time per phase of one worker's code, in one thread, on ml-100k"
     ),
     block: int = typer.Option(2000, help="events per block for --stages"),
+    user_memory: int = typer.Option(
+        0,
+        "--user-memory",
+        help="instead: resident memory of the user state of this many synthetic users (3 events each)",
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure raw ceiling, end-to-end throughput, freshness and worker memory in one run."""
-    if stages:
+    if user_memory:
+        from stream_app.stage_profile import user_memory as run_user_memory
+
+        res = run_user_memory(_settings(config), user_memory, events or 3 * user_memory)
+        typer.echo(
+            f"{res['users']:,} users ({res['events']:,} events): {res['rss_bytes'] / 2**20:,.0f} MiB resident, "
+            f"{res['bytes_per_user']:,.0f} bytes a user"
+        )
+    elif stages:
         from stream_app.datasets import fetch_ml100k
         from stream_app.stage_profile import profile_stages
 

@@ -76,3 +76,31 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
             for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
         },
     }
+
+
+def user_memory(settings: Settings, n_users: int, n_events: int, seed: int = 7) -> dict[str, Any]:
+    """Resident memory the user state of one partition adds for ``n_events`` synthetic events of
+    ``n_users`` users (uniformly drawn; items Pareto(1.2)-popular over 10,000), in process."""
+    import gc
+    import random
+
+    import psutil
+
+    from models.events import Event
+
+    part = UserPartition(settings.params())
+    rng = random.Random(seed)
+    gc.collect()
+    rss0 = psutil.Process().memory_info().rss
+    ts = 1_700_000_000_000
+    block = 20_000
+    for b in range(0, n_events, block):
+        events = []
+        for k in range(min(block, n_events - b)):
+            item = int(rng.paretovariate(1.2)) % 10_000
+            events.append(Event(f"u{rng.randrange(n_users)}", f"i{item}", "view", ts + b + k, f"e{b + k}"))
+        part.apply(events)
+    gc.collect()
+    grown = psutil.Process().memory_info().rss - rss0
+    users = len(part.users)
+    return {"users": users, "events": n_events, "rss_bytes": grown, "bytes_per_user": grown / max(users, 1)}
