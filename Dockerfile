@@ -23,6 +23,9 @@ RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/wh
 RUN useradd --create-home --home-dir /home/streamrec --uid 10001 --user-group streamrec
 USER 10001
 WORKDIR /home/streamrec
+# numba caches the compiled kernels; site-packages is read-only to this user (and the root
+# filesystem in deploy/), the home directory is writable (an emptyDir in deploy/)
+ENV NUMBA_CACHE_DIR=/home/streamrec/.cache/numba
 
 # Exec form: the worker is PID 1 and receives SIGTERM itself, so it can snapshot before exiting.
 ENTRYPOINT ["streamrec"]
