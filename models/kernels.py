@@ -474,3 +474,46 @@ def add_context(
         row = context[slots[r]]
         for j in range(d):
             row[j] += acc[j]
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the models pass, so
+    that a worker pays it at start, before it joins its group, and not in its first block: the
+    first compilation after an install takes about ten seconds."""
+    i0, f0 = np.zeros(0, dtype=np.int64), np.zeros(0)
+    ptr = np.zeros(2, dtype=np.int64)
+    one = np.zeros(1)
+    rank_users(
+        ptr,
+        i0,
+        f0,
+        i0,
+        i0,
+        np.zeros(0, dtype=np.int32),
+        np.zeros(0, dtype=np.float32),
+        ptr,
+        i0,
+        i0,
+        i0,
+        ptr,
+        i0,
+        f0,
+        ptr,
+        i0,
+        f0,
+        False,
+        one,
+        one,
+        1.0,
+        0.0,
+        0.5,
+        1,
+    )
+    explore_users(np.zeros(1, dtype=np.int64), 1, 0.1, np.zeros(1, dtype=np.uint64))
+    weights = np.zeros((1, 1), dtype=np.float32)
+    frozen = np.frombuffer(weights.tobytes(), dtype=np.float32).reshape(1, 1)  # as a published model is read
+    for w in (weights, frozen):
+        long_term_top(w, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), ptr, i0, f0, ptr, i0, i0, 1)
+    row_neighbours(i0, f0, i0, i0, i0, f0, i0, i0, f0, f0, 1)
+    ctx = np.zeros((1, 1), dtype=np.float32)
+    add_context(ctx, i0, i0, i0, f0, ctx)

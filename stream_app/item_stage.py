@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 from models.deltas import DeltaMessage, decode
 from models.engine import item_step
 from models.items import ItemPartition
+from models.kernels import warm_up
 from models.longterm import FitInput, ItemRegression, encode_model, fit
 from models.table import WATERMARK_KEY, encode_watermark
 from stream_app.config import Settings
@@ -82,6 +83,7 @@ class ItemStage(StageLoop[ItemPartition]):
         self._pending_fits: list[PendingFit] = []
 
     def prepare(self) -> None:
+        warm_up()  # the kernels compiled (or loaded) before the first block, not in it
         self.partitions = topic_partitions(self.s, self.topic)
         if self.partitions == 0:
             raise RuntimeError(f"the deltas topic {self.topic} does not exist (the worker creates it at start)")

@@ -28,6 +28,7 @@ from models.ctr.samples import SampleBuilder
 from models.deltas import cut, encode
 from models.engine import user_step
 from models.events import Event, EventSchema, InvalidEvent
+from models.kernels import warm_up
 from models.ranking import RecList
 from models.table import ItemTable
 from models.users import UserPartition
@@ -124,6 +125,7 @@ class Pipeline(StageLoop[UserPartition]):
 
     # -- the stage's parts -------------------------------------------------------------------
     def prepare(self) -> None:
+        warm_up()  # the kernels compiled (or loaded) before the first block, not in it
         self.item_partitions = topic_partitions(self.s, self.s.deltas)
         if self.item_partitions == 0:
             raise RuntimeError(f"the deltas topic {self.s.deltas} does not exist (the worker creates it at start)")
