@@ -4,6 +4,9 @@ Each slot of a list is, with probability ``epsilon``, filled by an item drawn un
 exploration pool instead of the next best item. The probability of that placement is returned with
 every slot (``p``), so readers can log propensities for off-policy evaluation. The random stream is
 seeded from ``(seed, user, version)``: a replay of the same log places the same items.
+
+Workers run the compiled ``models.kernels.explore_users``, all of a block's users at once; this
+module is its readable specification, which the tests hold it to slot for slot.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ class ItemPartition:
         and context vectors, all batched: cost grows with the batch, not with the catalogue."""
         if not len(keys):
             return
-        fresh = self.counts.add_sorted(keys, inc)
+        fresh = self.counts.add(keys, inc)
         n = len(self.slot)
         self.row_len[:n] += np.bincount(self.slot_of[fresh], minlength=n)
         cap, keep = 2 * self.params.neighbours, self.params.neighbours
@@ -400,15 +400,9 @@ class PairCounts:
     def __len__(self) -> int:
         return int(np.count_nonzero(self.vals) + np.count_nonzero(self.rvals))
 
-    def add(self, rows: np.ndarray, cols: np.ndarray, inc: np.ndarray) -> np.ndarray:
-        """Add ``inc[k]`` to entry (``rows[k]``, ``cols[k]``), summing in input order; returns the
+    def add(self, uk: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """Add ``v[k]`` to entry ``uk[k]`` (distinct sorted keys ``row << 32 | col``); returns the
         rows of the entries that were zero or absent before (one per such entry)."""
-        key = (rows.astype(np.int64) << 32) | cols.astype(np.int64)
-        uk, inv = np.unique(key, return_inverse=True)
-        return self.add_sorted(uk, np.bincount(inv, weights=inc, minlength=len(uk)))
-
-    def add_sorted(self, uk: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """``add`` for distinct sorted keys ``row << 32 | col`` and their summed increments."""
         hit, fresh_main = _add_found(self.keys, self.vals, uk, v)
         uk, v = uk[~hit], v[~hit]
         hit, fresh_recent = _add_found(self.rkeys, self.rvals, uk, v)
