@@ -179,10 +179,12 @@ class ItemTable:
                 self._store(i, e)
 
     def _store(self, i: int, e: TableEntry) -> None:
-        ids = e.neighbours
-        found = list(map(self.index.get, ids))  # C-speed lookups; new ids take the slow path
-        codes: list[int] = [self.item(x) for x in ids] if None in found else found  # type: ignore[assignment]
-        k = len(codes)
+        ids: list[str] = orjson.loads(e.ids_json)
+        k = len(ids)
+        try:  # C-speed lookups; an id new to the catalogue (None) takes the slow path
+            codes = np.fromiter(map(self.index.get, ids), dtype=np.int32, count=k)
+        except TypeError:
+            codes = np.fromiter(map(self.item, ids), dtype=np.int32, count=k)
         self.slab_live -= int(self.nb_len[i])
         if self.slab_used + k > len(self.slab_item):
             self._compact(k)
