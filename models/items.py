@@ -274,19 +274,13 @@ class ItemPartition:
         add_context(self.context, slots, starts, keys & _COL, inc, self.index_vecs)  # context[r] += inc * index[c]
 
     # -- reads ---------------------------------------------------------------------------------
-    def compute_sim(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Owned item ``i``'s neighbours (indices, scores) by normalised co-occurrence, best first:
-        ``c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)`` in weights as of now (scale-free when
-        ``sim_beta`` is 0.5)."""
-        cnt, idx, sc = self.compute_sims([i])
-        return idx[0, : cnt[0]], sc[0, : cnt[0]]
-
     def compute_sims(self, items: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``compute_sim`` for many owned items at once (one kernel call): (count, neighbours,
-        scores), (items, sim_list_len) arrays."""
+        """Owned ``items``' neighbours by normalised co-occurrence, best first (ties by item
+        number): ``c_ij / (pop_i ** 0.5 * pop_j ** sim_beta)`` in weights as of now (scale-free
+        when ``sim_beta`` is 0.5), in one kernel call. Returns (count, neighbours, scores),
+        (items, sim_list_len) arrays."""
         rows = np.asarray(items, dtype=np.int64)
-        known = np.fromiter((i in self.slot for i in items), dtype=bool, count=len(rows))
-        row_pop = np.where(known, self.pop[rows], 0.0)  # an item without a row has no neighbours
+        row_pop = np.where(self.slot_of[rows] >= 0, self.pop[rows], 0.0)  # no row: no neighbours
         c = self.counts
         lo, hi = c.bounds(c.keys, rows)
         rlo, rhi = c.bounds(c.rkeys, rows)
@@ -318,11 +312,6 @@ class ItemPartition:
         self.unpublished.clear()
         return self.entries(due)
 
-    def entry(self, i: int) -> TableEntry:
-        """Owned item ``i``'s table entry as of now."""
-        (e,) = self.entries([i])
-        return e
-
     def entries(self, items: Sequence[int]) -> list[TableEntry]:
         """Owned ``items``' table entries as of now (their neighbour lists in one batch)."""
         if not items:
@@ -340,7 +329,7 @@ class ItemPartition:
 
     def all_entries(self) -> list[TableEntry]:
         """Every owned item's entry (a full republication, e.g. to rebuild a lost table)."""
-        return [self.entry(i) for i in self.slot]
+        return self.entries(list(self.slot))
 
     def mark_all_sims(self) -> None:
         """Mark every owned item's ``sim:`` list out of date (its neighbours' popularity moves
@@ -424,8 +413,8 @@ class PairCounts:
         self.rkeys, self.rvals = self.keys[:0].copy(), self.vals[:0].copy()
 
     def _bounds(self, keys: np.ndarray, r: int) -> tuple[int, int]:
-        lo, hi = np.searchsorted(keys, [r << 32, (r + 1) << 32])
-        return int(lo), int(hi)
+        lo, hi = self.bounds(keys, np.array([r]))
+        return int(lo[0]), int(hi[0])
 
     @staticmethod
     def bounds(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,8 @@ def rank_users(
     cand = np.empty(n + 1, dtype=np.int64)
     c_score = np.empty(n)
     c_item = np.empty(n, dtype=np.int64)
+    c_cooc = np.empty(n)
+    c_taste = np.empty(n)
     blocked = np.zeros(n, dtype=np.bool_)
     for x in excluded:
         if x < n:
@@ -93,26 +95,16 @@ def rank_users(
             a = nb_off[src_item[q]]
             for t in range(a, a + nb_len[src_item[q]]):
                 i = slab_item[t]
-                cand[m] = i  # branch-free: kept only if the item is new to this user
-                m += stamp[i] != r
-                stamp[i] = r
+                m = _touch(i, r, stamp, cand, m)
                 cooc[i] += np.float64(slab_score[t]) * h
         for q in range(v_ptr[r], v_ptr[r + 1]):
-            i = v_item[q]
-            cand[m] = i
-            m += stamp[i] != r
-            stamp[i] = r
-            vec[i] = v_score[q]
+            m = _touch(v_item[q], r, stamp, cand, m)
+            vec[v_item[q]] = v_score[q]
         for i in trend:
-            cand[m] = i
-            m += stamp[i] != r
-            stamp[i] = r
+            m = _touch(i, r, stamp, cand, m)
         for q in range(l_ptr[r], l_ptr[r + 1]):
-            i = l_item[q]
-            cand[m] = i
-            m += stamp[i] != r
-            stamp[i] = r
-            lng[i] = l_score[q]
+            m = _touch(l_item[q], r, stamp, cand, m)
+            lng[l_item[q]] = l_score[q]
         safe = hsum[r] if hsum[r] > 0 else 1.0
         scale = 1.0
         if has_long:
@@ -139,21 +131,19 @@ def rank_users(
                 taste = taste + w_long * lng[i] * scale
             c_score[mm] = pop_term[i] + ct + taste
             c_item[mm] = i
+            c_cooc[mm] = ct
+            c_taste[mm] = taste
             mm += 1
         sel = _top(c_score[:mm], c_item[:mm], k)
         kk = len(sel)
         out_cnt[r] = kk
         for t in range(kk):
-            i = c_item[sel[t]]
-            ct = w_cooc * cooc[i] / safe
-            taste = w_vec * vec[i]
-            if has_long:
-                taste = taste + w_long * lng[i] * scale
-            out_item[r, t] = i
-            out_score[r, t] = c_score[sel[t]]
-            out_taste[r, t] = taste
-            if taste <= ct:  # a source is named only where co-occurrence weighs most
-                listed[i] = t
+            x = sel[t]
+            out_item[r, t] = c_item[x]
+            out_score[r, t] = c_score[x]
+            out_taste[r, t] = c_taste[x]
+            if c_taste[x] <= c_cooc[x]:  # a source is named only where co-occurrence weighs most
+                listed[c_item[x]] = t
         # the source contributing most to each listed item (ties: the newest): a second pass
         # over the sources, for the listed items only
         for t in range(kk):
@@ -178,6 +168,16 @@ def rank_users(
             vec[i] = 0.0
             lng[i] = 0.0
     return out_cnt, out_item, out_score, out_src, out_taste
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _touch(i: int, r: int, stamp: np.ndarray, cand: np.ndarray, m: int) -> int:
+    """Make item ``i`` a candidate of user row ``r`` (once): appended to ``cand[:m]`` without a
+    branch, kept only if new to the user; returns the new length."""
+    cand[m] = i
+    m += stamp[i] != r
+    stamp[i] = r
+    return m
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -479,7 +479,7 @@ def add_context(
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the models pass, so
     that a worker pays it at start, before it joins its group, and not in its first block: the
-    first compilation after an install takes about ten seconds."""
+    first compilation after an install takes seconds."""
     i0, f0 = np.zeros(0, dtype=np.int64), np.zeros(0)
     ptr = np.zeros(2, dtype=np.int64)
     one = np.zeros(1)

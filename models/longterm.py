@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 import scipy.linalg as sla
-import scipy.sparse as sp
 
 from models.params import ModelParams
 
@@ -57,23 +56,12 @@ class FitInput:
 @dataclass(frozen=True)
 class ItemRegression:
     """A fitted model: ``pool`` (M,) item indices, ``pos`` (n_items,) pool position or -1, and
-    ``weights`` (M, M) float32, row i = how much item i predicts each pool item."""
+    ``weights`` (M, M) float32, row i = how much item i predicts each pool item (a user's scores
+    are computed by ``models.kernels.long_term_top``)."""
 
     pool: np.ndarray
     pos: np.ndarray
     weights: np.ndarray
-
-    def scores(self, items: np.ndarray, weights: np.ndarray, rows: np.ndarray, n_rows: int) -> np.ndarray:
-        """(n_rows, M) scores: row r is ``sum weights[k] * self.weights[pos(items[k])]`` over the
-        k with ``rows[k] == r``. Items outside the pool (or newer than the fit) are skipped."""
-        n, m = len(self.pos), len(self.pool)
-        ok = items < n
-        p = np.full(len(items), -1, dtype=np.int64)
-        p[ok] = self.pos[items[ok]]
-        keep = p >= 0
-        # (users x M) sparse recency weights times the dense weights: no rows are copied out
-        x = sp.csr_matrix((weights[keep].astype(np.float32), (rows[keep], p[keep])), shape=(n_rows, m))
-        return np.asarray(x @ self.weights, dtype=np.float32)
 
 
 def fit(inp: FitInput) -> ItemRegression:

@@ -392,13 +392,7 @@ def _rank_chunk(
     seen_raw = [np.frombuffer(u.seen_arr, dtype=np.int64) for u in users]
     seen_len = np.fromiter(map(len, seen_raw), dtype=np.int64, count=nu)
     seen_item = cat[np.concatenate(seen_raw)] if nu else _EMPTY_I
-    seen_user = np.repeat(np.arange(nu), seen_len)
-    if excluded.size:
-        seen_all_user = np.concatenate([seen_user, np.repeat(np.arange(nu), excluded.size)])
-        seen_all_item = np.concatenate([seen_item, np.tile(excluded, nu)])
-    else:
-        seen_all_user, seen_all_item = seen_user, seen_item
-    v_user, v_item, v_score = _vector_candidates(part, table, uids, n, pop, seen_all_user, seen_all_item)
+    v_user, v_item, v_score = _vector_candidates(part, table, uids, n, pop, seen_len, seen_item, excluded)
     l_ptr, l_item, l_score = _long_term(table, cat, p, users, _ptr(seen_len), seen_item, excluded)
     return rank_users(
         _ptr(np.asarray(s_len, dtype=np.int64)),
@@ -441,16 +435,22 @@ def _vector_candidates(
     uids: Sequence[str],
     n: int,
     pop: np.ndarray,
-    seen_user: np.ndarray,
+    seen_len: np.ndarray,
     seen_item: np.ndarray,
+    excluded: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each user's nearest unseen items to its vector among the ``vector_pool`` most popular
-    (one matrix product): (user row, item, score >= 0), grouped by user; none when the vector
-    score has no weight."""
+    """Each user's nearest items to its vector among the ``vector_pool`` most popular, less its
+    seen (``seen_len`` per user, laid end to end in ``seen_item``) and the excluded ones (one
+    matrix product): (user row, item, score >= 0), grouped by user; none when the vector score
+    has no weight."""
     p = part.params
     if p.w_vec <= 0 or p.vector_candidates <= 0:
         return _EMPTY_I, _EMPTY_I, _EMPTY_F
     nu = len(uids)
+    seen_user = np.repeat(np.arange(nu), seen_len)
+    if excluded.size:
+        seen_user = np.concatenate([seen_user, np.repeat(np.arange(nu), excluded.size)])
+        seen_item = np.concatenate([seen_item, np.tile(excluded, nu)])
     if n > p.vector_pool:
         pool = top_indices(pop, p.vector_pool)
         pos = np.full(n, -1, dtype=np.int64)

@@ -5,6 +5,8 @@ stages takes a backlog: decode, the user state, ranking, serialising the lists, 
 and in, the item state with the table entries due, and the table. Brokers and Redis are left
 out (``streamrec bench`` measures the live worker); what remains is the Python and compiled
 work per event and per list, which is what the kernels (``models.kernels``) are for.
+
+``user_memory`` (``streamrec bench --user-memory``) measures what the user state holds per user.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ def test_entries_are_published_once_a_row_or_popularity_grows_by_the_refresh_sha
     # a's row and popularity grow by 1 per round: published after 1, 2, 3, 5, 8 and 12 rounds,
     # each time more than 1.4 times the last published weight
     assert [k + 1 for k, got in enumerate(published) if "a" in got] == [1, 2, 3, 5, 8, 12]
-    e = s.entry(s.item_index["a"])
+    (e,) = s.entries([s.item_index["a"]])
     assert e.neighbours == ["b"] and np.isclose(np.linalg.norm(e.unit), 1.0)
     table = ItemTable(p.dim)
     table.apply([TableEntry.decode(e.encode())])
