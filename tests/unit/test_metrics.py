@@ -1,0 +1,100 @@
+"""The metrics server's own logic: batch histograms and the health checks."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+import pytest
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_app import metrics
+from stream_app.errors import UsageError
+from stream_app.processes import free_port
+
+
+def _samples(name: str) -> dict[str, float]:
+    fams = text_string_to_metric_families(generate_latest(REGISTRY).decode())
+    return {f"{s.name}{sorted(s.labels.items())}": s.value for f in fams if f.name == name for s in f.samples}
+
+
+def test_batch_histogram_matches_prometheus_buckets() -> None:
+    h = metrics.BatchHistogram("streamrec_test_hist_seconds", "test", (0.01, 0.1, 1.0), ["stage"])
+    values = np.array([0.005, 0.01, 0.05, 0.1, 0.5, 2.0, 7.0])
+    h.observe_many(values[:4], "user")
+    h.observe_many(values[4:], "user")
+    h.observe(0.02, "item")
+    got = _samples("streamrec_test_hist_seconds")
+    # buckets are cumulative and include their upper bound (le)
+    assert got["streamrec_test_hist_seconds_bucket[('le', '0.01'), ('stage', 'user')]"] == 2
+    assert got["streamrec_test_hist_seconds_bucket[('le', '0.1'), ('stage', 'user')]"] == 4
+    assert got["streamrec_test_hist_seconds_bucket[('le', '1.0'), ('stage', 'user')]"] == 5
+    assert got["streamrec_test_hist_seconds_bucket[('le', '+Inf'), ('stage', 'user')]"] == 7
+    assert got["streamrec_test_hist_seconds_count[('stage', 'user')]"] == 7
+    assert got["streamrec_test_hist_seconds_sum[('stage', 'user')]"] == sum(values)
+    assert got["streamrec_test_hist_seconds_bucket[('le', '0.01'), ('stage', 'item')]"] == 0
+    assert got["streamrec_test_hist_seconds_count[('stage', 'item')]"] == 1
+
+
+@dataclass
+class FakeLoop:
+    """Just what the health checks read off a stage (``StageLoop`` itself needs a broker)."""
+
+    name: str
+    beat: float = 0.0
+    ready: bool = False
+    running: bool = True
+    lag: dict[int, int] = field(default_factory=dict)
+    partitions: tuple[int, ...] = ()
+
+    def alive(self) -> bool:
+        return self.running
+
+    def snapshot_ages(self, now: float) -> dict[int, float]:
+        return {p: 1.0 for p in self.partitions}
+
+
+def test_health_and_readiness_over_http() -> None:
+    user, item = FakeLoop("user stage"), FakeLoop("item stage", partitions=(1,))
+    server = metrics.serve(free_port(), *metrics.stages_health([user, item], stale_s=5.0))
+    assert server is not None
+    try:
+        get = lambda path: _get(server.port, path)  # noqa: E731
+        assert get("/healthz") == (200, b"ok\n")  # starting up counts as alive
+        code, body = get("/readyz")
+        assert code == 503 and orjson.loads(body)["reason"].startswith("user stage, item stage not yet joined")
+        user.ready, item.ready, user.partitions = True, True, (0, 2)
+        code, body = get("/readyz")
+        assert code == 200 and orjson.loads(body) == {"ready": True, "partitions": {"user": [0, 2], "item": [1]}}
+        user.beat = time.monotonic() - 10  # the loop has not come round for 10 s
+        code, body = get("/healthz")
+        assert code == 503 and body.startswith(b"user stage loop last came round 10 s ago")
+        user.beat, item.running = time.monotonic(), False
+        assert get("/healthz") == (503, b"item stage thread is not running\n")
+        code, body = get("/metrics")
+        assert code == 200 and b"streamrec_up 1.0" in body
+    finally:
+        server.stop()
+
+
+def test_a_port_in_use_is_a_usage_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"cannot serve metrics on port {port}.*STREAMREC_METRICS_PORT"):
+            metrics.serve(port, *metrics.stages_health([], 5.0))
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
