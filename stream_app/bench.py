@@ -35,7 +35,6 @@ from typing import Any
 
 import orjson
 import psutil
-import redis
 import typer
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
 from threadpoolctl import threadpool_limits
@@ -46,20 +45,21 @@ from models.table import ItemTable, TableEntry
 from models.users import UserPartition
 from stream_app.config import Settings, settings_from_env
 from stream_app.demo import demo_events
-from stream_app.kafka_io import end_offsets, ensure_topics, producer_config, topic_partitions
+from stream_app.kafka_io import KafkaConn, client_config, end_offsets, ensure_topics, producer_config, topic_partitions
 from stream_app.processes import CatchUp, WorkerProcess, wait_stages_caught_up
+from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
 from stream_app.replay import replay
 from stream_app.services import isolated_env, local_services
 
 
-def raw_ceiling(bootstrap: str, topic: str, partitions: int) -> dict[str, float]:
+def raw_ceiling(conn: KafkaConn, topic: str, partitions: int) -> dict[str, float]:
     """Consume the whole topic and decode every value: the floor of per-event cost."""
-    ends = end_offsets(bootstrap, topic, partitions)
+    ends = end_offsets(conn, topic, partitions)
     total = sum(ends.values())
     c = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client_config(conn),
             "group.id": f"bench-raw-{uuid.uuid4().hex[:6]}",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 5,
@@ -105,7 +105,7 @@ class TableProbe:
         n = topic_partitions(s, s.table)
         self.c = Consumer(
             {
-                "bootstrap.servers": s.kafka_bootstrap_servers,
+                **client_config(s),
                 "group.id": f"bench-probe-{uuid.uuid4().hex[:6]}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 5,
@@ -179,7 +179,7 @@ def freshness(
     time continues the log's clock from ``start_ts`` at wall-clock pace.
     """
     rng = random.Random(seed)
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis_client(s)
     store = RedisStore(r, s.redis_prefix)
     pending: dict[str, list[tuple[int, float]]] = {}
     lock = threading.Lock()
@@ -285,24 +285,23 @@ def freshness(
     }
 
 
-_ASSIGNED = re.compile(r"assigned partitions \[([0-9, ]*)\]")
-
-
 def wait_assigned(workers: list[WorkerProcess], partitions: int, quiet: float = 2.0, timeout: float = 120.0) -> None:
     """Wait until the workers' latest assignments split all partitions between them and nothing
     has been reassigned for ``quiet`` seconds."""
-    last: tuple[list[str], ...] = ()
+    last: tuple[tuple[int, ...], ...] = ()
     since = time.monotonic()
     deadline = since + timeout
     while time.monotonic() < deadline:
         for w in workers:
             if not w.alive():
                 raise RuntimeError("worker exited:\n" + w.log()[-3000:])
-        latest = tuple(_ASSIGNED.findall(w.log()) for w in workers)
+        docs = [w.readiness() for w in workers]  # /readyz: the partitions each stage holds
+        latest = tuple(tuple(d["partitions"].get("user", ())) if d else () for d in docs)
         if latest != last:
             last, since = latest, time.monotonic()
-        owned = [int(x) for found in latest if found for x in found[-1].replace(" ", "").split(",") if x]
-        if all(latest) and sorted(owned) == list(range(partitions)) and time.monotonic() - since >= quiet:
+        owned = sorted(p for ps in latest for p in ps)
+        ready = all(d is not None and d["ready"] for d in docs)
+        if ready and owned == list(range(partitions)) and time.monotonic() - since >= quiet:
             return
         time.sleep(0.1)
     raise TimeoutError(f"the group did not settle on {partitions} partitions: {last}")
@@ -323,7 +322,7 @@ def trainer_beside(env: dict[str, str], enabled: bool, log_path: Path) -> Iterat
             yield out
         finally:
             code = t.stop()
-        m = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix).ctr_metrics()
+        m = RedisStore(redis_client(s), s.redis_prefix).ctr_metrics()
         if code != 0 or m is None:
             raise RuntimeError(f"the trainer failed (exit {code}):\n" + t.log()[-3000:])
         out.update(samples=int(m["samples"]), versions=int(m["version"]))
@@ -365,7 +364,7 @@ def scale_run(
             caught = wait_stages_caught_up(s, partitions, procs[0])
             if not all(w.alive() for w in procs):
                 raise RuntimeError("a worker exited during the run")
-            owners = [_ASSIGNED.findall(w.log())[-1] for w in procs]
+            owners = [(w.readiness() or {}).get("partitions", {}).get("user") for w in procs]
         finally:
             for w in procs:
                 w.stop()
@@ -375,7 +374,7 @@ def scale_run(
     )
     if trainer:
         typer.echo(f"  beside a trainer that trained on {trainer['samples']:,} samples")
-    RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix).delete_all()
+    RedisStore(redis_client(s), s.redis_prefix).delete_all()
     return caught
 
 
@@ -398,7 +397,7 @@ def run_bench(
         ensure_topics(s, partitions)
         typer.echo(f"preloading {len(events):,} events ({name}) into {partitions} partition(s) ...")
         replay(producer_config(s), s.events_topic, events)
-        raw = raw_ceiling(svc.bootstrap, s.events_topic, partitions)
+        raw = raw_ceiling(s, s.events_topic, partitions)
         typer.echo(f"raw ceiling: {raw['events_per_s']:,.0f} events/s")
         log_path = Path(tempfile.gettempdir()) / f"streamrec-bench-worker-{run}.log"
         typer.echo(f"worker log: {log_path}")
@@ -420,7 +419,7 @@ def run_bench(
                 fresh["table_lag_events"] = table_lag_reported(w.log()[before:])
             finally:
                 w.stop()
-        RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix).delete_all()
+        RedisStore(redis_client(s), s.redis_prefix).delete_all()
         scale = {n: scale_run(svc, events, n, scale_partitions, run, with_trainer) for n in (1, 2)}
     res = {
         "machine": {

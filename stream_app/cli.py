@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,16 +12,40 @@ import orjson
 import typer
 
 from stream_app.config import Settings
+from stream_app.errors import StreamrecError, UsageError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="streamrec: a streaming recommender.")
+log = logging.getLogger("streamrec")
+
+# no local variables in tracebacks: they would show passwords (older typer versions showed them by default)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="streamrec: a streaming recommender.",
+)
 datasets_app = typer.Typer(no_args_is_help=True, help="Obtain public datasets (cached outside the repo).")
 app.add_typer(datasets_app, name="datasets")
 
 
 def _settings(config: Path | None) -> Settings:
+    """The settings of this command; unknown ``STREAMREC_*`` variables are warned about (once,
+    here, not on every ``Settings()``), bad values end the command in ``main``."""
+    from stream_app.settings_errors import unknown_variables
+
     if config is not None:
+        if not config.is_file():
+            raise UsageError(
+                f"--config {config}: no such file; expected a TOML settings file such as streamrec.example.toml"
+            )
         os.environ["STREAMREC_CONFIG"] = str(config)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
     return Settings()
+
+
+StrictOpt = typer.Option(
+    False, "--strict", help="stop at the first bad row of the log (exit code 2) instead of skipping it"
+)
 
 
 ConfigOpt = typer.Option(None, "--config", help="TOML settings file (environment variables win).")
@@ -44,9 +69,12 @@ def trainer(
     import signal
     import threading
 
-    from stream_app.trainer import run_trainer
+    from stream_app.preflight import check_services
 
     s = _settings(config)
+    check_services(s)
+    from stream_app.trainer import run_trainer  # torch: seconds to import, so after the check
+
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -61,17 +89,21 @@ def replay(
     rate: float | None = typer.Option(None, help="events per second"),
     speed: float | None = typer.Option(None, help="multiple of real time"),
     partitions: int | None = typer.Option(None, help="create the topic with this many partitions if missing"),
+    strict: bool = StrictOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Publish a recorded log to the events topic in event-time order, keyed by user."""
+    """Publish a recorded log to the events topic in event-time order, keyed by user. Rows a
+    worker would reject are skipped (and reported), or stop the replay with --strict."""
     from rich.progress import Progress
 
     from stream_app.datasets import read_log
     from stream_app.kafka_io import ensure_topics, producer_config
+    from stream_app.preflight import check_kafka
     from stream_app.replay import replay as do_replay
 
     s = _settings(config)
-    events = read_log(path, fmt)
+    events = read_log(path, fmt, s.event_schema(), strict)
+    check_kafka(s)
     ensure_topics(s, partitions)
     with Progress() as bar:
         task = bar.add_task(f"replay -> {s.events_topic}", total=len(events))
@@ -103,12 +135,13 @@ def datasets_fetch(name: str = typer.Argument(..., help="ml-100k"), config: Path
 @app.command()
 def recs(user_id: str, config: Path | None = ConfigOpt) -> None:
     """Print a user's list as a reader sees it (falls back to trending)."""
-    import redis
-
+    from stream_app.preflight import check_redis
+    from stream_app.redis_io import redis_client
     from stream_app.redis_store import RedisStore
 
     s = _settings(config)
-    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
+    check_redis(s)
+    store = RedisStore(redis_client(s), s.redis_prefix)
     doc = store.get_rec(user_id)
     if doc is None:
         doc = {"user_id": user_id, "fallback": "trending", "items": store.get_trending()}
@@ -116,15 +149,64 @@ def recs(user_id: str, config: Path | None = ConfigOpt) -> None:
 
 
 @app.command()
+def forget(
+    user_id: str = typer.Argument(..., help="the user's id, as their events carry it"),
+    partitioner: str = typer.Option(
+        "consistent_random",
+        help="the producers' partitioner (librdkafka name): consistent_random for librdkafka clients and "
+        "streamrec replay, murmur2_random for Java clients",
+    ),
+    wait: float = typer.Option(0.0, help="wait this many seconds for the workers to apply it (0: don't wait)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Forget a user: a control message on the events topic, applied in order by the worker that
+    owns the user's partition (state, list, CTR memory; the snapshots that follow)."""
+    from confluent_kafka import KafkaException
+
+    from models.events import InvalidEvent, check_user_id
+    from stream_app.config import mask_url
+    from stream_app.forget import PARTITIONERS, publish_forget, topic_exists, wait_applied
+    from stream_app.preflight import check_kafka
+
+    try:
+        check_user_id(user_id)
+    except InvalidEvent as e:
+        raise UsageError(f"USER_ID: {e.reason}; give the id exactly as the user's events carry it") from None
+    if partitioner not in PARTITIONERS:
+        raise UsageError(f"--partitioner {partitioner!r}: expected one of {', '.join(PARTITIONERS)}")
+    s = _settings(config)
+    where = mask_url(s.kafka_bootstrap_servers)
+    check_kafka(s)
+    try:
+        if not topic_exists(s, s.events_topic):
+            raise UsageError(
+                f"the events topic {s.events_topic!r} does not exist on {where}: "
+                "set STREAMREC_EVENTS_TOPIC and STREAMREC_KAFKA_BOOTSTRAP_SERVERS as the workers have them"
+            )
+        req = publish_forget(s, user_id, partitioner)
+    except (KafkaException, RuntimeError) as e:
+        raise StreamrecError(f"could not publish the forget request to {where}: {e}") from None
+    typer.echo(f"forget request published: {req.topic} partition {req.partition} offset {req.offset}")
+    if wait > 0:
+        missing = wait_applied(s, req, wait)
+        if missing is not None:
+            raise StreamrecError(f"not applied within {wait:.0f} s: {missing} (is a worker running?)")
+        typer.echo("applied; each stage's next snapshot of that partition no longer holds the user")
+
+
+@app.command()
 def demo(
     events: int = typer.Option(50_000, help="synthetic events (ignored when ml-100k is cached)"),
     ml100k: bool = typer.Option(True, help="use MovieLens-100K when it has been fetched"),
+    keep: bool = typer.Option(
+        False, "--keep", help="leave the broker, Redis, the worker and the lists up until Ctrl-C, to look around"
+    ),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Start a local broker and Redis where none is configured, run a worker, replay, show lists."""
     from stream_app.demo import run_demo
 
-    run_demo(_settings(config), events, ml100k)
+    run_demo(_settings(config), events, ml100k, keep)
 
 
 @app.command()
@@ -150,6 +232,7 @@ def evaluate(
     table_lag: int = typer.Option(
         0, "--table-lag", min=0, help="events between an item stage's table entry and the user stage seeing it"
     ),
+    strict: bool = StrictOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
     """Prequential (test-then-train) HR@K and NDCG@K of streamrec and baselines, in-process."""
@@ -160,7 +243,7 @@ def evaluate(
     if served:
         from stream_app.served import run_served
 
-        res = run_served(_settings(config), path, fmt, k, rate)
+        res = run_served(_settings(config), path, fmt, k, rate, strict)
         sv, ip = res["served"], res["in_process"]
         typer.echo(f"{res['events']:,} events at {res['rate_achieved']:,.0f} events/s, k={k}")
         typer.echo(f"| lists | hr@{k} | ndcg@{k} | evaluated |\n|---|---|---|---|")
@@ -185,6 +268,7 @@ def evaluate(
             ctr_weight=ctr,
             partitions=partitions,
             table_lag=table_lag,
+            strict=strict,
         )
     typer.echo(
         f"{res['events']:,} events, k={k}, {res['seconds']:.1f} s; streamrec with {partitions} user partition(s), "
@@ -298,10 +382,35 @@ def _bench_ctr(s: Settings, n_events: int, threads: int) -> dict[str, Any]:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=os.environ.get("STREAMREC_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    app()
+    """The ``streamrec`` command: a ``StreamrecError`` or a bad setting ends it with one or two
+    lines on stderr ("error: ...") and its exit code (2: bad usage), without a traceback."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from stream_app.settings_errors import explain
+
+    try:
+        level = os.environ.get("STREAMREC_LOG_LEVEL", "INFO").upper()
+        if not isinstance(logging.getLevelName(level), int):
+            raise UsageError(
+                f"STREAMREC_LOG_LEVEL={os.environ['STREAMREC_LOG_LEVEL']}: expected one of DEBUG, INFO, WARNING, "
+                "ERROR, CRITICAL, e.g. STREAMREC_LOG_LEVEL=INFO"
+            )
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app()
+    except StreamrecError as e:
+        _fail(str(e), e.exit_code)
+    except (ValidationError, SettingsError) as e:
+        message = explain(e)
+        if message is None:  # not about the settings: a bug, with its traceback
+            raise
+        _fail(message, UsageError.exit_code)
+
+
+def _fail(message: str, code: int) -> None:
+    lines = message.strip().splitlines() or ["failed"]
+    print("error: " + "\n".join(lines[:2]), file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

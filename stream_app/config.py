@@ -7,21 +7,31 @@ the defaults below. Every field is documented in the README's configuration tabl
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import orjson
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from models.ctr.samples import SampleParams
 from models.events import DEFAULT_TYPE_WEIGHTS, EventSchema
 from models.params import ModelParams
+from stream_app.errors import UsageError
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a rejected value (a URL with a password, say) never reaches an error message
+    model_config = SettingsConfigDict(env_prefix="STREAMREC_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     # contracts (names fixed by ARCHITECTURE.md)
     kafka_bootstrap_servers: str = "localhost:9092"
@@ -31,6 +41,22 @@ class Settings(BaseSettings):
     group_id: str = "streamrec"
     dlq_topic: str = ""  # empty: "<events_topic>.dlq"
     items_topic: str = "items"
+    # security (README "Security"); "" leaves a setting unset
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients talk to the brokers: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism of the SASL_* protocols"
+    )
+    kafka_sasl_username: str = Field("", description="SASL user; required by the SASL_* protocols")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), description="SASL password; required by the SASL_* protocols")
+    kafka_ssl_ca_location: str = Field("", description="CA file that signed the brokers' certificates; '': system CAs")
+    kafka_ssl_certificate_location: str = Field("", description="client certificate (PEM) for mutual TLS")
+    kafka_ssl_key_location: str = Field("", description="the client certificate's private key (PEM)")
+    kafka_ssl_key_password: SecretStr = Field(SecretStr(""), description="password of an encrypted private key")
+    redis_ca_cert: str = Field("", description="CA file that signed the Redis server's certificate (rediss:// only)")
+    redis_username: str = Field("", description="Redis ACL user; overrides a user in redis_url")
+    redis_password: SecretStr = Field(SecretStr(""), description="Redis password; overrides one in redis_url")
     # the two stages (README "Scaling out")
     roles: str = Field("user,item", description="stages this worker runs: user, item, or both (comma-separated)")
     item_partitions: int = Field(0, ge=0, description="partitions of the internal topics; 0: as many as events")
@@ -65,6 +91,10 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, ge=1, description="used when the worker has to create the events topic")
     model_version: str = "cf-1"
     log_level: str = "INFO"
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="/metrics, /healthz, /readyz; default 9108 (worker), 9109 (trainer); 0: off"
+    )
+    health_stale_s: float = Field(60.0, gt=0, description="/healthz fails once a stage loop stalls this long")
     # models
     event_types: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_TYPE_WEIGHTS))
     n_recs: int = Field(20, ge=1)
@@ -125,6 +155,57 @@ class Settings(BaseSettings):
     # data
     data_dir: Path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "streamrec"
 
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.strip().upper() if isinstance(v, str) else v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("redis_url must start with redis://, rediss:// (TLS) or unix://")
+        return v
+
+    @model_validator(mode="after")
+    def _security_combinations(self) -> Settings:
+        """Refuse settings that would silently not be used, or a SASL login without credentials."""
+        proto = self.kafka_security_protocol
+        sasl, tls = proto.startswith("SASL_"), proto in ("SSL", "SASL_SSL")
+        has_password = bool(self.kafka_sasl_password.get_secret_value())
+        if sasl and not (self.kafka_sasl_username and has_password):
+            raise ValueError(
+                f"kafka_security_protocol={proto} needs STREAMREC_KAFKA_SASL_USERNAME and STREAMREC_KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and (self.kafka_sasl_username or has_password):
+            raise ValueError(
+                "kafka_sasl_username/kafka_sasl_password are set but kafka_security_protocol is "
+                f"{proto}; set STREAMREC_KAFKA_SECURITY_PROTOCOL=SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        ssl_files = {
+            "kafka_ssl_ca_location": self.kafka_ssl_ca_location,
+            "kafka_ssl_certificate_location": self.kafka_ssl_certificate_location,
+            "kafka_ssl_key_location": self.kafka_ssl_key_location,
+        }
+        given = [k for k, v in ssl_files.items() if v]
+        if self.kafka_ssl_key_password.get_secret_value():
+            given.append("kafka_ssl_key_password")
+        if given and not tls:
+            raise ValueError(
+                f"{', '.join(given)} set but kafka_security_protocol is {proto}; "
+                "set STREAMREC_KAFKA_SECURITY_PROTOCOL=SSL or SASL_SSL"
+            )
+        if bool(self.kafka_ssl_certificate_location) != bool(self.kafka_ssl_key_location):
+            raise ValueError("kafka_ssl_certificate_location and kafka_ssl_key_location go together: set both")
+        if self.kafka_ssl_key_password.get_secret_value() and not self.kafka_ssl_key_location:
+            raise ValueError("kafka_ssl_key_password is set without kafka_ssl_key_location")
+        if self.redis_ca_cert and not self.redis_url.startswith("rediss://"):
+            raise ValueError("redis_ca_cert is set but redis_url is not rediss://; use rediss://host:port/db for TLS")
+        for name, path in {**ssl_files, "redis_ca_cert": self.redis_ca_cert}.items():
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}={path} is not a readable file")
+        return self
+
     @field_validator("roles")
     @classmethod
     def _known_roles(cls, v: str) -> str:
@@ -153,11 +234,21 @@ class Settings(BaseSettings):
         path = os.environ.get("STREAMREC_CONFIG")
         if path:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"STREAMREC_CONFIG points at {path}, which is not a file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+                raise UsageError(
+                    f"STREAMREC_CONFIG={path}: no such file; expected a TOML settings file, "
+                    "e.g. STREAMREC_CONFIG=streamrec.example.toml (or unset it)"
+                )
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as e:
+                raise UsageError(f"STREAMREC_CONFIG={path} is not a readable TOML file: {e}") from None
         return tuple(sources)
 
     # derived values -------------------------------------------------------------------------
+    def metrics_port_for(self, default: int) -> int:
+        """The metrics port of a process whose own default is ``default``."""
+        return default if self.metrics_port is None else self.metrics_port
+
     @property
     def dlq(self) -> str:
         return self.dlq_topic or f"{self.events_topic}.dlq"
@@ -229,18 +320,39 @@ class Settings(BaseSettings):
         )
 
     def safe_view(self) -> dict[str, Any]:
-        """Settings fit for a log line: credentials in URLs are masked."""
+        """Settings fit for a log line: passwords (SecretStr dumps as "**********") and credentials
+        in URLs are masked."""
         d = self.model_dump(mode="json")
-        for k in ("redis_url", "kafka_bootstrap_servers"):
-            d[k] = _mask(d[k])
+        for k in _URL_FIELDS:
+            d[k] = mask_url(d[k])
         return d
 
+    def __repr_args__(self) -> Any:
+        """``repr``/``str`` mask URL credentials too, so a settings object logged by accident leaks nothing."""
+        for k, v in super().__repr_args__():
+            yield k, mask_url(v) if k in _URL_FIELDS and isinstance(v, str) else v
 
-def _mask(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
-    return url
+
+_URL_FIELDS = ("redis_url", "kafka_bootstrap_servers")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its user info and any ``password``/``username`` query value replaced by ``***``."""
+    if "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL we can take apart: show none of it
+        return "***"
+    netloc, query = parts.netloc, parts.query
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if k.lower() in ("password", "username") else v) for k, v in pairs], safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def settings_from_env(env: Mapping[str, str]) -> Settings:
@@ -248,6 +360,11 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     start ourselves, whose environment we build. JSON values (objects, lists) are parsed."""
     values: dict[str, Any] = {}
     for k, v in env.items():
-        if k.startswith("STREAMREC_") and k != "STREAMREC_CONFIG":
-            values[k[len("STREAMREC_") :].lower()] = orjson.loads(v) if v[:1] in "{[" else v
+        name = k[len("STREAMREC_") :].lower()
+        # names that are no setting are skipped, as Settings() skips them in os.environ
+        if k.upper().startswith("STREAMREC_") and name in Settings.model_fields:
+            try:
+                values[name] = orjson.loads(v) if v[:1] in ("{", "[") else v
+            except orjson.JSONDecodeError:
+                raise SettingsError(f'error parsing value for field "{name}" from source "settings_from_env"') from None
     return Settings.model_validate(values)

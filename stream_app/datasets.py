@@ -8,18 +8,27 @@ timestamp (seconds) becomes ``ts`` in milliseconds; the first genre becomes ``pr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import logging
 import random
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from models.events import Event, EventSchema, InvalidEvent
+from stream_app.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 RECBOLE_WHEEL = "recbole-1.2.1-py3-none-any.whl"
 RECBOLE_SHA256 = "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
@@ -97,39 +106,157 @@ def read_ml100k(path: Path) -> Iterator[dict[str, Any]]:
             yield e
 
 
-def read_log(path: Path, fmt: str = "jsonl") -> list[dict[str, Any]]:
-    """Read a recorded log and sort it by event time (stable: ties keep file order).
+CSV_COLUMNS = ("user_id", "item_id", "type", "ts")  # required; event_id and props are optional
+SHOWN_BAD_ROWS = 5  # bad rows reported one by one; the rest only in the summary
 
-    Rows are returned as parsed, not validated: the worker is the validator, so a replayed log
-    with bad rows exercises the dead-letter path like live traffic would.
+
+@dataclass
+class EventLog:
+    """A recorded log checked against the event schema: its valid rows in event-time order
+    (stable: ties keep file order), and what was skipped."""
+
+    rows: list[dict[str, Any]]  # as read: what a replay publishes
+    events: list[Event]  # the same rows validated, in the same order
+    total: int  # rows read, valid or not (blank lines are no rows)
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> rows
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+
+def read_log(
+    path: Path, fmt: str = "jsonl", schema: EventSchema | None = None, strict: bool = False
+) -> list[dict[str, Any]]:
+    """The valid rows of a recorded log, sorted by event time; see ``load_log``."""
+    return load_log(path, fmt, schema, strict).rows
+
+
+def load_log(path: Path, fmt: str = "jsonl", schema: EventSchema | None = None, strict: bool = False) -> EventLog:
+    """Read a recorded log and keep the rows a worker would accept.
+
+    Each row is checked as a worker checks a message (``schema.decode`` of the bytes a replay
+    would publish), so what replay sends and evaluate scores is what workers take. Bad rows are
+    skipped: the first few are logged with file, line and reason, then a summary. ``UsageError``
+    (exit code 2) for a log with no valid row, a CSV without the required columns, a file that
+    cannot be read, or with ``strict`` at the first bad row.
     """
-    if fmt == "jsonl":
-        rows = [orjson.loads(line) for line in path.open("rb") if line.strip()]
-    elif fmt == "csv":
-        with path.open(newline="") as f:
-            rows = []
-            for r in csv.DictReader(f):
-                e: dict[str, Any] = {k: v for k, v in r.items() if v not in (None, "")}
-                if "ts" in e and str(e["ts"]).lstrip("-").isdigit():
-                    e["ts"] = int(e["ts"])
-                if "props" in e:
-                    e["props"] = orjson.loads(e["props"])
-                rows.append(e)
-    elif fmt == "ml-100k":
-        rows = list(read_ml100k(path))
-    else:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    rows.sort(key=_ts_key)
-    return rows
+    schema = schema or EventSchema()
+    kept: list[tuple[dict[str, Any], Event]] = []
+    skipped: Counter[str] = Counter()
+    total = 0
+    for line, obj, error in _rows(path, fmt):
+        total += 1
+        if error is None:
+            try:
+                kept.append((obj, schema.decode(orjson.dumps(obj))))
+                continue
+            except InvalidEvent as e:
+                error = e.reason
+        if strict:
+            raise UsageError(f"{path}:{line}: {error} (--strict stops at the first bad row)")
+        if sum(skipped.values()) < SHOWN_BAD_ROWS:
+            log.warning("%s:%d: %s; row skipped", path, line, error)
+        skipped[error] += 1
+    if skipped and kept:
+        log.warning("%s: skipped %d of %d rows: %s", path, sum(skipped.values()), total, _reasons(skipped))
+    if not kept:
+        why = f"({_reasons(skipped)})" if skipped else "(the file is empty)"
+        raise UsageError(f"{path}: no valid events in {total} rows {why}{_format_hint(path, fmt)}")
+    kept.sort(key=lambda p: p[1].ts)
+    return EventLog([r for r, _ in kept], [e for _, e in kept], total, skipped)
 
 
-def _ts_key(e: Any) -> int:
-    from models.events import InvalidEvent, parse_ts
+def _reasons(skipped: Counter[str], n: int = 3) -> str:
+    top = [f"{reason} ({c})" for reason, c in skipped.most_common(n)]
+    rest = len(skipped) - n
+    return "; ".join(top) + (f"; and {rest} other reason(s)" if rest > 0 else "")
 
+
+def _format_hint(path: Path, fmt: str) -> str:
+    """A second line when the log looks like another format than the one given."""
+    if fmt != "jsonl":
+        return ""
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        first = next((ln for ln in f if ln.strip()), b"")
+        if b"," in first and b"user_id" in first and not first.lstrip().startswith(b"{"):
+            return "\nthe first line looks like a CSV header: give --format csv"
+    example = '{"user_id": "u1", "item_id": "i9", "type": "view", "ts": 1700000000000}'
+    return f"\nexpected one JSON object per line, e.g. {example}"
+
+
+Row = tuple[int, dict[str, Any], str | None]  # line number, the row, why it is unreadable (None: readable)
+
+
+def _rows(path: Path, fmt: str) -> Iterator[Row]:
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}, e.g. --format csv")
+    if fmt != "ml-100k" and path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file, or --format ml-100k for recbole's ml-100k files")
     try:
-        return parse_ts(e.get("ts")) if isinstance(e, dict) else 0
-    except InvalidEvent:
-        return 0
+        if fmt == "jsonl":
+            yield from _jsonl_rows(path)
+        elif fmt == "csv":
+            yield from _csv_rows(path)
+        else:
+            yield from _ml100k_rows(path)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read {e.filename or path}: {e.strerror or e}") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[Row]:
+    with path.open("rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                yield n, {}, f"not valid JSON ({e.msg} at column {e.colno})"
+                continue
+            if isinstance(obj, dict):
+                yield n, obj, None
+            else:
+                yield n, {}, f"expected a JSON object, got {type(obj).__name__}"
+
+
+def _csv_rows(path: Path) -> Iterator[Row]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        found = [c for c in (reader.fieldnames or []) if c]
+        missing = [c for c in CSV_COLUMNS if c not in found]
+        if missing:
+            raise UsageError(
+                f"{path}: CSV lacks column(s) {', '.join(missing)}; found: {', '.join(found) or 'no header'}\n"
+                f"expected a header line such as {','.join(CSV_COLUMNS)} (optional: event_id, props)"
+            )
+        for r in reader:
+            n = reader.line_num
+            if None in r:
+                yield n, {}, f"{len(found) + len(r[None])} fields, the header has {len(found)}"
+                continue
+            e: dict[str, Any] = {k: v for k, v in r.items() if v not in (None, "")}
+            if "ts" in e and str(e["ts"]).lstrip("-").isdigit():
+                e["ts"] = int(e["ts"])
+            if "props" in e:
+                try:
+                    e["props"] = orjson.loads(e["props"])
+                except orjson.JSONDecodeError:
+                    yield n, {}, "props is not valid JSON"
+                    continue
+            yield n, e, None
+
+
+def _ml100k_rows(path: Path) -> Iterator[Row]:
+    n = 1  # the header
+    try:
+        for n, e in enumerate(read_ml100k(path), 2):
+            yield n, e, None
+    except (ValueError, KeyError) as e:
+        inter = (path if path.is_dir() else path.parent) / "ml-100k.inter"
+        raise UsageError(f"{inter}:{n + 1}: not recbole's ml-100k format ({e})") from None
 
 
 def synthetic_events(

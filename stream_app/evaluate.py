@@ -9,21 +9,16 @@ from typing import Any
 
 from models.baselines import BASELINES, make
 from models.evaluation import prequential
-from models.events import Event, InvalidEvent
+from models.events import Event
 from stream_app.config import Settings
-from stream_app.datasets import read_log
+from stream_app.datasets import load_log
 
 
-def load_events(path: Path, fmt: str, settings: Settings) -> tuple[list[Event], int]:
-    """Valid events in event-time order (stable), and how many rows were invalid and skipped."""
-    schema = settings.event_schema()
-    events, bad = [], 0
-    for row in read_log(path, fmt):
-        try:
-            events.append(schema.from_obj(row))
-        except (InvalidEvent, AttributeError):
-            bad += 1
-    return events, bad
+def load_events(path: Path, fmt: str, settings: Settings, strict: bool = False) -> tuple[list[Event], int]:
+    """Valid events in event-time order (stable), and how many rows were invalid and skipped
+    (``strict``: none may be; see ``load_log``)."""
+    log = load_log(path, fmt, settings.event_schema(), strict)
+    return log.events, log.n_skipped
 
 
 def run_evaluation(
@@ -39,13 +34,14 @@ def run_evaluation(
     ctr_weight: float | None = None,
     partitions: int = 1,
     table_lag: int = 0,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Prequential HR@K/NDCG@K of streamrec (its two-stage topology in-process, with
     ``partitions`` user partitions and the table ``table_lag`` events behind) and ``baselines``."""
     unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
-    events, bad = load_events(path, fmt, settings)
+    events, bad = load_events(path, fmt, settings, strict)
     # the ranking is evaluated without exploration, with lists of exactly k items
     params = dataclasses.replace(settings.params(), n_recs=k, epsilon=0.0, seed=seed)
     models = [make("streamrec", params, seed, partitions, table_lag)] + [make(b, params, seed) for b in baselines]

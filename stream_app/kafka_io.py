@@ -9,15 +9,49 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from stream_app import metrics
 from stream_app.config import Settings
 
 log = logging.getLogger(__name__)
 
 
+KafkaConn = Settings | str  # the settings of a deployment, or a bare bootstrap address (PLAINTEXT; tests)
+
+
+def kafka_common(s: Settings) -> dict[str, Any]:
+    """What every client (consumer, producer, admin) needs to reach the brokers: their address
+    and, unless the protocol is PLAINTEXT, the TLS and SASL settings. The one place that turns
+    the ``kafka_*`` security settings into librdkafka keys."""
+    cfg: dict[str, Any] = {"bootstrap.servers": s.kafka_bootstrap_servers}
+    proto = s.kafka_security_protocol
+    if proto == "PLAINTEXT":
+        return cfg
+    cfg["security.protocol"] = proto
+    if proto.startswith("SASL_"):
+        cfg["sasl.mechanism"] = s.kafka_sasl_mechanism
+        cfg["sasl.username"] = s.kafka_sasl_username
+        cfg["sasl.password"] = s.kafka_sasl_password.get_secret_value()
+    if proto in ("SSL", "SASL_SSL"):
+        for key, value in (
+            ("ssl.ca.location", s.kafka_ssl_ca_location),
+            ("ssl.certificate.location", s.kafka_ssl_certificate_location),
+            ("ssl.key.location", s.kafka_ssl_key_location),
+            ("ssl.key.password", s.kafka_ssl_key_password.get_secret_value()),
+        ):
+            if value:
+                cfg[key] = value
+    return cfg
+
+
+def client_config(conn: KafkaConn) -> dict[str, Any]:
+    """``kafka_common`` of settings; a bare bootstrap string is a PLAINTEXT broker."""
+    return kafka_common(conn) if isinstance(conn, Settings) else {"bootstrap.servers": conn}
+
+
 def consumer_config(s: Settings, group: str | None = None, queue_kbytes: int = 65536) -> dict[str, Any]:
     """A consumer that commits only what was processed; it prefetches up to ``queue_kbytes``."""
     return {
-        "bootstrap.servers": s.kafka_bootstrap_servers,
+        **kafka_common(s),
         "group.id": group or s.group_id,
         "enable.auto.commit": False,  # we commit only what is fully processed
         "enable.auto.offset.store": False,
@@ -31,7 +65,7 @@ def consumer_config(s: Settings, group: str | None = None, queue_kbytes: int = 6
 
 def producer_config(s: Settings, **extra: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
-        "bootstrap.servers": s.kafka_bootstrap_servers,
+        **kafka_common(s),
         "enable.idempotence": True,
         "linger.ms": 5,
         "compression.type": "lz4",
@@ -42,7 +76,7 @@ def producer_config(s: Settings, **extra: Any) -> dict[str, Any]:
 
 def topic_partitions(s: Settings, topic: str, timeout: float = 30.0) -> int:
     """How many partitions ``topic`` has (0 if it does not exist)."""
-    md = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers}).list_topics(topic, timeout=timeout)
+    md = AdminClient(kafka_common(s)).list_topics(topic, timeout=timeout)
     t = md.topics.get(topic)
     return 0 if t is None or t.error is not None else len(t.partitions)
 
@@ -55,7 +89,7 @@ def ensure_topics(s: Settings, partitions: int | None = None, timeout: float = 3
     the deltas topic and the compacted table topic, with ``item_partitions`` partitions (default:
     as many as the events topic has).
     """
-    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap_servers})
+    admin = AdminClient(kafka_common(s))
     md = admin.list_topics(timeout=timeout)
     existing = set(md.topics)
     n_events = partitions or s.topic_partitions
@@ -84,17 +118,19 @@ class KafkaSink:
     deltas, table entries), on one producer, so that ``flush`` before an offset commit covers
     them all. Dead letters carry the raw bytes as value, the reason and source in headers."""
 
-    def __init__(self, s: Settings) -> None:
+    def __init__(self, s: Settings, stage: str = "user") -> None:
         self.dlq_topic = s.dlq
         self.source = s.events_topic
         self.producer = Producer(producer_config(s))
         self.failed = 0
         self.sent = 0
         self.pending = 0
+        self._errors = metrics.KAFKA_ERRORS.labels(stage)
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
             self.failed += 1
+            self._errors.inc()
             log.error("delivery to %s failed: %s", msg.topic(), err)
         else:
             self.sent += 1
@@ -134,7 +170,7 @@ class KafkaSink:
                 raise RuntimeError(f"{self.failed} messages failed delivery; not committing")
 
 
-def end_offsets(bootstrap: str, topic: str, partitions: int, timeout: float = 20.0) -> dict[int, int]:
+def end_offsets(conn: KafkaConn, topic: str, partitions: int, timeout: float = 20.0) -> dict[int, int]:
     """The true end offset (high watermark) of each partition.
 
     Tansu 0.6's ListOffsets answers with the base offset of the last record *batch* plus one, so
@@ -143,7 +179,7 @@ def end_offsets(bootstrap: str, topic: str, partitions: int, timeout: float = 20
     """
     c = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **client_config(conn),
             "group.id": "streamrec-probe",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 10,

@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.config import Settings
-from stream_app.kafka_io import end_offsets, topic_partitions
+from stream_app.kafka_io import KafkaConn, client_config, end_offsets, topic_partitions
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+def committed(conn: KafkaConn, group: str, topic: str, partitions: int) -> dict[int, int]:
     """The group's committed offset per partition (-1001 where nothing is committed)."""
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    c = Consumer({**client_config(conn), "group.id": group, "enable.auto.commit": False})
     try:
         tps = c.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
         return {tp.partition: tp.offset for tp in tps}
@@ -32,7 +37,8 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
 @dataclass
 class WorkerProcess:
     """``streamrec worker`` (or another ``command``, e.g. ``trainer``) as a subprocess in its own
-    process group (so kill -9 hits it all)."""
+    process group (so kill -9 hits it all). Unless ``env`` names one, it gets a free port of its
+    own for /metrics, /healthz and /readyz (several run side by side)."""
 
     env: dict[str, str]
     log_path: Path
@@ -40,6 +46,7 @@ class WorkerProcess:
     command: str = "worker"
 
     def start(self) -> WorkerProcess:
+        self.env = {"STREAMREC_METRICS_PORT": str(free_port()), **self.env}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "stream_app.cli", self.command],
@@ -77,6 +84,45 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def metrics_port(self) -> int:
+        return int(self.env["STREAMREC_METRICS_PORT"])
+
+    def http_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        """GET one of the process's endpoints: (status, body); (0, b"") while nothing listens."""
+        url = f"http://127.0.0.1:{self.metrics_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return 0, b""
+
+    def readiness(self) -> dict[str, Any] | None:
+        """The /readyz document (``ready``, ``partitions`` per stage), None while not serving."""
+        code, body = self.http_get("/readyz")
+        return orjson.loads(body) if code in (200, 503) else None
+
+    def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Wait for /readyz to say ready; the document it answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            doc = self.readiness()
+            if doc is not None and doc.get("ready"):
+                return doc
+            if not self.alive():
+                raise RuntimeError(f"{self.command} exited:\n" + self.log()[-3000:])
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.command} not ready within {timeout:.0f} s:\n" + self.log()[-3000:])
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 @dataclass
 class CatchUp:
@@ -97,7 +143,7 @@ class CatchUp:
 
 
 def wait_caught_up(
-    bootstrap: str,
+    conn: KafkaConn,
     group: str,
     topic: str,
     partitions: int,
@@ -110,14 +156,14 @@ def wait_caught_up(
     The rate is measured from the first commit seen (the worker has joined and processed its
     first batch) to the last, so start-up and group joins are not counted.
     """
-    ends = end_offsets(bootstrap, topic, partitions)
+    ends = end_offsets(conn, topic, partitions)
     total = sum(ends.values())
     first: tuple[float, int] | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not worker.alive():
             raise RuntimeError("worker exited:\n" + worker.log()[-3000:])
-        com = committed(bootstrap, group, topic, partitions)
+        com = committed(conn, group, topic, partitions)
         done = sum(max(0, com.get(p, 0)) for p in ends)
         now = time.monotonic()
         if first is None and done > 0:
@@ -127,7 +173,7 @@ def wait_caught_up(
             return CatchUp(total - d0, now - t0)
         time.sleep(poll)
     raise TimeoutError(
-        f"group {group} not caught up after {timeout}s ({committed(bootstrap, group, topic, partitions)}"
+        f"group {group} not caught up after {timeout}s ({committed(conn, group, topic, partitions)}"
         f" of {ends})\n" + worker.log()[-3000:]
     )
 
@@ -137,10 +183,9 @@ def wait_stages_caught_up(s: Settings, partitions: int, worker: WorkerProcess, t
     partitions) and then the item stage the end of the deltas topic, which is final once the
     user stage is done: every event's effects are then in Redis and in the table. Returns the
     user stage's catch-up, with how much later the item stage was done."""
-    bootstrap = s.kafka_bootstrap_servers
-    caught = wait_caught_up(bootstrap, s.group_id, s.events_topic, partitions, worker, timeout)
+    caught = wait_caught_up(s, s.group_id, s.events_topic, partitions, worker, timeout)
     t0 = time.monotonic()
     n = topic_partitions(s, s.deltas)
-    wait_caught_up(bootstrap, s.item_group_id, s.deltas, n, worker, timeout, poll=0.02)
+    wait_caught_up(s, s.item_group_id, s.deltas, n, worker, timeout, poll=0.02)
     caught.item_lag_s = time.monotonic() - t0
     return caught

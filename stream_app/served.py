@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from confluent_kafka import Producer
 
 from models.baselines import Streamrec, ndcg_at
@@ -26,33 +25,22 @@ from stream_app.config import Settings, settings_from_env
 from stream_app.evaluate import load_events
 from stream_app.kafka_io import ensure_topics, producer_config
 from stream_app.processes import WorkerProcess, wait_caught_up
+from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
 from stream_app.services import isolated_env, local_services
 
 
-def _wait_assigned(worker: WorkerProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = worker.log()
-        if "building state from the start" in log or "restored snapshot" in log:
-            return
-        if not worker.alive():
-            raise RuntimeError("worker exited:\n" + log[-3000:])
-        time.sleep(0.1)
-    raise TimeoutError("the worker was not assigned its partition in time")
-
-
-def run_served(settings: Settings, path: Path, fmt: str, k: int, rate: float) -> dict[str, Any]:
-    events, bad = load_events(path, fmt, settings)
+def run_served(settings: Settings, path: Path, fmt: str, k: int, rate: float, strict: bool = False) -> dict[str, Any]:
+    events, bad = load_events(path, fmt, settings, strict)
     run = f"served-{uuid.uuid4().hex[:8]}"
     with local_services(settings) as svc, tempfile.TemporaryDirectory() as tmp:
         env = isolated_env(svc, run)
         s = settings_from_env(env)
         ensure_topics(s, 1)
         worker = WorkerProcess(env, Path(tmp) / "worker.log").start()
-        store = RedisStore(redis.Redis.from_url(svc.redis_url), s.redis_prefix)
+        store = RedisStore(redis_client(s), s.redis_prefix)
         try:
-            _wait_assigned(worker)
+            worker.wait_ready(60)
             p = Producer(producer_config(s))
             seen: dict[str, set[str]] = {}
             hits, gain, evaluated, served_items = 0, 0.0, 0, set()
@@ -74,7 +62,7 @@ def run_served(settings: Settings, path: Path, fmt: str, k: int, rate: float) ->
                 p.poll(0)
             p.flush(60)
             achieved = len(events) / (time.monotonic() - t0)
-            wait_caught_up(svc.bootstrap, s.group_id, s.events_topic, 1, worker)
+            wait_caught_up(s, s.group_id, s.events_topic, 1, worker)
         finally:
             worker.stop()
             store.delete_all()

@@ -10,10 +10,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from pydantic import SecretStr
 
 from stream_app.config import Settings
 from stream_app.embedded import redis_server, tansu
+from stream_app.preflight import check_kafka, check_redis
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,33 @@ class Services:
     redis_url: str
     embedded_broker: bool
     embedded_redis: bool
+    # the security settings of the configured services as STREAMREC_* variables, so that processes
+    # started with ``isolated_env`` (and settings read back from it) have them even when they came
+    # from the TOML file
+    security_env: dict[str, str] = field(default_factory=dict)
+
+
+_KAFKA_SECURITY = (
+    "kafka_security_protocol",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_ssl_ca_location",
+    "kafka_ssl_certificate_location",
+    "kafka_ssl_key_location",
+    "kafka_ssl_key_password",
+)
+_REDIS_SECURITY = ("redis_username", "redis_password", "redis_ca_cert")
+
+
+def _security_env(settings: Settings, names: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        v = getattr(settings, name)
+        v = v.get_secret_value() if isinstance(v, SecretStr) else str(v)
+        if _configured(name, settings):
+            out[f"STREAMREC_{name.upper()}"] = v
+    return out
 
 
 def _configured(name: str, settings: Settings) -> bool:
@@ -33,23 +63,30 @@ def _configured(name: str, settings: Settings) -> bool:
 @contextlib.contextmanager
 def local_services(settings: Settings) -> Iterator[Services]:
     with contextlib.ExitStack() as stack:
-        if _configured("kafka_bootstrap_servers", settings):
+        # security settings mean a real service: an embedded one would refuse them
+        if _configured("kafka_bootstrap_servers", settings) or settings.kafka_security_protocol != "PLAINTEXT":
             bootstrap, eb = settings.kafka_bootstrap_servers, False
+            check_kafka(settings)  # one line naming the address, not a traceback minutes later
         else:
             bootstrap, eb = stack.enter_context(tansu()), True
             log.info("started a local Tansu broker at %s", bootstrap)
-        if _configured("redis_url", settings):
+        if any(_configured(k, settings) for k in ("redis_url", "redis_username", "redis_password", "redis_ca_cert")):
             url, er = settings.redis_url, False
+            check_redis(settings)
         else:
             url, er = stack.enter_context(redis_server()), True
             log.info("started a local Redis at %s", url)
-        yield Services(bootstrap, url, eb, er)
+        security = {} if eb else _security_env(settings, _KAFKA_SECURITY)
+        if not er:
+            security.update(_security_env(settings, _REDIS_SECURITY))
+        yield Services(bootstrap, url, eb, er, security)
 
 
 def isolated_env(svc: Services, name: str) -> dict[str, str]:
     """This process's environment plus STREAMREC_* settings for a throw-away run called ``name``:
     its own topics, consumer group and key prefix on the given services."""
     env = dict(os.environ)
+    env.update(svc.security_env)
     env.update(
         {
             "STREAMREC_KAFKA_BOOTSTRAP_SERVERS": svc.bootstrap,

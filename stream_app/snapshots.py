@@ -23,6 +23,8 @@ import redis
 
 from stream_app.redis_store import RedisStore
 
+Connect = Callable[[], redis.Redis]  # makes a new client of the deployment's Redis (redis_io.redis_client)
+
 log = logging.getLogger(__name__)
 
 Write = Callable[[RedisStore], int]  # writes one snapshot through the store; returns bytes written
@@ -39,8 +41,8 @@ class Pending:
 class ForkedSnapshots:
     """At most one snapshot child at a time; ``poll`` reports the one that finished."""
 
-    def __init__(self, redis_url: str, prefix: str) -> None:
-        self.redis_url, self.prefix = redis_url, prefix
+    def __init__(self, connect: Connect, prefix: str) -> None:
+        self.connect, self.prefix = connect, prefix
         self.pending: Pending | None = None
 
     @staticmethod
@@ -58,7 +60,7 @@ class ForkedSnapshots:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                write(RedisStore(redis.Redis.from_url(self.redis_url), self.prefix))
+                write(RedisStore(self.connect(), self.prefix))
                 code = 0
             finally:
                 os._exit(code)
@@ -93,10 +95,10 @@ class SnapshotScheduler:
     """Snapshots every state whose newest snapshot is older than ``interval`` seconds and
     behind its position: in a forked child when possible (one at a time), else inline."""
 
-    def __init__(self, store: RedisStore, redis_url: str, interval: float, fork: bool) -> None:
+    def __init__(self, store: RedisStore, connect: Connect, interval: float, fork: bool) -> None:
         self.store = store
         self.interval = interval
-        self.forked = ForkedSnapshots(redis_url, store.prefix) if fork and ForkedSnapshots.available() else None
+        self.forked = ForkedSnapshots(connect, store.prefix) if fork and ForkedSnapshots.available() else None
         self.written = 0
         self._done: list[Pending] = []
 

@@ -22,7 +22,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from models.longterm import decode_model
 from models.table import ItemTable, TableEntry, decode_watermark
 from stream_app.config import Settings
-from stream_app.kafka_io import end_offsets, topic_partitions
+from stream_app.kafka_io import end_offsets, kafka_common, topic_partitions
 from stream_app.redis_store import RedisStore
 from stream_app.snapshots import Snapshottable, Tag, Write
 
@@ -71,7 +71,7 @@ class TableFeed:
                 log.warning("item table: the snapshot does not fit these settings; reading the topic from the start")
         self.consumer = Consumer(
             {
-                "bootstrap.servers": s.kafka_bootstrap_servers,
+                **kafka_common(s),
                 "group.id": f"{s.group_id}.table-reader",  # never joins or commits: partitions are assigned
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": s.fetch_wait_max_ms,
@@ -79,7 +79,7 @@ class TableFeed:
             }
         )
         self.consumer.assign([TopicPartition(s.table, p, o) for p, o in start.items()])
-        ends = end_offsets(s.kafka_bootstrap_servers, s.table, n)
+        ends = end_offsets(s, s.table, n)
         t0 = time.monotonic()
         while any(self.offsets.get(p, 0) < e for p, e in ends.items()):
             if time.monotonic() - t0 > _CATCH_UP_TIMEOUT_S:
