@@ -19,18 +19,21 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
+import ssl
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import faust
 import orjson
-import redis
+from faust.types.auth import CredentialsT
 
+from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.item_stage import ItemStage
 from stream_app.kafka_io import ensure_topics
 from stream_app.pipeline import Pipeline
+from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
 from stream_app.stage import StageLoop
 
@@ -57,16 +60,23 @@ def parse_catalog_update(raw: bytes) -> tuple[str, bool]:
 
 def create_app(settings: Settings) -> faust.App:
     """Build the app: the stages' service, the catalogue agent and a stats timer."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     store = RedisStore(client, settings.redis_prefix)
     roles = settings.role_set
     stages: list[StageLoop[Any]] = []
     pipeline = Pipeline(settings, client) if "user" in roles else None
-    items = ItemStage(settings, redis.Redis.from_url(settings.redis_url)) if "item" in roles else None
+    items = ItemStage(settings, redis_client(settings)) if "item" in roles else None
     stages = [x for x in (pipeline, items) if x is not None]
+    # bound before faust starts, so that a port in use is a one-line error, not a crash
+    server = metrics.serve(settings.metrics_port_for(9108), *metrics.stages_health(stages, settings.health_stale_s))
+    faust_dir = settings.data_dir / "faust" / settings.group_id
+    faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         f"{settings.group_id}-catalog",
+        # faust's own state (we keep none there) under DATA_DIR, not in the current directory
+        datadir=str(faust_dir),
         broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
+        broker_credentials=broker_credentials(settings),
         web_enabled=False,
         broker_session_timeout=settings.session_timeout_ms / 1000,
         broker_heartbeat_interval=max(0.5, settings.session_timeout_ms / 5000),
@@ -117,6 +127,8 @@ def create_app(settings: Settings) -> faust.App:
             for t in self.threads:
                 await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
             log_stats()  # the last report: what happened since the previous one
+            if server is not None:
+                server.stop()
 
     @app.timer(10.0)  # type: ignore[untyped-decorator]
     async def report() -> None:
@@ -126,14 +138,15 @@ def create_app(settings: Settings) -> faust.App:
         if pipeline is not None:
             st = pipeline.stats
             log.info(
-                "user stage: events=%d invalid=%d duplicates=%d lists=%d batches=%d deltas=%d partitions=%s "
-                "table_items=%d table_lag_events p50=%d p99=%d max=%d",
+                "user stage: events=%d invalid=%d duplicates=%d lists=%d batches=%d deltas=%d forgets=%d "
+                "partitions=%s table_items=%d table_lag_events p50=%d p99=%d max=%d",
                 st.events,
                 st.invalid,
                 st.duplicates,
                 st.lists,
                 st.batches,
                 st.deltas,
+                st.forgets,
                 sorted(pipeline.runs),
                 pipeline.table.n_items,
                 *st.table_lag_quantiles(),
@@ -153,6 +166,32 @@ def create_app(settings: Settings) -> faust.App:
             )
 
     return app
+
+
+def broker_credentials(s: Settings) -> CredentialsT | None:
+    """The ``kafka_*`` security settings as faust (aiokafka) takes them, so that its consumer of
+    the catalogue topic reaches the same brokers as the stages' librdkafka clients
+    (``kafka_io.kafka_common``). None for PLAINTEXT."""
+    proto = s.kafka_security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    context = None
+    if proto in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=s.kafka_ssl_ca_location or None)
+        if s.kafka_ssl_certificate_location:
+            context.load_cert_chain(
+                s.kafka_ssl_certificate_location,
+                s.kafka_ssl_key_location,
+                password=s.kafka_ssl_key_password.get_secret_value() or None,
+            )
+    if proto == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=s.kafka_sasl_username,
+        password=s.kafka_sasl_password.get_secret_value(),
+        ssl_context=context,
+        mechanism=s.kafka_sasl_mechanism,
+    )
 
 
 def _quiet(run: Any) -> Any:
@@ -178,7 +217,11 @@ def return_large_blocks_to_the_os(threshold: int = 10 << 20) -> None:
 
 
 def run_worker(settings: Settings) -> Any:
-    """Run the app until SIGTERM/SIGINT (faust's Worker installs the signal handlers)."""
+    """Run the app until SIGTERM/SIGINT (faust's Worker installs the signal handlers). A broker
+    or Redis that does not answer ends it first, with one line (``ServiceUnreachable``)."""
+    from stream_app.preflight import check_services
+
+    check_services(settings)
     return_large_blocks_to_the_os()
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)

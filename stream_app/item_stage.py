@@ -35,6 +35,7 @@ from models.items import ItemPartition
 from models.kernels import warm_up
 from models.longterm import FitInput, ItemRegression, encode_model, fit
 from models.table import WATERMARK_KEY, encode_watermark
+from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.kafka_io import topic_partitions
 from stream_app.output import Output
@@ -150,6 +151,9 @@ class ItemStage(StageLoop[ItemPartition]):
             st.messages += len(msgs)
             st.entries += len(out.entries)
             st.sims += len(out.sims)
+            metrics.TABLE_ENTRIES.inc(len(out.entries))
+            if out.effect.forgotten and run.state.long is not None:
+                run.snapshot_soon = True  # its snapshot holds the forgotten users' long-term profiles
         self._sims_left = max(self._sims_left - len(sims), 0)
         models = self._finished_fits()
         if not sims and trending is None and not models:
@@ -178,6 +182,7 @@ class ItemStage(StageLoop[ItemPartition]):
                 log.error("item stage: partition %d offset %d: %s", run.partition, offset_of(m), e)
                 assert self.sink is not None
                 self.sink.dead_letter(m.key(), m.value(), run.partition, offset_of(m), f"undecodable delta: {e}")
+                metrics.DEAD_LETTERS.labels("undecodable delta").inc()
         run.next_offset = offset_of(run.buffer[-1]) + 1
         run.buffer = []
         return out
@@ -189,6 +194,7 @@ class ItemStage(StageLoop[ItemPartition]):
         models: list[tuple[int, bytes]],
     ) -> None:
         self.store.write(sims=sims, trending=trending)
+        metrics.SIM_WRITES.inc(len(sims))
         for version, blob in models:
             if self.store.publish_long_model(version, blob):
                 log.info("published long-term model version %d (%.1f MB)", version, len(blob) / 1e6)

@@ -21,6 +21,7 @@ the next batch) and the snapshot scheduler (``stream_app.snapshots``).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,9 +33,11 @@ import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 from threadpoolctl import threadpool_limits
 
+from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.kafka_io import KafkaSink, consumer_config
 from stream_app.output import Output, OutputWriter
+from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
 from stream_app.snapshots import SnapshotScheduler, Snapshottable, Tag
 
@@ -62,6 +65,9 @@ class PartitionRun(Generic[S]):
     buffer: list[Message] = field(default_factory=list)
     extra: Any = None  # stage-specific companions of the state (the user stage's sample builder)
     published: dict[int, int] = field(default_factory=dict)  # the item stage's last watermark sent
+    # snapshot at the next iteration, whatever the interval (a user was forgotten: no snapshot
+    # should hold them for longer than that)
+    snapshot_soon: bool = False
 
 
 class StageLoop(Generic[S]):
@@ -82,10 +88,20 @@ class StageLoop(Generic[S]):
         self.sink: KafkaSink | None = None
         self.error: BaseException | None = None
         self.snapshots = SnapshotScheduler(
-            self.store, settings.redis_url, settings.snapshot_interval_s, settings.snapshot_fork
+            self.store, lambda: redis_client(settings), settings.snapshot_interval_s, settings.snapshot_fork
         )
         self.writer = OutputWriter(self.name.split()[0], self.retry)
         self._live = False  # the last consume call ran dry: no backlog, latency matters
+        # what /metrics and the health checks read (stream_app.metrics)
+        self.label = self.name.split()[0]
+        self.lag: dict[int, int] = {}  # partition -> messages behind its high watermark
+        self.beat = 0.0  # monotonic time the loop last came round (0: not looping yet)
+        self.ready = False  # prepared, joined, and the assigned partitions restored
+        self._thread: threading.Thread | None = None
+        self._lag_at = 0.0
+        metrics.track(self)
+        for family in (metrics.REDIS_ERRORS, metrics.KAFKA_ERRORS, metrics.SNAPSHOT_WRITES, metrics.EVENTS_CONSUMED):
+            family.labels(self.label)  # exported as 0 from the start, so that rate() has a series
 
     # -- what a stage defines ----------------------------------------------------------------
     def new_state(self, partition: int) -> S:
@@ -119,8 +135,9 @@ class StageLoop(Generic[S]):
     # -- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
         """Blocking; returns when ``stop()`` is called. Runs in a dedicated thread."""
+        self._thread = threading.current_thread()
         self.consumer = Consumer(consumer_config(self.s, self.group, self.queue_kbytes))
-        self.sink = KafkaSink(self.s)
+        self.sink = KafkaSink(self.s, self.label)
         try:
             # small matrices, latency-bound: BLAS threads would only compete with ours for cores
             with threadpool_limits(limits=1, user_api="blas"):
@@ -130,6 +147,7 @@ class StageLoop(Generic[S]):
                 )
                 log.info("%s consuming %s as group %s", self.name, self.topic, self.group)
                 while not self.stop_event.is_set():
+                    self.beat = time.monotonic()
                     self._iteration()
                 self._finish()
         except BaseException as e:
@@ -144,6 +162,14 @@ class StageLoop(Generic[S]):
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def alive(self) -> bool:
+        """The stage's thread has started and not ended (for /healthz)."""
+        return self._thread is None or self._thread.is_alive()
+
+    def snapshot_ages(self, now: float) -> dict[int, float]:
+        """Seconds since each assigned partition's last snapshot (for /metrics)."""
+        return {r.partition: now - r.snapshot_at for r in list(self.runs.values())}
 
     # -- partitions --------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
@@ -173,6 +199,7 @@ class StageLoop(Generic[S]):
             run = self.runs[tp.partition] = PartitionRun(tp.partition, state, offset, max(done, 0), offset)
             self.attach(run)
         consumer.assign(tps)
+        self.ready = True
 
     def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         self._settle(sync=True)
@@ -187,12 +214,14 @@ class StageLoop(Generic[S]):
             self._commit({r.partition: r.next_offset for r in revoked}, sync=True)
         for run in revoked:
             del self.runs[run.partition]
+            self.lag.pop(run.partition, None)
         consumer.unassign()
 
     def _on_lost(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         # Another worker may already own them: drop without snapshotting over its state.
         for tp in tps:
             self.runs.pop(tp.partition, None)
+            self.lag.pop(tp.partition, None)
         log.warning("%s: partitions lost: %s", self.name, [tp.partition for tp in tps])
 
     # -- the loop ----------------------------------------------------------------------------
@@ -216,10 +245,13 @@ class StageLoop(Generic[S]):
             msgs = self.consumer.consume(num_messages=want, timeout=wait)
         drained = len(msgs) < want  # the local fetch queue ran dry: all that has arrived is here
         self._live = drained
+        if msgs:
+            metrics.EVENTS_CONSUMED.labels(self.label).inc(len(msgs))
         for m in msgs:
             err = m.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
+                    metrics.KAFKA_ERRORS.labels(self.label).inc()
                     log.error("%s: kafka error: %s", self.name, err)
                     if err.fatal():
                         raise RuntimeError(f"fatal Kafka error: {err}")
@@ -236,7 +268,12 @@ class StageLoop(Generic[S]):
         out = self.process(drained, now)
         offsets = {p: r.next_offset for p, r in self.runs.items() if r.next_offset != before[p]}
         if out is not None or offsets:
-            self.writer.submit(out, offsets)
+            metrics.BLOCK_SECONDS.observe(time.perf_counter() - t1, self.label)
+            metrics.BLOCK_EVENTS.observe(sum(r.next_offset - before[p] for p, r in self.runs.items()), self.label)
+            self.writer.submit(self._timed(out) if out is not None else None, offsets)
+        if now - self._lag_at >= 1.0:
+            self._lag_at = now
+            self._measure_lag()
         if offsets and log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "%s: %d messages in, %d consumed; work %.1f ms, waited for the last outputs %.1f ms",
@@ -246,6 +283,23 @@ class StageLoop(Generic[S]):
                 1000 * (time.perf_counter() - t1),
                 1000 * (t1 - t0),
             )
+
+    def _timed(self, out: Output) -> Output:
+        def write() -> object:
+            t0 = time.perf_counter()
+            res = out()
+            metrics.REDIS_WRITE_SECONDS.observe(time.perf_counter() - t0, self.label)
+            return res
+
+        return write
+
+    def _measure_lag(self) -> None:
+        """Messages between each partition's next offset and its high watermark (as last fetched)."""
+        assert self.consumer is not None
+        for p, r in list(self.runs.items()):
+            _, hi = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+            if hi >= 0:
+                self.lag[p] = max(hi - r.next_offset, 0)
 
     def _settle(self, sync: bool) -> None:
         """Wait for the write in flight (which retries outages itself), flush what the iteration
@@ -267,6 +321,8 @@ class StageLoop(Generic[S]):
         for done in self.snapshots.finished():
             kind, partition, offset = done.tag
             run = self.runs.get(partition) if kind == "partition" else None
+            metrics.SNAPSHOT_WRITES.labels(self.label).inc()
+            metrics.SNAPSHOT_SECONDS.observe(time.monotonic() - done.started, self.label)
             if run is not None and offset >= run.snapshot_offset:
                 run.snapshot_offset, run.snapshot_at = offset, done.started
                 log.info(
@@ -279,12 +335,18 @@ class StageLoop(Generic[S]):
             elif kind != "partition":
                 self.snapshot_done(done.tag, done.started)
         items = [
-            Snapshottable(("partition", r.partition, r.next_offset), r.next_offset, r.snapshot_offset, r.snapshot_at)
+            Snapshottable(
+                ("partition", r.partition, r.next_offset),
+                r.next_offset,
+                r.snapshot_offset,
+                -math.inf if r.snapshot_soon else r.snapshot_at,  # overdue: first in line
+            )
             for r in self.runs.values()
         ]
         for x in self.snapshots.due(items, now):
             run = self.runs[x.tag[1]]
             run.snapshot_at = now  # don't ask again while this one is being written
+            run.snapshot_soon = False
             size = self.snapshots.write(x.tag, self._snapshot_writer(run), background=True)
             if size is not None:
                 self._snapshotted(run, size, now)
@@ -306,6 +368,8 @@ class StageLoop(Generic[S]):
 
     def _snapshotted(self, run: PartitionRun[S], size: int, t0: float) -> None:
         run.snapshot_offset, run.snapshot_at = run.next_offset, time.monotonic()
+        metrics.SNAPSHOT_WRITES.labels(self.label).inc()
+        metrics.SNAPSHOT_SECONDS.observe(run.snapshot_at - t0, self.label)
         log.info(
             "%s: partition %d: snapshot at offset %d, %.1f MB in %.0f ms",
             self.name,
@@ -335,6 +399,8 @@ class StageLoop(Generic[S]):
             try:
                 return fn()
             except redis.exceptions.ConnectionError as e:
+                metrics.REDIS_ERRORS.labels(self.label).inc()
+                self.beat = time.monotonic()  # waiting on Redis, not hung: /healthz stays green
                 if self.stop_event.is_set() and delay > 1.0:
                     raise
                 log.warning("%s: redis unavailable (%s); retrying in %.1fs", self.name, type(e).__name__, delay)

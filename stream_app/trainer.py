@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import redis
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException
 from river import drift, metrics
@@ -51,8 +50,10 @@ from models.ctr.din import DIN, CtrConfig
 from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample
 from models.ctr.logreg import LogReg
 from models.ctr.train import batch_loss, list_losses, log_losses, logits, optimizers, sigmoid, train_step
+from stream_app import metrics as prom
 from stream_app.config import Settings
 from stream_app.kafka_io import consumer_config
+from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -193,6 +194,7 @@ class Trainer:
             old.unlink()  # keep the five newest, for rollback by hand
         self.live = copy.deepcopy(self.model).eval()
         self._publish_redis(blob)
+        prom.TRAINER_VERSION.set(self.version)
         log.info("published CTR model version %d (%.1f kB)", self.version, len(blob) / 1e3)
 
     def _publish_redis(self, blob: bytes) -> None:
@@ -230,6 +232,7 @@ class Trainer:
         train_step(self.baseline, self.base_opts, b)
         self.samples += len(train)
         self.batches += 1
+        prom.TRAINER_SAMPLES.inc(len(batch))
         self.since_publish += 1
         if self.boost_left > 0:
             self.boost_left -= 1
@@ -247,6 +250,7 @@ class Trainer:
                 rose = True
         if rose and self.batches > 20:
             self.drifts += 1
+            prom.TRAINER_DRIFTS.inc()
             self.boost_left = self.s.ctr_drift_batches
             log.warning("drift in the CTR loss (batch %d): learning faster, exploring more", self.batches)
             self._control(self.s.ctr_drift_lr_boost)
@@ -268,9 +272,11 @@ class Trainer:
         hb = self.hasher.batch(list(self.holdout))
         cand, live = holdout_loss(self.model, hb), holdout_loss(self.live, hb)
         if cand <= live * (1.0 + self.s.ctr_gate_tolerance):
+            prom.TRAINER_GATE.labels("promoted").inc()
             self._publish()
             return True
         self.rejected += 1
+        prom.TRAINER_GATE.labels("rejected").inc()
         log.warning("candidate loss %.4f worse than live %.4f on held-back samples: rolled back", cand, live)
         self.model.load_state_dict(self.live.state_dict())
         self.opts = optimizers(self.model, self.cfg.lr)
@@ -311,47 +317,39 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
     """Consume the samples topic until ``stop`` is set (or nothing arrives for ``max_idle_s``)."""
     if s.ctr_threads > 0:
         torch.set_num_threads(s.ctr_threads)
-    store = RedisStore(redis.Redis.from_url(s.redis_url), s.redis_prefix)
+    store = RedisStore(redis_client(s), s.redis_prefix)
     t = Trainer(s, store)
     stop = stop or threading.Event()
     c = Consumer({**consumer_config(s), "group.id": f"{s.group_id}-trainer", "enable.auto.offset.store": True})
-    c.subscribe([s.samples_topic])
+    health = _Health(s.health_stale_s)
+    for decision in ("promoted", "rejected"):
+        prom.TRAINER_GATE.labels(decision)  # both series exported from the start
+    server = prom.serve(s.metrics_port_for(9109), health.healthz, health.readyz)
+    c.subscribe([s.samples_topic], on_assign=lambda _c, tps: health.assigned([tp.partition for tp in tps]))
     log.info(
         "trainer consuming %s; checkpoints in %s; %d torch thread(s)", s.samples_topic, t.dir, torch.get_num_threads()
     )
     idle_since = time.monotonic()
     last_report = time.monotonic()
+    fresh = False  # trained since the last report
     bad = 0
     try:
         while not stop.is_set():
+            health.beat = time.monotonic()
             msgs = c.consume(num_messages=s.ctr_batch_size, timeout=0.5)
             msgs = [m for m in msgs if m.error() is None]
-            if not msgs:
-                if time.monotonic() - idle_since > max_idle_s:
-                    break
-                continue
-            idle_since = time.monotonic()
-            batch, nbad = decode_samples([m.value() for m in msgs])
-            bad += nbad
-            t.step(batch)
-            c.commit(asynchronous=True)
-            if time.monotonic() - last_report > 5:
-                last_report = time.monotonic()
-                m = t.metrics()
-                store.set_ctr_metrics({**m, "invalid": bad})
-                log.info(
-                    "samples %d  AUC %.4f (logreg %.4f)  log-loss %.4f  lists %d, taken item first %.3f"
-                    " (retrieval order %.3f)  version %d  drifts %d",
-                    m["samples"],
-                    m["ctr"]["auc"],
-                    m["logreg"]["auc"],
-                    m["ctr"]["logloss"],
-                    m["lists"]["lists"],
-                    m["lists"]["first"],
-                    m["lists"]["first_retrieval"],
-                    m["version"],
-                    m["drifts"],
-                )
+            if msgs:
+                idle_since = time.monotonic()
+                batch, nbad = decode_samples([m.value() for m in msgs])
+                bad += nbad
+                t.step(batch)
+                c.commit(asynchronous=True)
+                fresh = True
+            elif time.monotonic() - idle_since > max_idle_s:
+                break
+            if fresh and time.monotonic() - last_report > 5:  # also once the samples stop coming
+                last_report, fresh = time.monotonic(), False
+                _report(t, store, bad)
     finally:
         t.gate()
         store.set_ctr_metrics({**t.metrics(), "invalid": bad})
@@ -361,4 +359,51 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
             if e.args[0].code() != KafkaError._NO_OFFSET:  # nothing new since the last commit
                 raise
         c.close()
+        if server is not None:
+            server.stop()
     return t
+
+
+def _report(t: Trainer, store: RedisStore, bad: int) -> None:
+    """The trainer's progress to Redis (``ctr:metrics``), /metrics and the log."""
+    m = t.metrics()
+    store.set_ctr_metrics({**m, "invalid": bad})
+    prom.TRAINER_AUC.set(m["ctr"]["auc"])
+    prom.TRAINER_LOGLOSS.set(m["ctr"]["logloss"])
+    log.info(
+        "samples %d  AUC %.4f (logreg %.4f)  log-loss %.4f  lists %d, taken item first %.3f"
+        " (retrieval order %.3f)  version %d  drifts %d",
+        m["samples"],
+        m["ctr"]["auc"],
+        m["logreg"]["auc"],
+        m["ctr"]["logloss"],
+        m["lists"]["lists"],
+        m["lists"]["first"],
+        m["lists"]["first_retrieval"],
+        m["version"],
+        m["drifts"],
+    )
+
+
+@dataclass
+class _Health:
+    """/healthz: the training loop comes round; /readyz: the trainer has joined its group."""
+
+    stale_s: float
+    beat: float = 0.0
+    ready: bool = False
+    partitions: list[int] = field(default_factory=list)
+
+    def assigned(self, partitions: list[int]) -> None:
+        self.ready, self.partitions = True, sorted(partitions)
+
+    def healthz(self) -> tuple[bool, str]:
+        if self.beat and time.monotonic() - self.beat > self.stale_s:
+            return False, f"the training loop last came round {time.monotonic() - self.beat:.0f} s ago"
+        return True, "ok"
+
+    def readyz(self) -> tuple[bool, str]:
+        doc: dict[str, Any] = {"ready": self.ready, "partitions": {"trainer": self.partitions}}
+        if not self.ready:
+            doc["reason"] = "the trainer has not joined its group yet"
+        return self.ready, orjson.dumps(doc).decode()
