@@ -7,7 +7,9 @@ event it came from, the window item it pairs the event's item with, and the pair
 event (each item partition keeps the global popularity that neighbour scores are normalised
 by), a message carries the pairs with a *row* the partition owns (the event's item's, the window
 item's or both, as flags: a pair adds to both rows), and the message for item partition 0 also
-carries the user-profile records the long-term model is fitted from.
+carries the user-profile records the long-term model is fitted from, and the forget requests
+(``streamrec forget``) of the block, each at its offset, so that item partition 0 drops the
+user's profile in order with those records. No other item-stage state holds a user id.
 
 Every event and pair is attributed to its source offset, so the item stage can apply exactly the
 part of a message it has not applied yet (a restarted user stage may cut its blocks differently
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
@@ -34,6 +36,7 @@ _EVENT_BYTES = 32
 _PAIR_BYTES = 9
 ROW_I = 1  # ``pr_rows`` flags: the pair adds to the row of the event's item,
 ROW_J = 2  # and (or) to the row of the window item
+_EMPTY_I8 = np.zeros(0, dtype=np.int64)
 
 
 def item_partition(item_id: str, partitions: int) -> int:
@@ -56,6 +59,8 @@ class BlockDeltas:
     pr_i: np.ndarray  # int64: the event's item
     pr_j: np.ndarray  # int64: an item of the user's window
     pr_w: np.ndarray  # float64: sqrt(w_i * w_j) * pair_decay ** (d - 1)
+    fg_offset: np.ndarray = field(default_factory=lambda: _EMPTY_I8)  # int64: offsets of forget requests
+    fg_user: Sequence[str] = ()  # their users
 
     def __len__(self) -> int:
         return len(self.ev_offset)
@@ -83,6 +88,9 @@ class DeltaMessage:
     users: list[str]  # empty unless the message carries profile records (item partition 0)
     ev_user: np.ndarray
     ev_new: np.ndarray
+    # forget requests (item partition 0's message only): their offsets, increasing, and users
+    fg_offset: np.ndarray = field(default_factory=lambda: _EMPTY_I8)
+    fg_user: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ev_offset)
@@ -121,8 +129,10 @@ def split(d: BlockDeltas, source: int, start: int, end: int, routes: np.ndarray,
         if q == 0:
             users, ev_user = _dictionary(d.ev_user)
             ev_new = d.ev_new.astype(np.uint8)
+            fg_offset, fg_user = d.fg_offset, list(d.fg_user)
         else:
             users, ev_user, ev_new = [], _EMPTY_I4, _EMPTY_U1
+            fg_offset, fg_user = _EMPTY_I8, []
         out.append(
             DeltaMessage(
                 source,
@@ -140,6 +150,8 @@ def split(d: BlockDeltas, source: int, start: int, end: int, routes: np.ndarray,
                 users,
                 ev_user,
                 ev_new,
+                fg_offset,
+                fg_user,
             )
         )
     return out
@@ -159,7 +171,7 @@ def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
     if n <= 1:
         return [m]
     per_event = _EVENT_BYTES + _PAIR_BYTES * m.pr_n.astype(np.int64) + (5 if m.users else 0)
-    fixed = 64 + sum(len(x) + 3 for x in m.ids) + sum(len(x) + 3 for x in m.users)
+    fixed = 64 + sum(len(x) + 3 for x in m.ids) + sum(len(x) + 3 for x in m.users) + sum(len(x) + 24 for x in m.fg_user)
     if fixed + int(per_event.sum()) <= max_bytes:
         return [m]
     cum = np.cumsum(per_event)
@@ -173,11 +185,14 @@ def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
     out = []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         pa, pb = int(pairs_at[a]), int(pairs_at[b])
+        start = m.start if a == 0 else int(m.ev_offset[a])
+        end = m.end if b == n else int(m.ev_offset[b])
+        fa, fb = np.searchsorted(m.fg_offset, [start, end]).tolist()  # the forgets in [start, end)
         out.append(
             DeltaMessage(
                 m.source,
-                m.start if a == 0 else int(m.ev_offset[a]),
-                m.end if b == n else int(m.ev_offset[b]),
+                start,
+                end,
                 m.ids,
                 m.ev_offset[a:b],
                 m.ev_ts[a:b],
@@ -190,6 +205,8 @@ def cut(m: DeltaMessage, max_bytes: int) -> list[DeltaMessage]:
                 m.users,
                 m.ev_user[a:b] if m.users else m.ev_user,
                 m.ev_new[a:b] if m.users else m.ev_new,
+                m.fg_offset[fa:fb],
+                m.fg_user[fa:fb],
             )
         )
     return out
@@ -205,6 +222,8 @@ def encode(m: DeltaMessage) -> bytes:
             "pairs": len(m.pr_j),
             "ids": m.ids,
             "users": m.users,
+            # only where there are some: the header stays as it was for every other message
+            **({"forget": [[o, u] for o, u in zip(m.fg_offset.tolist(), m.fg_user, strict=True)]} if m.fg_user else {}),
         }
     )
     parts = [_MAGIC, len(header).to_bytes(4, "little"), header]
@@ -228,6 +247,9 @@ def decode(blob: bytes) -> DeltaMessage:
         h = orjson.loads(blob[8 : 8 + n])
         pos = 8 + n
         n_ev, n_pr = int(h["events"]), int(h["pairs"])
+        forget = h.get("forget") or []
+        fg_offset = np.asarray([int(o) for o, _ in forget], dtype=np.int64)
+        fg_user = [str(u) for _, u in forget]
         arrays = [(x, n_ev) for x in _EVENT_ARRAYS] + [(x, n_pr) for x in _PAIR_ARRAYS]
         if h["users"]:
             arrays += [(x, n_ev) for x in _PROFILE_ARRAYS]
@@ -259,6 +281,8 @@ def decode(blob: bytes) -> DeltaMessage:
         list(h["users"]),
         got.get("ev_user", _EMPTY_I4),
         got.get("ev_new", _EMPTY_U1),
+        fg_offset,
+        fg_user,
     )
 
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from models.deltas import DeltaMessage, split
-from models.events import Event
+from models.events import Event, Forget
 from models.items import ItemEffect, ItemPartition
 from models.longterm import FitInput
 from models.ranking import Observer, RecList, Rescorer, recommend
@@ -36,7 +38,7 @@ class UserStepOutput:
 def user_step(
     part: UserPartition,
     table: ItemTable,
-    events: Sequence[Event],
+    events: Sequence[Event | Forget],
     offsets: Sequence[int] | None = None,
     *,
     source: int = 0,
@@ -48,7 +50,9 @@ def user_step(
     observer: Observer | None = None,
 ) -> UserStepOutput:
     """Fold ``events`` (at source ``offsets``) into ``part`` and build the lists of every user
-    they touched, ranked against ``table``.
+    they touched, ranked against ``table``. A ``Forget`` among them drops its user in order
+    (``UserPartition.apply``): a user forgotten in the block gets no list unless events of theirs
+    follow the forget; ``effect.forgotten`` names them, for the caller to delete their outputs.
 
     ``span`` is the block's offset range ``[start, end)`` in source partition ``source`` (by
     default the events' positions). ``blocked`` item ids are left out of the lists;
@@ -57,9 +61,13 @@ def user_step(
     eff = part.apply(events, offsets)
     lists = recommend(part, table, eff.users, blocked, rescorer, epsilon, observer)
     d = eff.deltas
-    if d is None or not len(d):
+    if d is None or not (len(d) or len(d.fg_offset)):
         return UserStepOutput(lists, eff)
-    start, end = span if span is not None else (int(d.ev_offset[0]), int(d.ev_offset[-1]) + 1)
+    if span is not None:
+        start, end = span
+    else:
+        offs = np.concatenate([d.ev_offset, d.fg_offset])
+        start, end = int(offs.min()), int(offs.max()) + 1
     msgs = split(d, source, start, end, part.routes(item_partitions), item_partitions)
     return UserStepOutput(lists, eff, msgs)
 

@@ -3,6 +3,13 @@
 Producers publish JSON objects (see README, "Events in"). ``decode`` turns raw bytes into an
 ``Event`` or raises ``InvalidEvent`` with a short, log-safe reason (it never echoes the payload,
 which may hold personal data).
+
+The events topic also carries *control* messages, which producers never send: a JSON object with
+a ``control`` field, today only ``{"control": "forget", "user_id": ..., "ts": ...}`` (written by
+``streamrec forget``, keyed by the user like their events). It travels on the events topic, and
+not on a topic of its own, so that the owner of the user's partition meets it in order with the
+user's events. ``decode_message`` returns it as a ``Forget``; ``decode`` still accepts events
+only.
 """
 
 from __future__ import annotations
@@ -49,6 +56,33 @@ class Event:
         return d
 
 
+CONTROL_FIELD = "control"
+FORGET = "forget"
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    """A control message: forget everything kept about ``user_id`` (``streamrec forget``).
+    ``ts``: when it was requested (wall clock, ms), for the audit trail only; it moves no event
+    time, so a replay of the log forgets the same way whenever it runs."""
+
+    user_id: str
+    ts: int | None = None
+
+
+def forget_message(user_id: str, ts: int | None = None) -> bytes:
+    """The value of a forget request on the events topic (key: ``user_id``, as its events)."""
+    obj: dict[str, Any] = {CONTROL_FIELD: FORGET, "user_id": user_id}
+    if ts is not None:
+        obj["ts"] = ts
+    return orjson.dumps(obj)
+
+
+def check_user_id(user_id: str) -> str:
+    """``user_id`` if the event contract accepts it, else ``InvalidEvent``."""
+    return _id({"user_id": user_id}, "user_id")
+
+
 @dataclass(frozen=True, slots=True)
 class EventSchema:
     """What counts as valid: the accepted types and the size limits (all configurable)."""
@@ -59,6 +93,26 @@ class EventSchema:
 
     def decode(self, raw: bytes | None) -> Event:
         """Validate one message value; raise ``InvalidEvent`` with the first rule it breaks."""
+        return self.from_obj(self._object(raw))
+
+    def decode_message(self, raw: bytes | None) -> Event | Forget:
+        """An event, or a control message (``Forget``); ``InvalidEvent`` for anything else,
+        including a control message of an unknown kind."""
+        obj = self._object(raw)
+        if CONTROL_FIELD in obj:
+            return self.control_from_obj(obj)
+        return self.from_obj(obj)
+
+    def control_from_obj(self, obj: Mapping[str, Any]) -> Forget:
+        kind = obj.get(CONTROL_FIELD)
+        if kind != FORGET:
+            shown = kind[:32] if isinstance(kind, str) else type(kind).__name__
+            raise InvalidEvent(f"unknown control message: {shown!r}")
+        user_id = _id(obj, "user_id")
+        ts = obj.get("ts")
+        return Forget(user_id, parse_ts(ts) if ts is not None else None)
+
+    def _object(self, raw: bytes | None) -> dict[str, Any]:
         if raw is None or len(raw) == 0:
             raise InvalidEvent("empty message")
         if len(raw) > self.max_bytes:
@@ -69,7 +123,7 @@ class EventSchema:
             raise InvalidEvent("not valid UTF-8 JSON") from None
         if not isinstance(obj, dict):
             raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
-        return self.from_obj(obj)
+        return obj
 
     def from_obj(self, obj: Mapping[str, Any]) -> Event:
         """Validate an already-parsed JSON object (the replay tool and tests use this too)."""

@@ -53,6 +53,7 @@ class ItemEffect:
     items: list[int] = field(default_factory=list)
     applied: int = 0
     skipped: int = 0
+    forgotten: int = 0  # forget requests applied (each once)
 
 
 class ItemPartition:
@@ -188,7 +189,9 @@ class ItemPartition:
         """Fold in the events of ``messages`` (in order) not applied before.
 
         Each event adds ``w * scale(t)`` to its item's popularity, and each of its pairs adds
-        ``pair weight * scale(t)`` to the row this partition owns.
+        ``pair weight * scale(t)`` to the row this partition owns. A forget request (partition 0's
+        messages) drops the user's long-term profile between the profile records before and after
+        it; like events, each is applied once.
         """
         eff = ItemEffect()
         ev_item: list[np.ndarray] = []
@@ -198,7 +201,9 @@ class ItemPartition:
         pr_row: list[np.ndarray] = []
         pr_col: list[np.ndarray] = []
         pr_w: list[np.ndarray] = []
-        profiles: list[tuple[list[str], np.ndarray, np.ndarray]] = []
+        # the long-term model's records in order: (users, items, new) per run of events, or the id
+        # of a user to forget
+        profiles: list[tuple[list[str], np.ndarray, np.ndarray] | str] = []
         n_ev = 0
         for m in messages:
             done = self.applied.get(m.source, -1)
@@ -206,9 +211,13 @@ class ItemPartition:
                 eff.skipped += len(m)
                 continue
             k0 = int(np.searchsorted(m.ev_offset, done)) if done > m.start else 0
+            f0 = int(np.searchsorted(m.fg_offset, done)) if done > m.start and len(m.fg_user) else 0
+            forgets = m.fg_user[f0:]
+            eff.forgotten += len(forgets)
             self.applied[m.source] = m.end
             eff.skipped += k0
             if k0 == len(m):
+                profiles.extend(forgets)
                 continue
             loc = self._items(m.ids)
             items = loc[m.ev_item[k0:]]
@@ -222,8 +231,23 @@ class ItemPartition:
             pr_w.append(w)
             if m.users:
                 users = m.users
-                profiles.append(([users[u] for u in m.ev_user[k0:].tolist()], items, m.ev_new[k0:].astype(bool)))
+                us = [users[u] for u in m.ev_user[k0:].tolist()]
+                new = m.ev_new[k0:].astype(bool)
+                a = 0  # the events before each forget, then the forget
+                for c, who in zip(np.searchsorted(m.ev_offset[k0:], m.fg_offset[f0:]).tolist(), forgets, strict=True):
+                    profiles.append((us[a:c], items[a:c], new[a:c]))
+                    profiles.append(who)
+                    a = c
+                profiles.append((us[a:], items[a:], new[a:]))
+            else:
+                profiles.extend(forgets)
             n_ev += len(m) - k0
+        if self.long is not None:
+            for rec in profiles:
+                if isinstance(rec, str):
+                    self.long.forget(rec)
+                else:
+                    self.long.feed(*rec)
         if not n_ev:
             return eff
         items = np.concatenate(ev_item)
@@ -247,9 +271,6 @@ class ItemPartition:
             if i not in self.slot:
                 self._slot(i)
         self._update_rows(keys, summed, starts)
-        if self.long is not None:
-            for users, its, new in profiles:
-                self.long.feed(users, its, new)
         changed = dict.fromkeys(moved_rows.tolist())
         changed.update(dict.fromkeys(owned.tolist()))
         eff.items = list(changed)

@@ -141,6 +141,11 @@ class LongTermOwner:
                     del prof[0]
         self.events += len(users)
 
+    def forget(self, user_id: str) -> None:
+        """Drop the user's profile (``streamrec forget``). Fits already taken keep their row of
+        X, which carries no id; the next fit's inputs no longer have it."""
+        self.profiles.pop(user_id, None)
+
     def due(self, pop: np.ndarray) -> tuple[int, int, FitInput] | None:
         """When a fit is due: (its version, the event count at which the simulation installs it,
         its inputs) over the ``long_items`` most popular of the items ``pop`` covers; else None."""

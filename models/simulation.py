@@ -19,7 +19,7 @@ from collections.abc import Collection, Sequence
 
 from models.deltas import DeltaMessage, split
 from models.engine import item_step, user_step
-from models.events import Event
+from models.events import Event, Forget
 from models.items import ItemPartition
 from models.longterm import FitInput, fit
 from models.params import ModelParams
@@ -64,7 +64,7 @@ class TwoStage:
         self._deliver()
 
     def block(
-        self, events: Sequence[Event], rescorer: Rescorer | None = None, observer: Observer | None = None
+        self, events: Sequence[Event | Forget], rescorer: Rescorer | None = None, observer: Observer | None = None
     ) -> list[RecList]:
         """A block of events the way one worker with both stages takes it (one partition): the
         user stage ranks the block's users, then its deltas reach the item stage and (after the

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from models.deltas import BlockDeltas, item_partition
-from models.events import Event
+from models.events import Event, Forget
 from models.hashing import stable_hash
 from models.params import ModelParams
 
@@ -49,9 +49,10 @@ def index_vector(seed: int, item_id: str, dim: int) -> np.ndarray:
 class UserState:
     """A user's bounded recent history ``(item, ts, weight)``, seen items, and event count."""
 
-    __slots__ = ("history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec", "vec_ts")
+    __slots__ = ("uid", "history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec", "vec_ts")
 
-    def __init__(self, history_len: int) -> None:
+    def __init__(self, history_len: int, uid: str = "") -> None:
+        self.uid = uid  # the user's id, the same string object as their key in ``users``
         self.history: deque[tuple[int, int, float]] = deque(maxlen=history_len)
         # the pairing window, kept as two flat lists because the hot loop zips over them
         self.win_items: list[int] = []
@@ -73,6 +74,7 @@ class BatchEffect:
     deltas: BlockDeltas | None = None
     applied: int = 0
     duplicates: int = 0
+    forgotten: list[str] = field(default_factory=list)  # the users of its ``Forget``s, known or not, in order
 
 
 class UserPartition:
@@ -88,7 +90,9 @@ class UserPartition:
         self.item_index: dict[str, int] = {}
         self.index_vecs = np.zeros((0, params.dim), dtype=np.float32)
         self.users: OrderedDict[str, UserState] = OrderedDict()
-        self.recent_event_ids: dict[str, None] = {}
+        # recent event ids (duplicates are dropped), each with its user's id (the ``uid`` object,
+        # no copy), so that forgetting a user also forgets their event ids
+        self.recent_event_ids: dict[str, str | None] = {}
         self.max_ts = 0
         self.events_applied = 0
         # not state: local item -> catalogue number in the table this partition ranks against,
@@ -108,6 +112,9 @@ class UserPartition:
             params, self._STRUCTURAL, "delete the snapshot to rebuild the state from the log"
         )
         self.params = params
+        for uid, u in self.users.items():  # snapshots of releases before ``forget``
+            if not hasattr(u, "uid"):
+                u.uid = uid
         return changed
 
     def __getstate__(self) -> dict[str, object]:
@@ -163,8 +170,11 @@ class UserPartition:
         return r
 
     # -- updates -------------------------------------------------------------------------------
-    def apply(self, events: Sequence[Event], offsets: Sequence[int] | None = None) -> BatchEffect:
-        """Fold events in, in order; duplicate ``event_id``s are skipped.
+    def apply(self, events: Sequence[Event | Forget], offsets: Sequence[int] | None = None) -> BatchEffect:
+        """Fold events in, in order; duplicate ``event_id``s are skipped. A ``Forget`` drops its
+        user where it stands (``forget``): the events before it are applied first, those after it
+        start a new user; it is passed on in the deltas (``fg_*``), for the long-term model's
+        profile of the user.
 
         A new event of item i pairs with each of the user's last ``pair_window`` items j, with
         weight ``sqrt(w_i * w_j) * pair_decay ** (d - 1)`` for j ``d`` steps back; the pairs,
@@ -191,24 +201,40 @@ class UserPartition:
         pr_js: list[list[int]] = []
         pr_sws: list[list[float]] = []
         pr_sw: list[float] = []
+        fg_off: list[int] = []
+        fg_user: list[str] = []
+        flushed = 0  # events whose user vectors are updated (all but the last segment's: at the end)
         for k, ev in enumerate(events):
-            if ev.event_id is not None:
-                if ev.event_id in seen_ids:
-                    eff.duplicates += 1
-                    continue
-                seen_ids[ev.event_id] = None
-                if len(seen_ids) > p.dedupe_window:
-                    del seen_ids[next(iter(seen_ids))]
+            if isinstance(ev, Forget):
+                if len(ev_off) > flushed:  # the vectors as of just before the forget
+                    uids = list(touched) if flushed == 0 else list(dict.fromkeys(ev_user[flushed:]))
+                    self._update_user_vectors(
+                        uids, ev_user[flushed:], ev_item[flushed:], ev_ts[flushed:], ev_w[flushed:]
+                    )
+                    flushed = len(ev_off)
+                self.forget(ev.user_id)
+                eff.forgotten.append(ev.user_id)
+                fg_off.append(offsets[k] if offsets is not None else k)
+                fg_user.append(ev.user_id)
+                continue
+            eid = ev.event_id
+            if eid is not None and eid in seen_ids:
+                eff.duplicates += 1
+                continue
             w = tw[ev.type]
             sw = math.sqrt(w)
             i = self._item(ev.item_id)
             u = users.get(ev.user_id)
             if u is None:
-                u = users[ev.user_id] = UserState(p.history_len)
+                u = users[ev.user_id] = UserState(p.history_len, ev.user_id)
                 if len(users) > p.max_users:
                     users.popitem(last=False)
             else:
                 users.move_to_end(ev.user_id)
+            if eid is not None:
+                seen_ids[eid] = u.uid
+                if len(seen_ids) > p.dedupe_window:
+                    del seen_ids[next(iter(seen_ids))]
             wi = u.win_items
             if wi:
                 pr_ev.append(len(ev_off))
@@ -242,8 +268,12 @@ class UserPartition:
             ev_new.append(new)
         eff.applied = len(ev_off)
         self.events_applied += eff.applied
-        if ev_off:
-            self._update_user_vectors(list(touched), ev_user, ev_item, ev_ts, ev_w)
+        if len(ev_off) > flushed:
+            if flushed == 0:
+                self._update_user_vectors(list(touched), ev_user, ev_item, ev_ts, ev_w)
+            else:
+                uids = list(dict.fromkeys(ev_user[flushed:]))
+                self._update_user_vectors(uids, ev_user[flushed:], ev_item[flushed:], ev_ts[flushed:], ev_w[flushed:])
         eff.users = [uid for uid in touched if uid in users]
         eff.deltas = BlockDeltas(
             ids=self.item_ids,
@@ -254,8 +284,21 @@ class UserPartition:
             ev_user=ev_user,
             ev_new=np.asarray(ev_new, dtype=bool),
             **_pairs(pr_ev, pr_i, pr_js, pr_sws, pr_sw, pd),
+            fg_offset=np.asarray(fg_off, dtype=np.int64),
+            fg_user=fg_user,
         )
         return eff
+
+    def forget(self, user_id: str) -> bool:
+        """Drop everything this partition keeps about ``user_id``: history, seen items, vector,
+        event count and the ids of their recent events (so a re-sent old event of theirs is no
+        longer recognised as a duplicate). Items they introduced stay in the partition's item
+        dictionary (item ids, not personal data). Idempotent; False if the user was unknown."""
+        known = self.users.pop(user_id, None) is not None
+        ids = self.recent_event_ids
+        for eid in [e for e, owner in ids.items() if owner == user_id]:
+            del ids[eid]
+        return known
 
     def _update_user_vectors(
         self, uids: list[str], ev_user: list[str], ev_item: list[int], ev_ts: list[int], ev_w: list[float]

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 import redis
 from confluent_kafka import Message, TopicPartition
@@ -27,11 +28,12 @@ from confluent_kafka import Message, TopicPartition
 from models.ctr.samples import SampleBuilder
 from models.deltas import cut, encode
 from models.engine import user_step
-from models.events import Event, EventSchema, InvalidEvent
+from models.events import Event, EventSchema, Forget, InvalidEvent
 from models.kernels import warm_up
 from models.ranking import RecList
 from models.table import ItemTable
 from models.users import UserPartition
+from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.ctr_runtime import ModelWatcher
 from stream_app.kafka_io import topic_partitions
@@ -52,6 +54,7 @@ class Stats:
     batches: int = 0
     samples: int = 0
     deltas: int = 0  # delta messages produced
+    forgets: int = 0  # forget requests applied (``streamrec forget``)
     # how many of its partition's events the table missed when a block was ranked (since the
     # last stats report)
     table_lag: deque[int] = field(default_factory=lambda: deque(maxlen=100_000))
@@ -82,14 +85,17 @@ def split_block(buffer: list[Message], next_offset: int, batch_size: int, caught
     return n if caught_up else 0
 
 
-def decode_block(schema: EventSchema, msgs: list[Message]) -> tuple[list[Event], list[int], list[tuple[Message, str]]]:
-    """The valid events with their offsets, and the invalid messages with the reason."""
-    events: list[Event] = []
+def decode_block(
+    schema: EventSchema, msgs: list[Message]
+) -> tuple[list[Event | Forget], list[int], list[tuple[Message, str]]]:
+    """The valid events and control messages (``Forget``) in order, with their offsets, and the
+    invalid messages with the reason."""
+    events: list[Event | Forget] = []
     offsets: list[int] = []
     bad: list[tuple[Message, str]] = []
     for m in msgs:
         try:
-            events.append(schema.decode(m.value()))
+            events.append(schema.decode_message(m.value()))
             offsets.append(offset_of(m))
         except InvalidEvent as e:
             bad.append((m, e.reason))
@@ -117,6 +123,7 @@ class Pipeline(StageLoop[UserPartition]):
         self.categories: dict[str, str] = {}
         self.watcher = ModelWatcher(settings, self.store, self.categories) if settings.w_ctr > 0 else None
         self._ranker: tuple[Any, float | None, str] = (None, None, settings.model_version)
+        self._arrivals: list[int] = []  # Kafka timestamps (ms) of the iteration's valid events
 
     @property
     def table(self) -> ItemTable:
@@ -171,18 +178,34 @@ class Pipeline(StageLoop[UserPartition]):
         w = self.watcher
         # one model for the whole iteration, even if a new version lands meanwhile
         self._ranker = (w.rescorer, w.epsilon, w.label) if w is not None else (None, None, self.s.model_version)
+        r = w.rescorer if w is not None else None
+        metrics.CTR_MODEL_VERSION.set(r.version if r is not None else 0)
         lists: list[RecList] = []
+        forgotten: list[str] = []  # users forgotten in this iteration: their rec: keys are deleted
+        self._arrivals = []
         for run in self.runs.values():
             while run.buffer:
                 n = split_block(run.buffer, run.next_offset, self.s.batch_size, self._caught_up(run, drained))
                 if n == 0 or not self._table_current(run, offset_of(run.buffer[0]), now):
                     break
                 block, run.buffer = run.buffer[:n], run.buffer[n:]
-                lists.extend(self._block(run, block))
-        if not lists:
+                got, gone = self._block(run, block)
+                if gone:  # lists of these users ranked before their forget are never written
+                    drop = set(gone)
+                    lists = [rl for rl in lists if rl.user_id not in drop]
+                    forgotten.extend(gone)
+                lists.extend(got)
+        if not lists and not forgotten:
             return None
-        label = self._ranker[2]
-        return lambda: self.store.write(lists, model=label)
+        label, arrivals = self._ranker[2], np.asarray(self._arrivals, dtype=np.float64)
+        arrivals = arrivals[arrivals > 0]  # -1: the broker gave no timestamp
+
+        def write() -> None:
+            self.store.write(lists, model=label, forget=forgotten)
+            metrics.LISTS_WRITTEN.inc(len(lists))
+            metrics.FRESHNESS.observe_many((time.time() * 1000.0 - arrivals) / 1000.0)
+
+        return write
 
     def waiting(self) -> bool:
         """A block waits for the item table: wait for the table topic instead of the events."""
@@ -230,13 +253,22 @@ class Pipeline(StageLoop[UserPartition]):
         lag = hi - (offset_of(run.buffer[-1]) + 1) if hi >= 0 else 0
         return lag <= 0 or (drained and lag < self.s.batch_size)
 
-    def _block(self, run: PartitionRun[UserPartition], block: list[Message]) -> list[RecList]:
+    def _block(self, run: PartitionRun[UserPartition], block: list[Message]) -> tuple[list[RecList], list[str]]:
+        """The block's lists, and the users it forgot (``streamrec forget``), in order."""
         sink = self.sink
         assert sink is not None
         events, offsets, bad = decode_block(self.schema, block)
         for m, reason in bad:
+            label = metrics.invalid_reason(reason)
+            metrics.EVENTS_INVALID.labels(label).inc()
             if offset_of(m) >= run.dlq_from:  # an earlier run already dead-lettered the rest
                 sink.dead_letter(m.key(), m.value(), run.partition, offset_of(m), reason)
+                metrics.DEAD_LETTERS.labels(label).inc()
+        if bad:
+            invalid = {offset_of(m) for m, _ in bad}
+            self._arrivals.extend(m.timestamp()[1] for m in block if offset_of(m) not in invalid)
+        else:
+            self._arrivals.extend(m.timestamp()[1] for m in block)
         samples: SampleBuilder | None = run.extra
         if samples is not None:
             # before the state moves on: features as at event time. This runs ahead of the state's
@@ -248,9 +280,10 @@ class Pipeline(StageLoop[UserPartition]):
         if self.watcher is not None:
             cats = self.categories
             for e in events:
-                c = e.props.get("category") if e.props else None
-                if isinstance(c, str):
-                    cats[e.item_id] = c
+                if isinstance(e, Event) and e.props:
+                    c = e.props.get("category")
+                    if isinstance(c, str):
+                        cats[e.item_id] = c
         rescorer, epsilon, _ = self._ranker
         out = user_step(
             run.state,
@@ -270,6 +303,7 @@ class Pipeline(StageLoop[UserPartition]):
             for piece in cut(msg, self.s.delta_max_bytes):
                 sink.send(self.s.deltas, encode(piece), key=key, partition=q)
                 self.stats.deltas += 1
+                metrics.DELTAS_PRODUCED.inc()
         sink.poll()
         run.next_offset = offset_of(block[-1]) + 1
         st = self.stats
@@ -278,7 +312,16 @@ class Pipeline(StageLoop[UserPartition]):
         st.duplicates += out.effect.duplicates
         st.lists += len(out.lists)
         st.batches += 1
-        return out.lists
+        metrics.EVENTS_PROCESSED.inc(out.effect.applied)
+        if out.effect.duplicates:
+            metrics.EVENTS_DUPLICATE.inc(out.effect.duplicates)
+        gone = out.effect.forgotten
+        if gone:
+            st.forgets += len(gone)
+            metrics.FORGETS.inc(len(gone))
+            run.snapshot_soon = True  # so that no snapshot holds them for long (next iteration)
+            log.info("user stage: partition %d: %d user(s) forgotten on request", run.partition, len(gone))
+        return out.lists, gone
 
     def _blocked_items(self) -> set[str]:
         now = time.monotonic()

@@ -99,11 +99,19 @@ class RedisStore:
         sims: Sims = (),
         trending: Sequence[tuple[str, float]] | None = None,
         model: str = "",
+        forget: Sequence[str] = (),
     ) -> int:
-        """Write one micro-batch's outputs in one round trip; returns the number of commands."""
+        """Write one micro-batch's outputs in one round trip; returns the number of commands.
+
+        ``forget``: users whose ``rec:`` key is deleted first (``streamrec forget``): ``lists``
+        then holds only lists ranked after their forget (a user who came back), which start again
+        at version 1 and so must not meet the old list's version guard."""
         now = int(time.time() * 1000)
         pipe = self.r.pipeline(transaction=False)
         n = 0
+        for user in dict.fromkeys(forget):
+            pipe.delete(self.key("rec", user))
+            n += 1
         for rl in lists:
             self._guarded(keys=[self.key("rec", rl.user_id)], args=[rl.version, rec_doc(rl, now, model)], client=pipe)
             n += 1

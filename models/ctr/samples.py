@@ -19,6 +19,11 @@
   samples ask whether a user clicks an item.
 
 Every sample carries the user's history *before* its event, so no feature comes from the future.
+
+A ``Forget`` in the stream (``streamrec forget``) drops what the builder keeps of its user: their
+history, their open views (pending samples, which would otherwise be published as negatives
+later), the clicks remembered for early ones, and the candidates last served to them. Samples
+settled before it were already returned (and published).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.ctr.features import Sample, rerank_inputs
-from models.events import Event
+from models.events import Event, Forget
 from models.hashing import stable_hash
 from models.users import UserPartition
 
@@ -108,11 +113,15 @@ class SampleBuilder:
                 self._remember(it)
         self.watermark = state.max_ts
 
-    def feed(self, events: Iterable[Event]) -> list[Sample]:
-        """Samples settled by these events (positives at once, view negatives once due)."""
+    def feed(self, events: Iterable[Event | Forget]) -> list[Sample]:
+        """Samples settled by these events (positives at once, view negatives once due); a
+        ``Forget`` drops its user (``forget``) where it stands."""
         p = self.p
         out: list[Sample] = []
         for ev in events:
+            if isinstance(ev, Forget):
+                self.forget(ev.user_id)
+                continue
             u = self.users.get(ev.user_id)
             if u is None:
                 u = self.users[ev.user_id] = _User(deque(maxlen=p.hist_len))
@@ -152,6 +161,15 @@ class SampleBuilder:
                 self.watermark = ev.ts
             out.extend(self._settle())
         return out
+
+    def forget(self, user_id: str) -> None:
+        """Drop everything kept about ``user_id``; idempotent. Scans the open views and recent
+        clicks (bounded by ``max_pending``): forgets are rare."""
+        self.users.pop(user_id, None)
+        self.served.pop(user_id, None)
+        for d in (self.pending, self.recent_clicks):
+            for key in [k for k in d if k[0] == user_id]:
+                del d[key]
 
     def _negatives(self, ev: Event, u: _User, hist: tuple[str, ...]) -> list[Sample]:
         had = set(hist)
