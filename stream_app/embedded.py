@@ -71,6 +71,7 @@ def tansu(port: int | None = None) -> Iterator[str]:
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches the command that started it, which stops it in order
     )
     with _running(proc, port, "tansu"):
         yield addr
@@ -97,6 +98,7 @@ def redis_server(port: int | None = None) -> Iterator[str]:
         [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches the command that started it, which stops it in order
     )
     with _running(proc, port, "redis"):
         yield f"redis://127.0.0.1:{port}/0"

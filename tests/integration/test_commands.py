@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
+import redis
 
 from stream_app.datasets import synthetic_events
 from tests.integration.harness import create_topics, read_topic
@@ -122,3 +126,47 @@ def test_bench_with_a_trainer_trains_beside_every_worker_run(worker_env: dict[st
     assert res.stdout.count("beside a trainer that trained on") == 2  # both scale-out runs
     assert doc["ctr_versions_loaded"] >= 1  # the worker ranked with the trainer's model
     assert re.search(r"CTR model version \d+ loaded", Path(doc["worker_log"]).read_text())
+
+
+def test_demo_keep_leaves_the_lists_up_until_interrupted(tmp_path: Path) -> None:
+    """`streamrec demo --keep`: the printed settings reach the demo's Redis and worker; Ctrl-C
+    (SIGINT) stops everything and deletes the demo's keys."""
+    env: dict[str, Any] = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stream_app.cli", "demo", "--events", "3000", "--keep"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not any(line.startswith("  curl -s localhost:") and "/readyz" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, "the demo ended before keeping anything up:\n" + "".join(lines) + proc.stderr.read()[-2000:]
+            lines.append(line)
+        out = "".join(lines)
+        exports = dict(kv.split("=", 1) for kv in re.search(r"export (.*)", out).group(1).split())  # type: ignore[union-attr]
+        user = re.search(r"streamrec recs (\S+)", out).group(1)  # type: ignore[union-attr]
+        port = re.search(r"curl -s localhost:(\d+)/readyz", out).group(1)  # type: ignore[union-attr]
+        looking = {**env, **exports}
+        res = _run(["recs", user], looking)
+        assert res.returncode == 0, res.stderr
+        doc = orjson.loads(res.stdout)
+        assert doc["user_id"] == user and "fallback" not in doc and doc["items"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            assert orjson.loads(r.read())["ready"] is True
+        r_url = exports["STREAMREC_REDIS_URL"]
+        prefix = exports["STREAMREC_REDIS_PREFIX"]
+        client = redis.Redis.from_url(r_url)
+        assert client.exists(f"{prefix}rec:{user}")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0, proc.stderr.read()[-2000:]
+        with pytest.raises(redis.exceptions.ConnectionError):  # the demo's own Redis is gone too
+            client.ping()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
