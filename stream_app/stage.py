@@ -20,6 +20,7 @@ the next batch) and the snapshot scheduler (``stream_app.snapshots``).
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import threading
@@ -44,6 +45,21 @@ from stream_app.snapshots import SnapshotScheduler, Snapshottable, Tag
 log = logging.getLogger(__name__)
 
 S = TypeVar("S")
+
+
+def tune_gc() -> None:
+    """Fewer, larger young-generation collections, and what start-up made out of their way.
+
+    A stage allocates a few short-lived objects per event (decoded events, tuples, lists), so
+    CPython's default threshold (a young collection every 700 allocations) collects every few
+    hundred events, and each collection ages survivors toward full ones, which traverse every
+    user's and item's objects. Measured in one thread (``streamrec bench --stages``), this setting
+    turned about 18,000 events/s into about 23,000. Garbage without cycles is freed by reference
+    counting as before; cycles wait a little longer (at most 50,000 allocations) to be collected.
+    """
+    gc.collect()
+    gc.freeze()  # modules, kernels, the loaded table: never garbage, never traversed again
+    gc.set_threshold(50_000, 50, 20)
 
 
 def offset_of(m: Message) -> int:
@@ -142,6 +158,7 @@ class StageLoop(Generic[S]):
             # small matrices, latency-bound: BLAS threads would only compete with ours for cores
             with threadpool_limits(limits=1, user_api="blas"):
                 self.prepare()
+                tune_gc()
                 self.consumer.subscribe(
                     [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
                 )

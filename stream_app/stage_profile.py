@@ -27,6 +27,7 @@ from models.users import UserPartition
 from stream_app.config import Settings
 from stream_app.datasets import read_log
 from stream_app.redis_store import rec_doc
+from stream_app.stage import tune_gc
 
 
 def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0) -> dict[str, Any]:
@@ -35,6 +36,7 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
     schema, params = settings.event_schema(), settings.params()
     rows = read_log(path, "jsonl")  # in event time, as the bench and a replay send them
     raw = [orjson.dumps(r) for r in (rows[:n_events] if n_events else rows)]
+    tune_gc()  # as a worker's stages run
     part, items, table = UserPartition(params), ItemPartition(params), ItemTable(params.dim)
     spent: dict[str, float] = defaultdict(float)
     lists = 0
