@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -51,9 +51,11 @@ class UserState:
 
     __slots__ = ("uid", "history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec", "vec_ts")
 
-    def __init__(self, history_len: int, uid: str = "") -> None:
+    def __init__(self, uid: str = "") -> None:
         self.uid = uid  # the user's id, the same string object as their key in ``users``
-        self.history: deque[tuple[int, int, float]] = deque(maxlen=history_len)
+        # at most ``history_len`` entries, oldest first: a list, not a deque(maxlen), because a
+        # deque allocates a block of 64 slots (about 600 bytes) for the first entry
+        self.history: list[tuple[int, int, float]] = []
         # the pairing window, kept as two flat lists because the hot loop zips over them
         self.win_items: list[int] = []
         self.win_sw: list[float] = []
@@ -112,9 +114,12 @@ class UserPartition:
             params, self._STRUCTURAL, "delete the snapshot to rebuild the state from the log"
         )
         self.params = params
-        for uid, u in self.users.items():  # snapshots of releases before ``forget``
-            if not hasattr(u, "uid"):
+        for uid, u in self.users.items():
+            if not hasattr(u, "uid"):  # snapshots of releases before ``forget``
                 u.uid = uid
+            if not isinstance(u.history, list) or len(u.history) > params.history_len:
+                # snapshots that kept histories in deques; or a shorter HISTORY_LEN
+                u.history = list(u.history)[-params.history_len :]
         return changed
 
     def __getstate__(self) -> dict[str, object]:
@@ -184,7 +189,9 @@ class UserPartition:
         """
         p = self.params
         tw = p.type_weights
+        sqrt_w = {t: math.sqrt(w) for t, w in tw.items()}
         window = p.pair_window
+        hist_len = p.history_len
         users = self.users
         seen_ids = self.recent_event_ids
         pd = p.pair_decay
@@ -222,11 +229,11 @@ class UserPartition:
                 eff.duplicates += 1
                 continue
             w = tw[ev.type]
-            sw = math.sqrt(w)
+            sw = sqrt_w[ev.type]  # one float object per type, shared by every window
             i = self._item(ev.item_id)
             u = users.get(ev.user_id)
             if u is None:
-                u = users[ev.user_id] = UserState(p.history_len, ev.user_id)
+                u = users[ev.user_id] = UserState(ev.user_id)
                 if len(users) > p.max_users:
                     users.popitem(last=False)
             else:
@@ -246,7 +253,10 @@ class UserPartition:
             u.win_sw.append(sw)
             if len(wi) > window:
                 del wi[0], u.win_sw[0]
-            u.history.append((i, ev.ts, w))
+            h = u.history
+            h.append((i, ev.ts, w))
+            if len(h) > hist_len:
+                del h[0]
             new = i not in u.seen
             if new:
                 u.seen[i] = None
