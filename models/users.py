@@ -94,7 +94,9 @@ class UserPartition:
         self.users: OrderedDict[str, UserState] = OrderedDict()
         # recent event ids (duplicates are dropped), each with its user's id (the ``uid`` object,
         # no copy), so that forgetting a user also forgets their event ids
-        self.recent_event_ids: dict[str, str | None] = {}
+        # (an OrderedDict: dropping a plain dict's oldest key scans past every key deleted before
+        # it, which at a full window cost more than all the rest of ``apply``)
+        self.recent_event_ids: OrderedDict[str, str | None] = OrderedDict()
         self.max_ts = 0
         self.events_applied = 0
         # not state: local item -> catalogue number in the table this partition ranks against,
@@ -114,6 +116,8 @@ class UserPartition:
             params, self._STRUCTURAL, "delete the snapshot to rebuild the state from the log"
         )
         self.params = params
+        if not isinstance(self.recent_event_ids, OrderedDict):  # snapshots that kept a plain dict
+            self.recent_event_ids = OrderedDict(self.recent_event_ids)
         for uid, u in self.users.items():
             if not hasattr(u, "uid"):  # snapshots of releases before ``forget``
                 u.uid = uid
@@ -241,7 +245,7 @@ class UserPartition:
             if eid is not None:
                 seen_ids[eid] = u.uid
                 if len(seen_ids) > p.dedupe_window:
-                    del seen_ids[next(iter(seen_ids))]
+                    seen_ids.popitem(last=False)
             wi = u.win_items
             if wi:
                 pr_ev.append(len(ev_off))
@@ -262,7 +266,7 @@ class UserPartition:
                 u.seen[i] = None
                 u.seen_arr.append(i)
                 if len(u.seen) > p.max_seen:
-                    del u.seen[next(iter(u.seen))]
+                    del u.seen[u.seen_arr[0]]  # the oldest (same order), found without a scan
                     del u.seen_arr[0]
             u.n_events += 1
             if ev.ts > u.last_ts:
