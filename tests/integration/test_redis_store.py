@@ -1,0 +1,32 @@
+"""The Redis writes readers rely on: a list never replaces a newer one, in batches of any size."""
+
+from __future__ import annotations
+
+import orjson
+import redis
+
+from models.ranking import RecList
+from stream_app.redis_store import _GUARDED_CHUNK, RedisStore
+
+
+def _list(user: str, version: int, item: str) -> RecList:
+    return RecList(user, version, 1_700_000_000_000 + version, [item], [1.0], [False], [1.0], ["why"])
+
+
+def test_a_list_never_replaces_a_newer_one_across_script_calls(redis_url: str, run_id: str) -> None:
+    store = RedisStore(redis.Redis.from_url(redis_url), f"t{run_id}:")
+    users = [f"u{k}" for k in range(_GUARDED_CHUNK + 7)]  # more than one script call
+    assert store.write([_list(u, 5, "a") for u in users], model="m") == len(users)
+    # older for the even users, newer for the odd ones, in one write
+    store.write([_list(u, 4 if k % 2 == 0 else 6, "b") for k, u in enumerate(users)], model="m")
+    docs = store.get_recs(users)
+    assert [d["version"] if d else None for d in docs] == [5 if k % 2 == 0 else 6 for k in range(len(users))]
+    items = [d["items"][0]["item_id"] if d else None for d in docs]
+    assert items == ["a" if k % 2 == 0 else "b" for k in range(len(users))]
+    # the same version again is not newer
+    store.write([_list(users[1], 6, "c")], model="m")
+    assert store.get_rec(users[1])["items"][0]["item_id"] == "b"  # type: ignore[index]
+    # a forgotten user starts again at version 1, in the same write that deletes the old list
+    store.write([_list(users[0], 1, "d")], model="m", forget=[users[0]])
+    raw = redis.Redis.from_url(redis_url).get(store.rec_key(users[0]))
+    assert raw is not None and orjson.loads(raw)["version"] == 1
