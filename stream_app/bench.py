@@ -45,7 +45,7 @@ from models.table import ItemTable, TableEntry
 from models.users import UserPartition
 from stream_app.config import Settings, settings_from_env
 from stream_app.demo import demo_events
-from stream_app.kafka_io import KafkaConn, client_config, end_offsets, ensure_topics, producer_config, topic_partitions
+from stream_app.kafka_io import end_offsets, ensure_topics, kafka_common, producer_config, topic_partitions
 from stream_app.processes import CatchUp, WorkerProcess, wait_stages_caught_up
 from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
@@ -53,13 +53,13 @@ from stream_app.replay import replay
 from stream_app.services import isolated_env, local_services
 
 
-def raw_ceiling(conn: KafkaConn, topic: str, partitions: int) -> dict[str, float]:
+def raw_ceiling(s: Settings, topic: str, partitions: int) -> dict[str, float]:
     """Consume the whole topic and decode every value: the floor of per-event cost."""
-    ends = end_offsets(conn, topic, partitions)
+    ends = end_offsets(s, topic, partitions)
     total = sum(ends.values())
     c = Consumer(
         {
-            **client_config(conn),
+            **kafka_common(s),
             "group.id": f"bench-raw-{uuid.uuid4().hex[:6]}",
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 5,
@@ -105,7 +105,7 @@ class TableProbe:
         n = topic_partitions(s, s.table)
         self.c = Consumer(
             {
-                **client_config(s),
+                **kafka_common(s),
                 "group.id": f"bench-probe-{uuid.uuid4().hex[:6]}",
                 "enable.auto.commit": False,
                 "fetch.wait.max.ms": 5,

@@ -165,7 +165,8 @@ def forget(
 
     from models.events import InvalidEvent, check_user_id
     from stream_app.config import mask_url
-    from stream_app.forget import PARTITIONERS, publish_forget, topic_exists, wait_applied
+    from stream_app.forget import PARTITIONERS, publish_forget, wait_applied
+    from stream_app.kafka_io import topic_partitions
     from stream_app.preflight import check_kafka
 
     try:
@@ -178,7 +179,7 @@ def forget(
     where = mask_url(s.kafka_bootstrap_servers)
     check_kafka(s)
     try:
-        if not topic_exists(s, s.events_topic):
+        if topic_partitions(s, s.events_topic) == 0:
             raise UsageError(
                 f"the events topic {s.events_topic!r} does not exist on {where}: "
                 "set STREAMREC_EVENTS_TOPIC and STREAMREC_KAFKA_BOOTSTRAP_SERVERS as the workers have them"

@@ -323,17 +323,17 @@ class Settings(BaseSettings):
         """Settings fit for a log line: passwords (SecretStr dumps as "**********") and credentials
         in URLs are masked."""
         d = self.model_dump(mode="json")
-        for k in _URL_FIELDS:
+        for k in URL_FIELDS:
             d[k] = mask_url(d[k])
         return d
 
     def __repr_args__(self) -> Any:
         """``repr``/``str`` mask URL credentials too, so a settings object logged by accident leaks nothing."""
         for k, v in super().__repr_args__():
-            yield k, mask_url(v) if k in _URL_FIELDS and isinstance(v, str) else v
+            yield k, mask_url(v) if k in URL_FIELDS and isinstance(v, str) else v
 
 
-_URL_FIELDS = ("redis_url", "kafka_bootstrap_servers")
+URL_FIELDS = ("redis_url", "kafka_bootstrap_servers")  # may carry credentials: masked wherever shown
 
 
 def mask_url(url: str) -> str:

@@ -25,8 +25,9 @@ import typer
 
 from stream_app.config import Settings, mask_url, settings_from_env
 from stream_app.datasets import ml100k_dir, read_log, synthetic_events
+from stream_app.embedded import free_port
 from stream_app.kafka_io import ensure_topics, producer_config
-from stream_app.processes import CatchUp, WorkerProcess, free_port, wait_stages_caught_up
+from stream_app.processes import CatchUp, WorkerProcess, wait_stages_caught_up
 from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
 from stream_app.replay import replay

@@ -15,23 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient
 
 from models.events import forget_message
 from stream_app.config import Settings
-from stream_app.kafka_io import end_offsets, kafka_common, producer_config, topic_partitions
+from stream_app.kafka_io import end_offsets, producer_config, topic_partitions
 from stream_app.processes import committed
 
 # librdkafka's partitioners. consistent_random (CRC-32 of the key) is librdkafka's default, so
 # that of streamrec replay and of producers on librdkafka (confluent-kafka for Python, Go, .NET,
 # C); Java clients hash keys with murmur2 (murmur2_random here).
 PARTITIONERS = ("consistent_random", "consistent", "murmur2_random", "murmur2", "fnv1a_random", "fnv1a")
-
-
-def topic_exists(s: Settings, topic: str, timeout: float = 30.0) -> bool:
-    """Whether ``topic`` exists, asked without naming it: a metadata request for one topic makes
-    brokers with ``auto.create.topics.enable`` (Tansu, Kafka's default) create it."""
-    return topic in AdminClient(kafka_common(s)).list_topics(timeout=timeout).topics
 
 
 @dataclass(frozen=True)

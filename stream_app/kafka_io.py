@@ -75,8 +75,10 @@ def producer_config(s: Settings, **extra: Any) -> dict[str, Any]:
 
 
 def topic_partitions(s: Settings, topic: str, timeout: float = 30.0) -> int:
-    """How many partitions ``topic`` has (0 if it does not exist)."""
-    md = AdminClient(kafka_common(s)).list_topics(topic, timeout=timeout)
+    """How many partitions ``topic`` has (0 if it does not exist). Asked without naming the
+    topic: a metadata request for one topic makes brokers with ``auto.create.topics.enable``
+    (Tansu, Kafka's default) create it."""
+    md = AdminClient(kafka_common(s)).list_topics(timeout=timeout)
     t = md.topics.get(topic)
     return 0 if t is None or t.error is not None else len(t.partitions)
 

@@ -28,16 +28,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
-from prometheus_client import REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from stream_app.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 
 class BatchHistogram(Collector):
     """A labelled histogram that takes many observations per call (cumulative buckets, seconds
@@ -141,6 +138,7 @@ class Stage(Protocol):
     """What the collector and the health checks read off a running stage."""
 
     name: str
+    label: str  # "user" or "item": the ``stage`` label
     lag: dict[int, int]
     beat: float
     ready: bool
@@ -171,7 +169,7 @@ class _StageCollector(Collector):
         )
         now = time.monotonic()
         for st in list(_stages):
-            stage = st.name.split()[0]
+            stage = st.label
             ages = st.snapshot_ages(now)
             assigned.add_metric([stage], len(ages))
             for p, n in dict(st.lag).items():
@@ -207,7 +205,7 @@ def stages_health(stages: Sequence[Stage], stale_s: float) -> tuple[Check, Check
     def readyz() -> tuple[bool, str]:
         # JSON, so that our own tools read the assignment from here rather than from log lines
         now = time.monotonic()
-        assigned = {st.name.split()[0]: sorted(st.snapshot_ages(now)) for st in stages}
+        assigned = {st.label: sorted(st.snapshot_ages(now)) for st in stages}
         waiting = [st.name for st in stages if not st.ready]
         body: dict[str, Any] = {"ready": not waiting, "partitions": assigned}
         if waiting:
@@ -227,7 +225,7 @@ class MetricsServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    code, body, ctype = 200, generate_latest(REGISTRY), CONTENT_TYPE
+                    code, body, ctype = 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
                 elif path in routes:
                     ok, why = routes[path]()
                     code, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain; charset=utf-8"

@@ -264,11 +264,6 @@ class Pipeline(StageLoop[UserPartition]):
             if offset_of(m) >= run.dlq_from:  # an earlier run already dead-lettered the rest
                 sink.dead_letter(m.key(), m.value(), run.partition, offset_of(m), reason)
                 metrics.DEAD_LETTERS.labels(label).inc()
-        if bad:
-            invalid = {offset_of(m) for m, _ in bad}
-            self._arrivals.extend(m.timestamp()[1] for m in block if offset_of(m) not in invalid)
-        else:
-            self._arrivals.extend(m.timestamp()[1] for m in block)
         samples: SampleBuilder | None = run.extra
         if samples is not None:
             # before the state moves on: features as at event time. This runs ahead of the state's
@@ -316,6 +311,12 @@ class Pipeline(StageLoop[UserPartition]):
         if out.effect.duplicates:
             metrics.EVENTS_DUPLICATE.inc(out.effect.duplicates)
         gone = out.effect.forgotten
+        # arrival times of the block's events, for the freshness histogram: not of invalid
+        # messages or forget requests, which get no list
+        skip = {offset_of(m) for m, _ in bad}
+        if gone:
+            skip.update(o for e, o in zip(events, offsets, strict=True) if isinstance(e, Forget))
+        self._arrivals.extend(m.timestamp()[1] for m in block if not skip or offset_of(m) not in skip)
         if gone:
             st.forgets += len(gone)
             metrics.FORGETS.inc(len(gone))

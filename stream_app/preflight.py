@@ -16,8 +16,10 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
+from stream_app import redis_io
 from stream_app.config import Settings, mask_url
 from stream_app.errors import ServiceUnreachable, UsageError
+from stream_app.kafka_io import kafka_common
 
 KAFKA_TIMEOUT_S = 5.0
 REDIS_TIMEOUT_S = 3.0
@@ -35,16 +37,7 @@ def check_services(s: Settings, kafka: bool = True, redis: bool = True) -> None:
 
 def check_redis(s: Settings, timeout: float = REDIS_TIMEOUT_S) -> None:
     """One PING with short socket timeouts (see ``redis_io.check_redis``)."""
-    from stream_app.redis_io import check_redis as ping
-
-    ping(s, timeout)
-
-
-def kafka_admin_config(s: Settings) -> dict[str, Any]:
-    """The admin client's configuration: what every client of ours uses to reach the brokers."""
-    from stream_app.kafka_io import kafka_common
-
-    return kafka_common(s)
+    redis_io.check_redis(s, timeout)
 
 
 def check_kafka(s: Settings, timeout: float = KAFKA_TIMEOUT_S) -> None:
@@ -53,7 +46,7 @@ def check_kafka(s: Settings, timeout: float = KAFKA_TIMEOUT_S) -> None:
     librdkafka's own log lines are silenced: the one error raised says it all."""
     errors: list[KafkaError] = []
     where = mask_url(s.kafka_bootstrap_servers)
-    cfg: dict[str, Any] = {**kafka_admin_config(s), "log_level": 0, "error_cb": errors.append}
+    cfg: dict[str, Any] = {**kafka_common(s), "log_level": 0, "error_cb": errors.append}
     try:
         admin = AdminClient(cfg)
     except KafkaException as e:

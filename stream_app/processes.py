@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from stream_app.config import Settings
+from stream_app.embedded import free_port
 from stream_app.kafka_io import KafkaConn, client_config, end_offsets, topic_partitions
 
 
@@ -115,13 +115,6 @@ class WorkerProcess:
                 raise RuntimeError(f"{self.command} exited:\n" + self.log()[-3000:])
             time.sleep(0.1)
         raise TimeoutError(f"{self.command} not ready within {timeout:.0f} s:\n" + self.log()[-3000:])
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (the kernel's choice)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

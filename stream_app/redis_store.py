@@ -109,7 +109,8 @@ class RedisStore:
         model: str = "",
         forget: Sequence[str] = (),
     ) -> int:
-        """Write one micro-batch's outputs in one round trip; returns the number of commands.
+        """Write one micro-batch's outputs in one round trip; returns the number of keys it set or
+        deleted (a list whose stored version is newer counts too).
 
         ``forget``: users whose ``rec:`` key is deleted first (``streamrec forget``): ``lists``
         then holds only lists ranked after their forget (a user who came back), which start again

@@ -27,7 +27,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from stream_app.config import Settings, mask_url
+from stream_app.config import URL_FIELDS, Settings, mask_url
 
 PREFIX = "STREAMREC_"
 # STREAMREC_* variables that are no setting but are read elsewhere: the settings file, and the
@@ -39,7 +39,6 @@ EXAMPLES: dict[str, str] = {"event_types": '{"view": 1, "click": 3}'}
 # every Service in the namespace: a Service named streamrec-... would otherwise draw warnings.
 _SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)$")
 _SECRET_NAME = re.compile(r"password|secret|token", re.IGNORECASE)
-_URL_FIELDS = ("redis_url", "kafka_bootstrap_servers")
 _NOUNS: dict[Any, str] = {float: "numbers", int: "integers", str: "strings", bool: "true/false values"}
 
 
@@ -206,7 +205,7 @@ def _shown(field: str, raw: Any) -> str:
     if _secret(field):
         return "***"
     s = str(raw)
-    if field in _URL_FIELDS:
+    if field in URL_FIELDS:
         # not a URL mask_url can take apart: keep the host, drop user info and query
         s = mask_url(s) if "://" in s else s.split("?")[0].rsplit("@", 1)[-1] + ("?***" if "?" in s else "")
     return s if len(s) <= 80 else s[:77] + "..."

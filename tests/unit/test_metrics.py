@@ -15,8 +15,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_app import metrics
+from stream_app.embedded import free_port
 from stream_app.errors import UsageError
-from stream_app.processes import free_port
 
 
 def _samples(name: str) -> dict[str, float]:
@@ -48,10 +48,14 @@ class FakeLoop:
 
     name: str
     beat: float = 0.0
+    label: str = field(init=False)
     ready: bool = False
     running: bool = True
     lag: dict[int, int] = field(default_factory=dict)
     partitions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.label = self.name.split()[0]
 
     def alive(self) -> bool:
         return self.running
