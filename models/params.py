@@ -16,7 +16,7 @@ class ModelParams:
     half_life_h: float = 24.0 * 90  # item-level decay: popularity and co-occurrence
     user_half_life_h: float = 24.0 * 3  # how fast a user's older history loses weight
     history_len: int = 50  # recent items kept per user
-    pair_window: int = 20  # a new event pairs with this many of the user's recent items
+    pair_window: int = 20  # a new event pairs with this many of the user's recent items (<= history_len)
     pair_decay: float = 0.9  # a pair d steps apart in a user's sequence counts pair_decay ** (d - 1)
     neighbours: int = 1000  # co-occurrence entries kept per item row (pruned back from 2x)
     sim_list_len: int = 200  # neighbours per item taken as candidates per source
@@ -89,6 +89,13 @@ class ModelParams:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 1 <= self.max_users < (1 << 24) - 1:  # models.users.ROW_BITS
+            raise ValueError("max_users must be between 1 and 16,777,214 (per partition)")
+        if self.pair_window > self.history_len:
+            raise ValueError(
+                f"pair_window ({self.pair_window}) must be at most history_len ({self.history_len}): "
+                "the pairing window is the newest part of the history"
+            )
         if not (0.0 < self.pair_decay <= 1.0 and 0.0 < self.source_decay <= 1.0):
             raise ValueError("pair_decay and source_decay must be in (0, 1]")
         if self.w_long < 0 or self.long_lambda <= 0 or self.long_half_life <= 0:

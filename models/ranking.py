@@ -12,6 +12,7 @@ Exploration then replaces some slots (``models.exploration``).
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -24,7 +25,7 @@ from models.kernels import explore_users, long_term_top, rank_users
 from models.longterm import recency_weights
 from models.params import ModelParams
 from models.table import ItemTable
-from models.users import UserPartition, UserState
+from models.users import CODE_BITS, CODE_MASK, HEAD, LAST_TS, UserPartition, entry_ts, events_of
 
 _MS_PER_H = 3_600_000.0
 
@@ -73,17 +74,22 @@ def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return part[order][:k]
 
 
-def _sources(u: UserState, k: int, decay: float, step: float = 1.0) -> tuple[list[int], list[float]]:
-    """The user's k most recent distinct items, each weighted by event type and recency (in
-    event time, and by position: the n-th newest source also weighs ``step ** n``)."""
+def _sources(
+    rec: array[int], weights: Sequence[float], k: int, decay: float, step: float = 1.0
+) -> tuple[list[int], list[float]]:
+    """The k most recent distinct items of a user's record (``models.users``), each weighted by
+    event type and recency (in event time, and by position: the n-th newest source also weighs
+    ``step ** n``); ``weights`` maps the record's weight codes to weights."""
     srcs: list[int] = []
     hs: list[float] = []
-    last = u.last_ts
+    last = rec[LAST_TS]
     f = 1.0
-    for j, ts, w in reversed(u.history):
+    for q in range(len(rec) - 2, HEAD - 1, -2):
+        j = rec[q]
         if j not in srcs:
+            x = rec[q + 1]
             srcs.append(j)
-            hs.append(w * f * math.exp(-decay * (last - ts)))
+            hs.append(weights[x & CODE_MASK] * f * math.exp(-decay * (last - (x >> CODE_BITS))))
             f *= step
             if len(srcs) >= k:
                 break
@@ -172,10 +178,10 @@ def ranking_context(
         events = np.zeros(len(ranked))
         gap = np.zeros(len(ranked))
         for r, uid in enumerate(uids):
-            u = part.users[uid]
-            events[r] = math.log1p(u.n_events) / 10.0
-            if len(u.history) > 1:
-                gap[r] = math.log1p(max(u.history[-1][1] - u.history[-2][1], 0) / 1000.0) / 20.0
+            rec = part.users[uid]
+            events[r] = math.log1p(events_of(rec)) / 10.0
+            if len(rec) >= HEAD + 4:
+                gap[r] = math.log1p(max(entry_ts(rec[-1]) - entry_ts(rec[-3]), 0) / 1000.0) / 20.0
         x[:, 5] = events[row]
         x[:, 6] = gap[row]
     return np.split(x, np.cumsum(lens)[:-1])
@@ -189,9 +195,9 @@ def _newest_item_similarity(
     cat = part.catalogue_map(table)
     lists: list[tuple[int, np.ndarray, np.ndarray]] = []
     for r, uid in enumerate(uids):
-        h = part.users[uid].history
-        if h:
-            nb, sc = table.sim_top(int(cat[h[-1][0]]))
+        rec = part.users[uid]
+        if len(rec) > HEAD:
+            nb, sc = table.sim_top(int(cat[rec[-2]]))
             lists.append((r, nb, sc))
     n = table.n_items  # after reading the lists, which may add items to the catalogue
     keys = [r * n + nb.astype(np.int64) for r, nb, _ in lists]
@@ -219,7 +225,7 @@ def _look(
     """Show the chunk's candidates to the observer and, with a rescorer, re-rank them; the best
     ``keep`` of each user's (re-ranked) candidates remain."""
     local, ids = part.item_ids, table.ids
-    hists = [[local[i] for i, _, _ in part.users[u].history] for u in uids]
+    hists = [[local[i] for i in part.users[u][HEAD::2]] for u in uids]
     cands = [[ids[i] for i in r[0]] for r in ranked]
     ctx = ranking_context(part, table, uids, ranked)
     if observer is not None:
@@ -290,7 +296,7 @@ def recommend(
     out: list[RecList] = []
     for c0 in range(0, len(user_ids), chunk):
         uids = user_ids[c0 : c0 + chunk]
-        users = [part.users[uid] for uid in uids]
+        users = [part.users[uid] for uid in uids]  # their records
         ranked = _rank_chunk(part, table, uids, users, excluded, k_look)
         if ranked is None:  # an empty catalogue
             return []
@@ -299,7 +305,7 @@ def recommend(
             lists = _look(part, table, uids, _as_lists(ranked), rescorer, observer, k)
             cnt, items, scores, srcs, tastes = _as_arrays(lists, k)
         seeds = np.array(
-            [stable_hash(p.seed, uid, u.n_events) for uid, u in zip(uids, users, strict=True)], dtype=np.uint64
+            [stable_hash(p.seed, uid, events_of(rec)) for uid, rec in zip(uids, users, strict=True)], dtype=np.uint64
         )
         n_s, pos, expl, prop = explore_users(cnt, p.n_recs, eps, seeds)
         out.extend(_lists(table.ids, uids, users, n_s, pos, expl, prop, items, scores, srcs, tastes))
@@ -309,7 +315,7 @@ def recommend(
 def _lists(
     ids: list[str],
     uids: Sequence[str],
-    users: Sequence[UserState],
+    users: Sequence[array[int]],
     n_s: np.ndarray,
     pos: np.ndarray,
     expl: np.ndarray,
@@ -328,11 +334,12 @@ def _lists(
     code = np.where(expl, 0, np.where(srcs[rows, pos] >= 0, 1, np.where(tastes[rows, pos] > 0, 2, 3))).tolist()
     ex, pr = expl.tolist(), prop.tolist()
     out = []
-    for r, (uid, u) in enumerate(zip(uids, users, strict=True)):
+    for r, (uid, rec) in enumerate(zip(uids, users, strict=True)):
         m = int(n_s[r])
         its, srr, cd = it[r][:m], sr[r], code[r]
         reasons = [_REASONS[c] if c != 1 else "similar to " + ids[srr[t]] for t, c in enumerate(cd[:m])]
-        out.append(RecList(uid, u.n_events, u.last_ts, [ids[i] for i in its], sc[r][:m], ex[r][:m], pr[r][:m], reasons))
+        its_ids = [ids[i] for i in its]
+        out.append(RecList(uid, events_of(rec), rec[LAST_TS], its_ids, sc[r][:m], ex[r][:m], pr[r][:m], reasons))
     return out
 
 
@@ -361,7 +368,7 @@ def _rank_chunk(
     part: UserPartition,
     table: ItemTable,
     uids: Sequence[str],
-    users: Sequence[UserState],
+    users: Sequence[array[int]],
     excluded: np.ndarray,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
@@ -375,8 +382,9 @@ def _rank_chunk(
     s_w: list[float] = []
     s_len: list[int] = []
     hsum = np.zeros(nu)
-    for r, u in enumerate(users):
-        srcs, hs = _sources(u, p.sources, decay, p.source_decay)
+    weights = part.weights
+    for r, rec in enumerate(users):
+        srcs, hs = _sources(rec, weights, p.sources, decay, p.source_decay)
         s_item.extend(srcs)
         s_w.extend(hs)
         s_len.append(len(srcs))
@@ -389,7 +397,7 @@ def _rank_chunk(
     pop = table.pop()
     pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
     trend = top_indices(pop, p.trending_len)
-    seen_raw = [np.frombuffer(u.seen_arr, dtype=np.int64) for u in users]
+    seen_raw = [part.seen_items(uid) for uid in uids]
     seen_len = np.fromiter(map(len, seen_raw), dtype=np.int64, count=nu)
     seen_item = cat[np.concatenate(seen_raw)] if nu else _EMPTY_I
     v_user, v_item, v_score = _vector_candidates(part, table, uids, n, pop, seen_len, seen_item, excluded)
@@ -476,7 +484,7 @@ def _long_term(
     table: ItemTable,
     cat: np.ndarray,
     p: ModelParams,
-    users: Sequence[UserState],
+    users: Sequence[array[int]],
     seen_ptr: np.ndarray,
     seen_item: np.ndarray,
     excluded: np.ndarray,
@@ -486,8 +494,8 @@ def _long_term(
     lt = table.long
     if lt is None or p.w_long <= 0:
         return np.zeros(len(users) + 1, dtype=np.int64), _EMPTY_I, _EMPTY_F
-    lens = [len(u.history) for u in users]
-    items = cat[np.fromiter((i for u in users for i, _, _ in u.history), dtype=np.int64, count=sum(lens))]
+    lens = [(len(rec) - HEAD) >> 1 for rec in users]
+    items = cat[np.fromiter(chain.from_iterable(rec[HEAD::2] for rec in users), dtype=np.int64, count=sum(lens))]
     cnt, item, score = long_term_top(
         lt.weights,
         lt.pos,

@@ -15,6 +15,11 @@ the user's items (random indexing, seeded by item id), so it too depends only on
 events. Its inner product with an item's unit *context* vector (the item stage's sum of the
 index vectors of the item's co-occurring items) estimates how strongly the item co-occurs with
 the user's decayed history.
+
+Memory is the constraint at a million users a partition, so a user is one flat ``array('q')``
+(``_HEAD`` counters, then two slots per history entry) plus a row of one float16 matrix of
+vectors: about 0.5 kB a user, where objects per entry took 2.5 kB. A user's seen items are the
+history's items until the history first drops an entry; only then do they get a set of their own.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ from __future__ import annotations
 import math
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +44,17 @@ if TYPE_CHECKING:
 
 _MS_PER_H = 3_600_000.0
 
+# A user's record, ``array('q')``: [events << 24 | vector row, last ts], then per history entry,
+# oldest first, (item, ts << 8 | weight code). Event times are below 2^44 ms (``models.events``).
+# The vector is as of the last ts between blocks (``apply`` brings every touched user's up to date).
+COUNTS, LAST_TS = 0, 1
+HEAD = 2
+ROW_BITS = 24  # vector rows per partition: at most max_users + 1 (``ModelParams`` checks)
+_ROW_MASK = (1 << ROW_BITS) - 1
+_ONE_EVENT = 1 << ROW_BITS
+CODE_BITS = 8
+CODE_MASK = (1 << CODE_BITS) - 1
+
 
 def index_vector(seed: int, item_id: str, dim: int) -> np.ndarray:
     """An item's fixed random index vector: Gaussian, of expected unit length, seeded by its id."""
@@ -46,26 +62,35 @@ def index_vector(seed: int, item_id: str, dim: int) -> np.ndarray:
     return (rng.standard_normal(dim) / math.sqrt(dim)).astype(np.float32)
 
 
+class Seen:
+    """The items a user has seen once the history no longer holds them all: an insertion-ordered
+    set, so that the oldest can be forgotten, and the same items as an array numpy reads."""
+
+    __slots__ = ("items", "arr")
+
+    def __init__(self, items: Sequence[int]) -> None:
+        self.items: dict[int, None] = dict.fromkeys(items)
+        self.arr = array("q", self.items)
+
+
+@dataclass(frozen=True)
+class UserView:
+    """A copy of one user's state in plain values (``UserPartition.user``): for tests, tools and
+    readers off the hot path. ``history`` is (item, ts, weight), oldest first."""
+
+    uid: str
+    history: list[tuple[int, int, float]]
+    seen: list[int]
+    n_events: int
+    last_ts: int
+    vec: np.ndarray | None
+
+
 class UserState:
-    """A user's bounded recent history ``(item, ts, weight)``, seen items, and event count."""
+    """The per-user object of snapshots written before 2026-12-03; kept only so that they load
+    (``UserPartition.__setstate__`` converts them)."""
 
     __slots__ = ("uid", "history", "win_items", "win_sw", "seen", "seen_arr", "n_events", "last_ts", "vec", "vec_ts")
-
-    def __init__(self, uid: str = "") -> None:
-        self.uid = uid  # the user's id, the same string object as their key in ``users``
-        # at most ``history_len`` entries, oldest first: a list, not a deque(maxlen), because a
-        # deque allocates a block of 64 slots (about 600 bytes) for the first entry
-        self.history: list[tuple[int, int, float]] = []
-        # the pairing window, kept as two flat lists because the hot loop zips over them
-        self.win_items: list[int] = []
-        self.win_sw: list[float] = []
-        self.seen: dict[int, None] = {}  # insertion-ordered set, so the oldest can be forgotten
-        self.seen_arr = array("q")  # the same items in the same order, readable by numpy without a copy
-        self.n_events = 0  # also the list version: monotonic, and the same on every replay
-        self.last_ts = 0
-        # decayed, type-weighted sum of item index vectors, as of event time ``vec_ts``
-        self.vec: np.ndarray | None = None
-        self.vec_ts = 0
 
 
 @dataclass
@@ -84,6 +109,7 @@ class UserPartition:
 
     Items are numbered per partition (``item_ids``), so that a snapshot is self-contained; the
     ranking maps them to the process's catalogue (``ItemTable``) with ``catalogue_map``.
+    ``users`` maps a user id to its record (see ``HEAD``), least recently active first.
     """
 
     def __init__(self, params: ModelParams) -> None:
@@ -91,11 +117,16 @@ class UserPartition:
         self.item_ids: list[str] = []
         self.item_index: dict[str, int] = {}
         self.index_vecs = np.zeros((0, params.dim), dtype=np.float32)
-        self.users: OrderedDict[str, UserState] = OrderedDict()
-        # recent event ids (duplicates are dropped), each with its user's id (the ``uid`` object,
-        # no copy), so that forgetting a user also forgets their event ids
-        # (an OrderedDict: dropping a plain dict's oldest key scans past every key deleted before
-        # it, which at a full window cost more than all the rest of ``apply``)
+        self.users: OrderedDict[str, array[int]] = OrderedDict()
+        self.seen: dict[str, Seen] = {}  # users whose history no longer holds every item seen
+        self.weights: list[float] = []  # weight code -> event weight (type weights in use so far)
+        # user vectors, one row per user (``row_of``); rows of users gone are reused, zeroed
+        self.vecs = np.zeros((0, params.dim), dtype=np.float16)
+        self.free_rows: list[int] = []
+        self.n_rows = 0
+        # recent event ids (duplicates are dropped), each with its user's id, so that forgetting
+        # a user also forgets their event ids (an OrderedDict: dropping a plain dict's oldest key
+        # scans past every key deleted before it)
         self.recent_event_ids: OrderedDict[str, str | None] = OrderedDict()
         self.max_ts = 0
         self.events_applied = 0
@@ -109,8 +140,9 @@ class UserPartition:
     def reconfigure(self, params: ModelParams) -> list[str]:
         """Adopt new settings on a restored state; returns the names that changed.
 
-        Ranking and bounds may change freely. ``dim`` and ``seed`` (the index vectors that user
-        vectors are made of) cannot: the state would mix two bases, so this raises instead.
+        Ranking and bounds may change freely (a shorter ``HISTORY_LEN`` trims histories now).
+        ``dim`` and ``seed`` (the index vectors that user vectors are made of) cannot: the state
+        would mix two bases, so this raises instead.
         """
         changed = self.params.changes_to(
             params, self._STRUCTURAL, "delete the snapshot to rebuild the state from the log"
@@ -118,12 +150,13 @@ class UserPartition:
         self.params = params
         if not isinstance(self.recent_event_ids, OrderedDict):  # snapshots that kept a plain dict
             self.recent_event_ids = OrderedDict(self.recent_event_ids)
-        for uid, u in self.users.items():
-            if not hasattr(u, "uid"):  # snapshots of releases before ``forget``
-                u.uid = uid
-            if not isinstance(u.history, list) or len(u.history) > params.history_len:
-                # snapshots that kept histories in deques; or a shorter HISTORY_LEN
-                u.history = list(u.history)[-params.history_len :]
+        limit = min(params.history_len, params.max_seen)
+        for uid, rec in self.users.items():
+            n_h = (len(rec) - HEAD) >> 1
+            if n_h > limit and uid not in self.seen:
+                self.seen[uid] = Seen(rec[HEAD::2])
+            if n_h > params.history_len:
+                del rec[HEAD : HEAD + 2 * (n_h - params.history_len)]
         return changed
 
     def __getstate__(self) -> dict[str, object]:
@@ -131,6 +164,35 @@ class UserPartition:
         d["_cat"] = (None, _EMPTY_I)  # the catalogue belongs to the process, not to the state
         d["_routes"] = (0, _EMPTY_I)
         return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        if "vecs" not in d:  # a snapshot of a release before 2026-12-03: one object per user
+            self._adopt_legacy(d["users"])
+
+    def _adopt_legacy(self, old: OrderedDict[str, Any]) -> None:
+        self.users = OrderedDict()
+        self.seen = {}
+        self.weights = []
+        self.vecs = np.zeros((0, self.params.dim), dtype=np.float16)
+        self.free_rows = []
+        self.n_rows = 0
+        codes: dict[float, int] = {}
+        mu = math.log(2.0) / (self.params.user_half_life_h * _MS_PER_H)
+        for uid, u in old.items():
+            rec = self._new_user()
+            for i, ts, w in u.history:
+                c = codes.get(w)
+                if c is None:
+                    c = codes[w] = self._code(w)
+                rec.append(i)
+                rec.append(ts << CODE_BITS | c)
+            rec[COUNTS] += u.n_events * _ONE_EVENT
+            rec[LAST_TS] = u.last_ts
+            self.users[uid] = rec
+            self.seen[uid] = Seen(list(u.seen))
+            if u.vec is not None:  # as of last_ts, as vectors now are between blocks
+                self.vecs[row_of(rec)] = u.vec * math.exp(-mu * (u.last_ts - u.vec_ts))
 
     # -- items ---------------------------------------------------------------------------------
     @property
@@ -178,6 +240,37 @@ class UserPartition:
             self._routes = (partitions, r)
         return r
 
+    # -- users ---------------------------------------------------------------------------------
+    def _code(self, w: float) -> int:
+        """The code of event weight ``w`` in history entries (new weights get the next code)."""
+        for c, x in enumerate(self.weights):
+            if x == w:
+                return c
+        if len(self.weights) > CODE_MASK:
+            raise ValueError(f"more than {CODE_MASK + 1} distinct event weights in one state")
+        self.weights.append(w)
+        return len(self.weights) - 1
+
+    def _new_user(self) -> array[int]:
+        """A record with a zeroed vector row of its own."""
+        if self.free_rows:
+            row = self.free_rows.pop()
+        else:
+            row = self.n_rows
+            self.n_rows += 1
+            if row >= len(self.vecs):
+                grown = np.zeros((max(1024, len(self.vecs) * 3 // 2), self.params.dim), dtype=np.float16)
+                grown[: len(self.vecs)] = self.vecs
+                self.vecs = grown
+        return array("q", (row, 0))
+
+    def _drop_user(self, uid: str, rec: array[int]) -> None:
+        """Release what ``uid`` holds besides its record (already out of ``users``)."""
+        row = row_of(rec)
+        self.vecs[row] = 0
+        self.free_rows.append(row)
+        self.seen.pop(uid, None)
+
     # -- updates -------------------------------------------------------------------------------
     def apply(self, events: Sequence[Event | Forget], offsets: Sequence[int] | None = None) -> BatchEffect:
         """Fold events in, in order; duplicate ``event_id``s are skipped. A ``Forget`` drops its
@@ -192,25 +285,28 @@ class UserPartition:
         (default: their positions), by which the item stage recognises what it has applied.
         """
         p = self.params
-        tw = p.type_weights
-        sqrt_w = {t: math.sqrt(w) for t, w in tw.items()}
-        window = p.pair_window
-        hist_len = p.history_len
+        code = {t: self._code(w) for t, w in p.type_weights.items()}
+        weights = self.weights
+        sqrt_w = [math.sqrt(w) for w in weights]  # one float object per code, shared by every pair
+        span = 2 * p.pair_window  # record slots of the pairing window
+        hist_slots = HEAD + 2 * p.history_len
+        limit = HEAD + 2 * min(p.history_len, p.max_seen)  # beyond it, seen items need a set
+        max_seen = p.max_seen
         users = self.users
+        seen = self.seen
         seen_ids = self.recent_event_ids
-        pd = p.pair_decay
+        item_index = self.item_index
         eff = BatchEffect()
-        touched: dict[str, None] = {}
+        touched: dict[str, int] = {}  # users in first-touch order, each with its vector's time
         ev_off: list[int] = []
         ev_ts: list[int] = []
         ev_item: list[int] = []
         ev_w: list[float] = []
         ev_user: list[str] = []
         ev_new: list[bool] = []
-        pr_ev: list[int] = []  # per event with pairs: its position, item, window and window weights
+        pr_ev: list[int] = []  # per event with pairs: its position, item, and the window's entries
         pr_i: list[int] = []
-        pr_js: list[list[int]] = []
-        pr_sws: list[list[float]] = []
+        pr_win: list[array[int]] = []
         pr_sw: list[float] = []
         fg_off: list[int] = []
         fg_user: list[str] = []
@@ -220,8 +316,11 @@ class UserPartition:
                 if len(ev_off) > flushed:  # the vectors as of just before the forget
                     uids = list(touched) if flushed == 0 else list(dict.fromkeys(ev_user[flushed:]))
                     self._update_user_vectors(
-                        uids, ev_user[flushed:], ev_item[flushed:], ev_ts[flushed:], ev_w[flushed:]
+                        uids, touched, ev_user[flushed:], ev_item[flushed:], ev_ts[flushed:], ev_w[flushed:]
                     )
+                    for u in uids:
+                        if u in users:
+                            touched[u] = users[u][LAST_TS]
                     flushed = len(ev_off)
                 self.forget(ev.user_id)
                 eff.forgotten.append(ev.user_id)
@@ -232,63 +331,73 @@ class UserPartition:
             if eid is not None and eid in seen_ids:
                 eff.duplicates += 1
                 continue
-            w = tw[ev.type]
-            sw = sqrt_w[ev.type]  # one float object per type, shared by every window
-            i = self._item(ev.item_id)
-            u = users.get(ev.user_id)
-            if u is None:
-                u = users[ev.user_id] = UserState(ev.user_id)
+            c = code[ev.type]
+            i = item_index.get(ev.item_id)
+            if i is None:
+                i = self._item(ev.item_id)
+            uid = ev.user_id
+            ts = ev.ts
+            rec = users.get(uid)
+            if rec is None:
+                rec = users[uid] = self._new_user()
                 if len(users) > p.max_users:
-                    users.popitem(last=False)
+                    self._drop_user(*users.popitem(last=False))
             else:
-                users.move_to_end(ev.user_id)
+                users.move_to_end(uid)
             if eid is not None:
-                seen_ids[eid] = u.uid
+                # the key object itself (the newest): the event's own copy of the id is not kept
+                seen_ids[eid] = next(reversed(users))
                 if len(seen_ids) > p.dedupe_window:
                     seen_ids.popitem(last=False)
-            wi = u.win_items
-            if wi:
+            n = len(rec)
+            if n > HEAD:
                 pr_ev.append(len(ev_off))
                 pr_i.append(i)
-                pr_js.append(wi[:])
-                pr_sws.append(u.win_sw[:])
-                pr_sw.append(sw)
-            wi.append(i)
-            u.win_sw.append(sw)
-            if len(wi) > window:
-                del wi[0], u.win_sw[0]
-            h = u.history
-            h.append((i, ev.ts, w))
-            if len(h) > hist_len:
-                del h[0]
-            new = i not in u.seen
-            if new:
-                u.seen[i] = None
-                u.seen_arr.append(i)
-                if len(u.seen) > p.max_seen:
-                    del u.seen[u.seen_arr[0]]  # the oldest (same order), found without a scan
-                    del u.seen_arr[0]
-            u.n_events += 1
-            if ev.ts > u.last_ts:
-                u.last_ts = ev.ts
-            if ev.ts > self.max_ts:
-                self.max_ts = ev.ts
-            touched[ev.user_id] = None
+                pr_win.append(rec[max(HEAD, n - span) :])
+                pr_sw.append(sqrt_w[c])
+            sv = seen.get(uid)
+            if sv is None:
+                new = i not in rec[HEAD::2]
+                if n >= limit:  # the history is about to hold, or drop, more than a set may
+                    sv = seen[uid] = Seen(rec[HEAD::2])
+            else:
+                new = i not in sv.items
+            if new and sv is not None:
+                sv.items[i] = None
+                sv.arr.append(i)
+                if len(sv.items) > max_seen:
+                    del sv.items[sv.arr[0]]  # the oldest (same order), found without a scan
+                    del sv.arr[0]
+            rec.append(i)
+            rec.append(ts << CODE_BITS | c)
+            if n >= hist_slots:
+                del rec[HEAD : HEAD + 2]
+            if uid not in touched:
+                touched[uid] = rec[LAST_TS]
+            rec[COUNTS] += _ONE_EVENT
+            if ts > rec[LAST_TS]:
+                rec[LAST_TS] = ts
+            if ts > self.max_ts:
+                self.max_ts = ts
             ev_off.append(offsets[k] if offsets is not None else k)
-            ev_ts.append(ev.ts)
+            ev_ts.append(ts)
             ev_item.append(i)
-            ev_w.append(w)
-            ev_user.append(ev.user_id)
+            ev_w.append(weights[c])
+            ev_user.append(uid)
             ev_new.append(new)
         eff.applied = len(ev_off)
         self.events_applied += eff.applied
         if len(ev_off) > flushed:
             if flushed == 0:
-                self._update_user_vectors(list(touched), ev_user, ev_item, ev_ts, ev_w)
+                self._update_user_vectors(list(touched), touched, ev_user, ev_item, ev_ts, ev_w)
             else:
                 uids = list(dict.fromkeys(ev_user[flushed:]))
-                self._update_user_vectors(uids, ev_user[flushed:], ev_item[flushed:], ev_ts[flushed:], ev_w[flushed:])
+                self._update_user_vectors(
+                    uids, touched, ev_user[flushed:], ev_item[flushed:], ev_ts[flushed:], ev_w[flushed:]
+                )
         eff.users = [uid for uid in touched if uid in users]
+        for uid in eff.users:  # appends over-allocate by up to 7 slots: copy to the exact size
+            users[uid] = array("q", users[uid])
         eff.deltas = BlockDeltas(
             ids=self.item_ids,
             ev_offset=np.asarray(ev_off, dtype=np.int64),
@@ -297,7 +406,7 @@ class UserPartition:
             ev_w=np.asarray(ev_w, dtype=np.float64),
             ev_user=ev_user,
             ev_new=np.asarray(ev_new, dtype=bool),
-            **_pairs(pr_ev, pr_i, pr_js, pr_sws, pr_sw, pd),
+            **_pairs(pr_ev, pr_i, pr_win, pr_sw, np.asarray(sqrt_w), p.pair_decay),
             fg_offset=np.asarray(fg_off, dtype=np.int64),
             fg_user=fg_user,
         )
@@ -308,23 +417,32 @@ class UserPartition:
         event count and the ids of their recent events (so a re-sent old event of theirs is no
         longer recognised as a duplicate). Items they introduced stay in the partition's item
         dictionary (item ids, not personal data). Idempotent; False if the user was unknown."""
-        known = self.users.pop(user_id, None) is not None
+        rec = self.users.pop(user_id, None)
+        if rec is not None:
+            self._drop_user(user_id, rec)
         ids = self.recent_event_ids
         for eid in [e for e, owner in ids.items() if owner == user_id]:
             del ids[eid]
-        return known
+        return rec is not None
 
     def _update_user_vectors(
-        self, uids: list[str], ev_user: list[str], ev_item: list[int], ev_ts: list[int], ev_w: list[float]
+        self,
+        uids: list[str],
+        vec_ts: dict[str, int],
+        ev_user: list[str],
+        ev_item: list[int],
+        ev_ts: list[int],
+        ev_w: list[float],
     ) -> None:
         """u(T) = u(T0) * exp(-mu (T - T0)) + sum_k w_k exp(-mu (T - t_k)) index[i_k], per user,
-        batched; ``T`` is the user's newest event time."""
+        batched; ``T`` is the user's newest event time and ``T0 = vec_ts[user]`` the time its
+        vector is as of. Computed in float32, kept in float16."""
         mu = math.log(2.0) / (self.params.user_half_life_h * _MS_PER_H)
-        users = [self.users.get(u) for u in uids]
+        recs = [self.users.get(u) for u in uids]
         row = {u: r for r, u in enumerate(uids)}
         ux = np.fromiter((row[u] for u in ev_user), dtype=np.int64, count=len(ev_user))
         last = np.fromiter(
-            (u.last_ts if u is not None else self.max_ts for u in users), dtype=np.float64, count=len(uids)
+            (rec[LAST_TS] if rec is not None else self.max_ts for rec in recs), dtype=np.float64, count=len(uids)
         )
         coef = np.asarray(ev_w) * np.exp(-mu * (last[ux] - np.asarray(ev_ts, dtype=np.float64)))
         order = np.argsort(ux, kind="stable")
@@ -332,47 +450,100 @@ class UserPartition:
         starts = np.flatnonzero(np.concatenate(([True], ux_s[1:] != ux_s[:-1])))
         items = np.asarray(ev_item, dtype=np.int64)[order]
         sums = np.add.reduceat(self.index_vecs[items] * coef[order].astype(np.float32)[:, None], starts, axis=0)
-        for r, s in zip(ux_s[starts].tolist(), sums, strict=True):
-            u = users[r]
-            if u is None:  # evicted within this batch
-                continue
-            if u.vec is None:
-                u.vec = s
-            else:
-                u.vec = u.vec * np.float32(math.exp(-mu * (u.last_ts - u.vec_ts))) + s
-            u.vec_ts = u.last_ts
+        heads = ux_s[starts].tolist()
+        keep = [k for k, r in enumerate(heads) if recs[r] is not None]  # users evicted within this batch are skipped
+        if not keep:
+            return
+        got = [recs[heads[k]] for k in keep]
+        rows = np.fromiter((rec[COUNTS] & _ROW_MASK for rec in got), dtype=np.int64, count=len(got))
+        t0 = [vec_ts[uids[heads[k]]] for k in keep]
+        since = np.array([rec[LAST_TS] - t for rec, t in zip(got, t0, strict=True)], dtype=np.float64)
+        old = self.vecs[rows].astype(np.float32)  # a user without a vector has a zero row
+        new = old * np.exp(-mu * since).astype(np.float32)[:, None] + sums[keep]
+        # float16 ends at 65504: only a bot's burst gets there, and only the direction is read
+        self.vecs[rows] = np.clip(new, -_F16_MAX, _F16_MAX)
 
     # -- reads ---------------------------------------------------------------------------------
     def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
         """Unit-length vectors of ``user_ids`` (rows); zero rows for users without one."""
-        out = np.zeros((len(user_ids), self.params.dim), dtype=np.float32)
-        for r, uid in enumerate(user_ids):
-            v = self.users[uid].vec
-            if v is not None:
-                out[r] = v
+        users = self.users
+        rows = np.fromiter((users[u][COUNTS] & _ROW_MASK for u in user_ids), dtype=np.int64, count=len(user_ids))
+        out = self.vecs[rows].astype(np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
         unit: np.ndarray = out / norms
         return unit
 
+    def seen_items(self, user_id: str) -> np.ndarray:
+        """The user's seen items (local numbers, possibly repeated while they are the history's)."""
+        sv = self.seen.get(user_id)
+        if sv is not None:
+            return np.frombuffer(sv.arr, dtype=np.int64)
+        return np.frombuffer(self.users[user_id], dtype=np.int64)[HEAD::2]
+
+    def history_items(self, user_id: str) -> np.ndarray:
+        """The user's history items, oldest first (a copy)."""
+        return np.frombuffer(self.users[user_id], dtype=np.int64)[HEAD::2].copy()
+
+    def history_weights(self, rec: array[int]) -> list[float]:
+        """The event weights of a record's history entries, oldest first."""
+        w = self.weights
+        return [w[x & CODE_MASK] for x in rec[HEAD + 1 :: 2]]
+
+    def user(self, user_id: str) -> UserView:
+        """A copy of the user's state in plain values; KeyError if unknown."""
+        rec = self.users[user_id]
+        sv = self.seen.get(user_id)
+        w = self.weights
+        hist = [(i, x >> CODE_BITS, w[x & CODE_MASK]) for i, x in zip(rec[HEAD::2], rec[HEAD + 1 :: 2], strict=True)]
+        vec = self.vecs[row_of(rec)].astype(np.float32)
+        return UserView(
+            user_id,
+            hist,
+            list(sv.items) if sv is not None else list(dict.fromkeys(rec[HEAD::2])),
+            events_of(rec),
+            rec[LAST_TS],
+            vec if vec.any() else None,
+        )
+
+    def views(self) -> Iterator[UserView]:
+        """Every user's ``user``, least recently active first."""
+        return (self.user(u) for u in self.users)
+
+
+def events_of(rec: array[int]) -> int:
+    """A record's event count: also the user's list version."""
+    return rec[COUNTS] >> ROW_BITS
+
+
+def row_of(rec: array[int]) -> int:
+    """A record's row of the vector matrix."""
+    return rec[COUNTS] & _ROW_MASK
+
+
+def entry_ts(x: int) -> int:
+    """The event time of a history entry's second slot."""
+    return x >> CODE_BITS
+
 
 def _pairs(
     pr_ev: list[int],
     pr_i: list[int],
-    pr_js: list[list[int]],
-    pr_sws: list[list[float]],
+    pr_win: list[array[int]],
     pr_sw: list[float],
+    sqrt_w: np.ndarray,
     decay: float,
 ) -> dict[str, np.ndarray]:
-    """Flat pair arrays (event position, i, j, weight) from the per-event windows (oldest
-    first): the weight of a pair ``d`` steps apart is ``sqrt(w_i) * sqrt(w_j) * decay ** (d - 1)``;
-    a window entry of the event's own item is no pair."""
-    lens = np.fromiter(map(len, pr_js), dtype=np.int64, count=len(pr_js))
+    """Flat pair arrays (event position, i, j, weight) from the per-event windows (record slots,
+    oldest first): the weight of a pair ``d`` steps apart is ``sqrt(w_i) * sqrt(w_j) *
+    decay ** (d - 1)``; a window entry of the event's own item is no pair."""
+    lens = np.fromiter(map(len, pr_win), dtype=np.int64, count=len(pr_win)) >> 1
     total = int(lens.sum())
     ev = np.repeat(np.asarray(pr_ev, dtype=np.int64), lens)
     i = np.repeat(np.asarray(pr_i, dtype=np.int64), lens)
-    j = np.fromiter(chain.from_iterable(pr_js), dtype=np.int64, count=total)
-    wt = np.repeat(np.asarray(pr_sw), lens) * np.fromiter(chain.from_iterable(pr_sws), dtype=np.float64, count=total)
+    flat = np.fromiter(chain.from_iterable(pr_win), dtype=np.int64, count=2 * total)
+    j = flat[0::2]
+    wt = np.repeat(np.asarray(pr_sw), lens) * sqrt_w[flat[1::2] & CODE_MASK]
     if decay != 1.0:  # nearer pairs weigh more: the newest window item is 1 step away
         steps = np.repeat(lens, lens) - (np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens))
         wt = wt * decay ** (steps - 1).astype(np.float64)
@@ -381,3 +552,4 @@ def _pairs(
 
 
 _EMPTY_I = np.zeros(0, dtype=np.int64)
+_F16_MAX = 65000.0

@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     long_users: int = Field(20_000, ge=1)
     long_half_life: float = Field(10.0, gt=0.0)
     long_candidates: int = Field(100, ge=1)
-    max_users: int = Field(1_000_000, ge=1)
+    max_users: int = Field(1_000_000, ge=1, le=16_777_214)
     max_seen: int = Field(10_000, ge=1)
     # CTR samples (produced by workers) and the trainer
     samples: bool = False  # workers publish CTR samples to samples_topic (turn on with a trainer)
@@ -166,6 +166,15 @@ class Settings(BaseSettings):
         if not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("redis_url must start with redis://, rediss:// (TLS) or unix://")
         return v
+
+    @model_validator(mode="after")
+    def _window_in_history(self) -> Settings:
+        if self.pair_window > self.history_len:
+            raise ValueError(
+                f"pair_window ({self.pair_window}) must be at most history_len ({self.history_len}): "
+                "the pairing window is the newest part of a user's history"
+            )
+        return self
 
     @model_validator(mode="after")
     def _security_combinations(self) -> Settings:

@@ -37,7 +37,7 @@ import numpy as np
 from models.ctr.features import Sample, rerank_inputs
 from models.events import Event, Forget
 from models.hashing import stable_hash
-from models.users import UserPartition
+from models.users import HEAD, UserPartition, events_of
 
 POSITIVE_TYPES = frozenset({"click", "purchase"})
 IMPRESSION_TYPES = frozenset({"view"})
@@ -106,9 +106,9 @@ class SampleBuilder:
         """Continue from a restored partition state: user histories and the popularity buffer
         are rebuilt from its per-user histories (least recently active users first)."""
         ids = state.item_ids
-        for uid, us in state.users.items():
-            items = [ids[i] for i, _, _ in us.history]
-            self.users[uid] = _User(deque(items[-self.p.hist_len :], maxlen=self.p.hist_len), us.n_events)
+        for uid, rec in state.users.items():
+            items = [ids[i] for i in rec[HEAD::2]]
+            self.users[uid] = _User(deque(items[-self.p.hist_len :], maxlen=self.p.hist_len), events_of(rec))
             for it in items:
                 self._remember(it)
         self.watermark = state.max_ts

@@ -90,8 +90,8 @@ def fingerprint(s: UserPartition) -> dict[str, Any]:
     return {
         "items": list(s.item_ids),
         "users": {
-            u: (list(st.history), list(st.seen), st.n_events, st.last_ts, None if st.vec is None else st.vec.tolist())
-            for u, st in s.users.items()
+            st.uid: (st.history, st.seen, st.n_events, st.last_ts, None if st.vec is None else st.vec.tolist())
+            for st in s.views()
         },
         "events": s.events_applied,
     }

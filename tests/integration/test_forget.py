@@ -209,7 +209,7 @@ def test_forget_removes_the_user_from_redis_snapshots_and_later_samples(
             doc = store.get_rec(u)
             assert doc is not None and doc["version"] == 45, u
             if user_partition(u, PARTITIONS) == p_gone:
-                assert snap[1].users[u].n_events >= 35  # the snapshot came right after the forget
+                assert snap[1].user(u).n_events >= 35  # the snapshot came right after the forget
 
         assert _metric(port, "streamrec_forgets_total") == 1.0
 

@@ -78,7 +78,7 @@ def _assert_matches_reference(env: dict[str, str], values: list[bytes]) -> None:
     full = 0
     for u, doc in zip(users, store.get_recs(users), strict=True):
         assert doc is not None, f"no list for user {u}"
-        st = state.users[u]
+        st = state.user(u)
         assert doc["version"] == st.n_events and doc["event_ts"] == st.last_ts == last[u].ts
         ids = [it["item_id"] for it in doc["items"]]
         assert doc["model"] == s.model_version and len(ids) == len(set(ids)) <= s.n_recs

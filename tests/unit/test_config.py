@@ -33,6 +33,12 @@ def test_bad_values_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMREC_EPSILON", "1.5")
     with pytest.raises(ValueError, match="epsilon"):
         Settings()
+    monkeypatch.delenv("STREAMREC_EPSILON")
+    monkeypatch.setenv("STREAMREC_PAIR_WINDOW", "60")  # the window is the newest part of the history (50)
+    with pytest.raises(ValueError, match=r"pair_window \(60\) must be at most history_len \(50\)"):
+        Settings()
+    monkeypatch.setenv("STREAMREC_HISTORY_LEN", "60")
+    assert Settings().params().pair_window == 60
 
 
 def test_secrets_are_masked_for_logs(monkeypatch: pytest.MonkeyPatch) -> None:

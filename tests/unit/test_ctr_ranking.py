@@ -56,7 +56,7 @@ def test_the_blend_reorders_candidates_and_is_batched_over_users() -> None:
     assert fav.calls == 1  # one call for the whole chunk of users
     assert boosted[0].items[0].item_id == last
     assert sorted(x.item_id for x in boosted[0].items) == sorted(x.item_id for x in plain[0].items)
-    seen = set(part.users[users[0]].seen)
+    seen = set(part.user(users[0]).seen)
     assert not {part.item_index[x.item_id] for x in boosted[0].items} & seen
     zero = recommend(part, table, users, rescorer=Favour(last, weight=0.0))
     assert [r.items for r in zero] == [r.items for r in plain]  # weight 0: the ranking unchanged
@@ -100,7 +100,7 @@ def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> N
         assert x.shape == (len(cs), RANK_FEATURES) and x.dtype == np.float32
         assert x[0, 0] == 1.0 and (np.diff(x[:, 0]) <= 1e-6).all() and (x >= 0).all()
         assert x[:, 1].tolist() == pytest.approx(np.log1p(np.arange(len(cs))) / 5)
-        u = part.users[rl.user_id]
+        u = part.user(rl.user_id)
         nb, sc = table.sim_top(table.index[part.item_ids[u.history[-1][0]]])
         sims = dict(zip(nb.tolist(), sc.tolist(), strict=True))
         assert x[:, 4].tolist() == pytest.approx([sims.get(table.index[c], 0.0) for c in cs])

@@ -7,6 +7,8 @@ import os
 import pickle
 import subprocess
 import sys
+from array import array
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from models.items import ItemPartition
 from models.params import ModelParams
 from models.simulation import TwoStage
 from models.table import ItemTable
-from models.users import UserPartition
+from models.users import UserPartition, UserState
 
 P = ModelParams(neighbours=5, pair_window=3, history_len=6, n_recs=4, explore_pool=4, dim=8, epsilon=0.0)
 LONG = ModelParams(n_recs=4, explore_pool=4, dim=8, w_long=0.5, long_refit_events=10**9, epsilon=0.0)
@@ -82,16 +84,36 @@ def test_forget_removes_every_trace_of_the_user_from_the_partition_state() -> No
     assert pickle.dumps(part) == before
 
 
+def _legacy_snapshot(part: UserPartition) -> bytes:
+    """``part`` pickled as releases before ``forget`` wrote it: one ``UserState`` object per user
+    (history in a deque, no ``uid``) and event ids without owners."""
+    legacy = UserPartition.__new__(UserPartition)
+    skip = ("users", "seen", "weights", "vecs", "free_rows", "n_rows", "recent_event_ids")
+    legacy.__dict__.update({k: v for k, v in part.__dict__.items() if k not in skip})
+    users = OrderedDict()
+    for v in part.views():
+        u = users[v.uid] = UserState()
+        u.history, u.seen, u.seen_arr = deque(v.history), dict.fromkeys(v.seen), array("q", v.seen)
+        u.n_events, u.last_ts, u.vec, u.vec_ts = v.n_events, v.last_ts, v.vec, v.last_ts
+        u.win_items, u.win_sw = [], []
+    legacy.__dict__["users"] = users
+    legacy.__dict__["recent_event_ids"] = dict.fromkeys(part.recent_event_ids)
+    return pickle.dumps(legacy)
+
+
 def test_a_snapshot_of_an_earlier_release_is_adopted() -> None:
-    """Users restored from a snapshot written before ``forget`` existed have no ``uid``; the
-    restore (``reconfigure``) gives them one, so their new event ids are attributed to them."""
+    """A snapshot of the object-per-user layout, written before ``forget`` existed, loads as the
+    same state in the flat layout, and the restore (``reconfigure``) gives its event ids owners
+    as new events come, so that a forget finds them."""
     part = UserPartition(P)
     part.apply(log(12))
-    for u in part.users.values():
-        del u.uid
-    part.recent_event_ids = dict.fromkeys(part.recent_event_ids)  # the old format: no owners
-    restored = pickle.loads(pickle.dumps(part))
+    restored = pickle.loads(_legacy_snapshot(part))
     assert restored.reconfigure(P) == []
+    assert [(v.uid, v.history, v.seen, v.n_events, v.last_ts) for v in restored.views()] == [
+        (v.uid, v.history, v.seen, v.n_events, v.last_ts) for v in part.views()
+    ]
+    for a, b in zip(restored.views(), part.views(), strict=True):
+        assert (a.vec is None and b.vec is None) or np.array_equal(a.vec, b.vec)
     restored.apply([ev(GONE, "x", 50), ev("bob", "y", 51)])
     assert restored.recent_event_ids[f"{GONE}-e50"] == GONE
     restored.apply([Forget(GONE)])
@@ -107,14 +129,14 @@ def test_a_forget_applies_in_order_within_a_block() -> None:
     eff = part.apply([*before, Forget(GONE), *after])
     fresh = UserPartition(P)
     fresh.apply([e for e in after if e.user_id == GONE])
-    u, f = part.users[GONE], fresh.users[GONE]
+    u, f = part.user(GONE), fresh.user(GONE)
     ids = part.item_ids
     assert [ids[i] for i, _, _ in u.history] == ["c", "d"] and u.n_events == 2
-    assert [ids[i] for i in u.seen] == ["c", "d"] and len(u.seen_arr) == 2
+    assert [ids[i] for i in u.seen] == ["c", "d"]
     assert u.vec is not None and f.vec is not None
     np.testing.assert_allclose(u.vec, f.vec, rtol=1e-6)
     assert eff.users == [GONE, "bob"] and eff.forgotten == [GONE] and eff.applied == 6
-    assert part.users["bob"].n_events == 2
+    assert part.user("bob").n_events == 2
     # the deltas keep every event (popularity is aggregate), the forget at its place
     d = eff.deltas
     assert d is not None and d.ev_offset.tolist() == [0, 1, 2, 4, 5, 6] and d.fg_offset.tolist() == [3]

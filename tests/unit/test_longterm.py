@@ -114,7 +114,7 @@ def test_the_long_term_model_ranks_the_users_own_cluster_first() -> None:
     for uid, rl in out.items():
         assert rl is not None
         cluster = int(uid[1:]) % 3
-        seen = {part.item_ids[i] for i in part.users[uid].seen}
+        seen = {part.item_ids[i] for i in part.user(uid).seen}
         if len({f"c{cluster}-{k}" for k in range(12)} - seen) < 3:
             continue
         assert [it.item_id.split("-")[0] for it in rl.items[:3]] == [f"c{cluster}"] * 3, rl
@@ -131,6 +131,6 @@ def test_lists_with_the_long_term_model_never_contain_seen_items(events: list[Ev
     part = sy.parts[0]
     for k in range(0, len(events), batch):
         for rl in sy.block(events[k : k + batch]):
-            seen = {part.item_ids[i] for i in part.users[rl.user_id].seen}
+            seen = {part.item_ids[i] for i in part.user(rl.user_id).seen}
             ids = [it.item_id for it in rl.items]
             assert not set(ids) & seen and len(ids) == len(set(ids))
