@@ -16,8 +16,8 @@ import numpy as np
 from models.events import Event
 from models.hashing import stable_hash
 from models.params import ModelParams
-from models.ranking import top_indices
 from models.simulation import TwoStage
+from models.table import top_indices
 
 
 class OnlineRanker(Protocol):

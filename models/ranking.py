@@ -24,7 +24,7 @@ from models.hashing import stable_hash
 from models.kernels import explore_users, long_term_top, rank_users
 from models.longterm import recency_weights
 from models.params import ModelParams
-from models.table import ItemTable
+from models.table import ItemTable, top_indices
 from models.users import CODE_BITS, CODE_MASK, HEAD, LAST_TS, UserPartition, entry_ts, events_of
 
 _MS_PER_H = 3_600_000.0
@@ -57,21 +57,6 @@ class RecList:
     @property
     def items(self) -> list[RecItem]:
         return list(map(RecItem, self.item_ids, self.scores, self.explore, self.p, self.reasons))
-
-
-def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest scores, best first, ties broken by lower index."""
-    if k <= 0 or scores.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if k < scores.size:
-        part = np.argpartition(-scores, k - 1)[:k]
-        # argpartition is not stable on ties at the boundary: widen to every tied value
-        kth = scores[part].min()
-        part = np.flatnonzero(scores >= kth)
-    else:
-        part = np.arange(scores.size)
-    order = np.lexsort((part, -scores[part]))
-    return part[order][:k]
 
 
 def _sources(
@@ -396,7 +381,7 @@ def _rank_chunk(
         return None
     pop = table.pop()
     pop_term = p.w_pop * pop / (float(pop.max()) or 1.0)
-    trend = top_indices(pop, p.trending_len)
+    trend = table.trending(p.trending_len)
     seen_raw = [part.seen_items(uid) for uid in uids]
     seen_len = np.fromiter(map(len, seen_raw), dtype=np.int64, count=nu)
     seen_item = cat[np.concatenate(seen_raw)] if nu else _EMPTY_I

@@ -23,8 +23,8 @@ from models.events import Event, Forget
 from models.items import ItemPartition
 from models.longterm import FitInput, fit
 from models.params import ModelParams
-from models.ranking import Observer, RecList, Rescorer, recommend, top_indices
-from models.table import ItemTable, TableEntry
+from models.ranking import Observer, RecList, Rescorer, recommend
+from models.table import ItemTable, TableEntry, top_indices
 from models.users import UserPartition
 
 

@@ -225,6 +225,16 @@ class ItemTable:
             self._pop = (key, np.exp(lp - top) if math.isfinite(top) else np.zeros(len(lp)))
         return self._pop[1]
 
+    def trending(self, k: int) -> np.ndarray:
+        """The k most popular items (``pop``), best first, ties by lower number: recomputed once
+        per change of the table, not per ranked chunk (a live block may be one user)."""
+        pop = self.pop()
+        key = (self.entries, len(pop), k)
+        cached = getattr(self, "_trend", None)  # tables pickled before it have none
+        if cached is None or cached[0] != key:
+            cached = self._trend = (key, top_indices(pop, k))
+        return cached[1]
+
     def sim_top(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Item ``i``'s published neighbours (catalogue numbers, scores), best first (views of
         the slab: read them before the table changes)."""
@@ -259,3 +269,18 @@ def _grown(a: np.ndarray, cap: int) -> np.ndarray:
     out = np.zeros(cap, dtype=a.dtype)
     out[: len(a)] = a
     return out
+
+
+def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, best first, ties broken by lower index."""
+    if k <= 0 or scores.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if k < scores.size:
+        part = np.argpartition(-scores, k - 1)[:k]
+        # argpartition is not stable on ties at the boundary: widen to every tied value
+        kth = scores[part].min()
+        part = np.flatnonzero(scores >= kth)
+    else:
+        part = np.arange(scores.size)
+    order = np.lexsort((part, -scores[part]))
+    return part[order][:k]

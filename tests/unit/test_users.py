@@ -181,7 +181,8 @@ def _reference_ranking(part: UserPartition, table: ItemTable, uid: str) -> list[
     dicts per candidate and dense long-term and vector scores, from the documented rules."""
     import math
 
-    from models.ranking import _MS_PER_H, _sources, top_indices
+    from models.ranking import _MS_PER_H, _sources
+    from models.table import top_indices
 
     p = part.params
     cat = part.catalogue_map(table)
