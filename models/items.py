@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
+import orjson
 
 from models.deltas import DeltaMessage, item_partition
 from models.kernels import add_context, row_neighbours
@@ -88,6 +89,11 @@ class ItemPartition:
         self.long = LongTermOwner(params) if partition == 0 and params.w_long > 0 else None
 
     _STRUCTURAL = ("dim", "seed", "half_life_h")
+
+    def __getstate__(self) -> dict[str, object]:
+        d = self.__dict__.copy()
+        d.pop("_json_ids", None)  # a cache of the item ids, rebuilt on demand
+        return d
 
     def reconfigure(self, params: ModelParams) -> list[str]:
         """Adopt new settings on a restored state (see ``UserPartition.reconfigure``);
@@ -341,12 +347,25 @@ class ItemPartition:
         ctx = self.context[self.slot_of[np.asarray(items, dtype=np.int64)]]
         norms = np.linalg.norm(ctx, axis=1)
         unit = ctx / np.where(norms > 0, norms, 1.0)[:, None]
-        ids = self.item_ids
-        idx_l, sc32 = idx.tolist(), sc.astype(np.float32)
+        ids, quoted, sc32 = self.item_ids, self._quoted_ids(), sc.astype(np.float32)
         return [
-            TableEntry.of(ids[i], self.log_pop(i), [ids[j] for j in idx_l[q][:m]], sc32[q, :m], unit[q])
+            # the JSON array orjson would make of the neighbour ids, joined from quoted ids
+            TableEntry(ids[i], self.log_pop(i), b"[%b]" % b",".join(quoted[idx[q, :m]].tolist()), sc32[q, :m], unit[q])
             for q, (i, m) in enumerate(zip(items, cnt.tolist(), strict=True))
         ]
+
+    def _quoted_ids(self) -> np.ndarray:
+        """Every item's id as a JSON string (an object array, extended as items come): a table
+        entry's neighbour list is joined from it, with no list of id strings per entry."""
+        cached: tuple[np.ndarray, int] = self.__dict__.get("_json_ids", (np.empty(0, dtype=object), 0))
+        q, have = cached
+        n = len(self.item_ids)
+        if have < n:
+            if n > len(q):  # capacity doubles: items often come a few at a time
+                q = np.concatenate([q[:have], np.empty(max(n, 2 * len(q)) - have, dtype=object)])
+            q[have:n] = [orjson.dumps(x) for x in self.item_ids[have:n]]
+            self._json_ids = (q, n)
+        return q
 
     def all_entries(self) -> list[TableEntry]:
         """Every owned item's entry (a full republication, e.g. to rebuild a lost table)."""

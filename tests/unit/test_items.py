@@ -263,3 +263,23 @@ def test_garbage_is_not_a_delta_message() -> None:
 def test_items_are_routed_to_stable_partitions() -> None:
     assert [item_partition(x, 4) for x in ("a", "b", "42")] == [item_partition(x, 4) for x in ("a", "b", "42")]
     assert {item_partition(f"i{k}", 4) for k in range(100)} == {0, 1, 2, 3}
+
+
+def test_entry_neighbour_lists_name_the_computed_neighbours_in_order() -> None:
+    """A table entry's neighbour ids (joined from quoted ids, ``ItemPartition.entries``) are the
+    JSON array of the computed neighbours, best first, also for ids that need escaping, and
+    after a restore (the quoted ids are a cache, not state)."""
+    odd = ['q"uote', "back\\slash", "ünï", "tab\t"]
+    events = [Event(f"u{k % 7}", odd[k % 4] if k % 3 == 0 else f"i{k % 11}", "view", k, None) for k in range(400)]
+    part = UserPartition(WIDE)
+    eff = part.apply(events)
+    assert eff.deltas is not None
+    s = ItemPartition(WIDE)
+    for m in split(eff.deltas, 0, 0, len(events), part.routes(1), 1):
+        s.apply([m])
+    for state in (s, pickle.loads(pickle.dumps(s))):
+        items = sorted(state.slot)
+        cnt, idx, _ = state.compute_sims(items)
+        for q, e in enumerate(state.entries(items)):
+            want = [state.item_ids[j] for j in idx[q, : cnt[q]].tolist()]
+            assert e.neighbours == want and len(want) == len(e.scores) > 0
