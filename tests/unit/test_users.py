@@ -354,3 +354,22 @@ def test_a_shorter_history_on_restore_keeps_every_seen_item() -> None:
     assert [restored.item_ids[i] for i in v.seen] == [f"i{k}" for k in range(5)]
     (rl,) = recommend(restored, sy.table, ["u"])
     assert rl.items and not {x.item_id for x in rl.items} & {f"i{k}" for k in range(5)}
+
+
+def test_a_list_does_not_depend_on_what_was_ranked_before_it() -> None:
+    """Nothing of one ranking call carries into the next: a user ranked alone, after other
+    users, after a call with blocked items, or in one chunk with all of them gets the same list."""
+    from models.ranking import recommend
+
+    sy = TwoStage(dataclasses.replace(P, epsilon=0.0))
+    for e in synthetic(n_users=30, n_items=80, n_events=1500, seed=9):
+        sy.learn(e)
+    part, table = sy.parts[0], sy.table
+    users = sorted(part.users)
+    together = {rl.user_id: rl.item_ids for rl in recommend(part, table, users)}
+    hot = together[users[0]][:3]
+    blocked = recommend(part, table, users[:5], blocked=hot)
+    assert all(not set(hot) & set(rl.item_ids) for rl in blocked)
+    for uid in reversed(users):
+        (alone,) = recommend(part, table, [uid])
+        assert alone.item_ids == together[uid], uid
