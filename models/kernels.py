@@ -314,15 +314,16 @@ def long_term_top(
     pool: np.ndarray,
     hist_ptr: np.ndarray,
     hist_item: np.ndarray,
-    hist_w: np.ndarray,
+    age_w: np.ndarray,
     seen_ptr: np.ndarray,
     seen_item: np.ndarray,
     excluded: np.ndarray,
     k: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each user's best ``k`` unseen pool items with a positive long-term score (``models.longterm``):
-    user r's score row is ``sum_q hist_w[q] * weights[pos[hist_item[q]]]`` over its history
-    (items outside the pool skipped), summed in float32 in pool order as a sparse product would.
+    user r's score row is ``sum_q age_w[age] * weights[pos[hist_item[q]]]`` over its history,
+    oldest first (``age``: entries after q; items outside the pool skipped), summed in float32
+    in pool order as a sparse product would.
     Returns (count, catalogue items, scores), (users, k) arrays, best first."""
     nu = len(hist_ptr) - 1
     m = len(pool)
@@ -342,11 +343,12 @@ def long_term_top(
     c_item = np.empty(m, dtype=np.int64)
     for r in range(nu):
         nc = 0
-        for q in range(hist_ptr[r], hist_ptr[r + 1]):
+        end = hist_ptr[r + 1]
+        for q in range(hist_ptr[r], end):
             i = hist_item[q]
             if i < n_pos and pos[i] >= 0:
                 cols[nc] = pos[i]
-                vals[nc] = np.float32(hist_w[q])
+                vals[nc] = np.float32(age_w[end - 1 - q])
                 nc += 1
         if nc == 0:
             continue
@@ -513,7 +515,7 @@ def warm_up() -> None:
     weights = np.zeros((1, 1), dtype=np.float32)
     frozen = np.frombuffer(weights.tobytes(), dtype=np.float32).reshape(1, 1)  # as a published model is read
     for w in (weights, frozen):
-        long_term_top(w, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), ptr, i0, f0, ptr, i0, i0, 1)
+        long_term_top(w, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), ptr, i0, one, ptr, i0, i0, 1)
     row_neighbours(i0, f0, i0, i0, i0, f0, i0, i0, f0, f0, 1)
     ctx = np.zeros((1, 1), dtype=np.float32)
     add_context(ctx, i0, i0, i0, f0, ctx)

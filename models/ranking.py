@@ -418,8 +418,20 @@ def _rank_chunk(
 def _ptr(lens: np.ndarray) -> np.ndarray:
     """Offsets of consecutive groups of ``lens`` (len + 1 entries)."""
     out = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=out[1:])
+    lens.cumsum(out=out[1:])  # the method: np.cumsum's dispatch costs more than a small sum
     return out
+
+
+_AGE_W: dict[float, np.ndarray] = {}
+
+
+def _age_weights(half_life: float, n: int) -> np.ndarray:
+    """``recency_weights`` by age (0: the newest entry), at least ``n`` of them: computed once per
+    half-life, not per ranked chunk."""
+    w = _AGE_W.get(half_life)
+    if w is None or len(w) < n:
+        w = _AGE_W[half_life] = recency_weights([max(n, 64)], half_life)[::-1].copy()
+    return w
 
 
 def _vector_candidates(
@@ -487,7 +499,7 @@ def _long_term(
         lt.pool,
         _ptr(np.asarray(lens, dtype=np.int64)),
         items,
-        recency_weights(lens, p.long_half_life),
+        _age_weights(p.long_half_life, max(lens, default=0)),
         seen_ptr,
         seen_item,
         excluded,
