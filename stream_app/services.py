@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -63,6 +65,7 @@ def _configured(name: str, settings: Settings) -> bool:
 @contextlib.contextmanager
 def local_services(settings: Settings) -> Iterator[Services]:
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_unwinds())
         # security settings mean a real service: an embedded one would refuse them
         if _configured("kafka_bootstrap_servers", settings) or settings.kafka_security_protocol != "PLAINTEXT":
             bootstrap, eb = settings.kafka_bootstrap_servers, False
@@ -80,6 +83,25 @@ def local_services(settings: Settings) -> Iterator[Services]:
         if not er:
             security.update(_security_env(settings, _REDIS_SECURITY))
         yield Services(bootstrap, url, eb, er, security)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit for the duration, so that the block unwinds and stops the
+    services it started: they run in sessions of their own (Ctrl-C reaches only the command),
+    and Python's default SIGTERM would exit without stopping them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def isolated_env(svc: Services, name: str) -> dict[str, str]:

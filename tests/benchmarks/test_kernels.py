@@ -99,3 +99,23 @@ def test_neighbour_lists(benchmark: BenchmarkFixture, warm: Warm) -> None:
     rows = list(items.slot)[:500]
     cnt, idx, sc = benchmark(items.compute_sims, rows)
     assert cnt.max() == items.params.sim_list_len and np.all(np.diff(sc[0, : cnt[0]]) <= 0)
+
+
+def test_ranking_one_user_a_call(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """The same lists, one call per user, as live blocks of a few events rank them: what a
+    ranked chunk costs beyond its users (kernel calls, numpy calls) shows here."""
+    sy = warm.system
+    users = [u for u in warm.users if u in sy.parts[0].users][:100]
+
+    def one_by_one() -> list[int]:
+        return [len(recommend(sy.parts[0], sy.table, [u])[0].items) for u in users]
+
+    assert benchmark(one_by_one) == [sy.params.n_recs] * len(users)
+
+
+def test_table_entries(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """Table entries of 500 items (neighbour lists, their ids as one JSON array, unit vectors)."""
+    items = warm.system.items
+    rows = list(items.slot)[:500]
+    entries = benchmark(items.entries, rows)
+    assert len(entries) == 500 and all(len(e.neighbours) == len(e.scores) > 0 for e in entries)
