@@ -217,6 +217,11 @@ def test_a_worker_logs_in_and_logs_no_secret(
     w = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
         wait_caught_up(broker, group, topic, 1, w)
+        # a forked child writes the state of the caught-up partition once the interval is over
+        # (the log may be consumed faster than that)
+        deadline = time.monotonic() + 30
+        while "written in the background" not in w.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         assert w.stop() == 0, w.log()[-3000:]
     log = w.log()
