@@ -454,10 +454,8 @@ class UserPartition:
         keep = [k for k, r in enumerate(heads) if recs[r] is not None]  # users evicted within this batch are skipped
         if not keep:
             return
-        got = [recs[heads[k]] for k in keep]
-        rows = np.fromiter((rec[COUNTS] & _ROW_MASK for rec in got), dtype=np.int64, count=len(got))
-        t0 = [vec_ts[uids[heads[k]]] for k in keep]
-        since = np.array([rec[LAST_TS] - t for rec, t in zip(got, t0, strict=True)], dtype=np.float64)
+        rows = np.array([row_of(recs[heads[k]]) for k in keep], dtype=np.int64)
+        since = np.array([recs[heads[k]][LAST_TS] - vec_ts[uids[heads[k]]] for k in keep], dtype=np.float64)
         old = self.vecs[rows].astype(np.float32)  # a user without a vector has a zero row
         new = old * np.exp(-mu * since).astype(np.float32)[:, None] + sums[keep]
         # float16 ends at 65504: only a bot's burst gets there, and only the direction is read
@@ -467,7 +465,7 @@ class UserPartition:
     def user_vectors(self, user_ids: Sequence[str]) -> np.ndarray:
         """Unit-length vectors of ``user_ids`` (rows); zero rows for users without one."""
         users = self.users
-        rows = np.fromiter((users[u][COUNTS] & _ROW_MASK for u in user_ids), dtype=np.int64, count=len(user_ids))
+        rows = np.fromiter((row_of(users[u]) for u in user_ids), dtype=np.int64, count=len(user_ids))
         out = self.vecs[rows].astype(np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         norms[norms == 0] = 1.0
@@ -479,16 +477,7 @@ class UserPartition:
         sv = self.seen.get(user_id)
         if sv is not None:
             return np.frombuffer(sv.arr, dtype=np.int64)
-        return np.frombuffer(self.users[user_id], dtype=np.int64)[HEAD::2]
-
-    def history_items(self, user_id: str) -> np.ndarray:
-        """The user's history items, oldest first (a copy)."""
-        return np.frombuffer(self.users[user_id], dtype=np.int64)[HEAD::2].copy()
-
-    def history_weights(self, rec: array[int]) -> list[float]:
-        """The event weights of a record's history entries, oldest first."""
-        w = self.weights
-        return [w[x & CODE_MASK] for x in rec[HEAD + 1 :: 2]]
+        return np.frombuffer(self.users[user_id][HEAD::2], dtype=np.int64)  # a copy: records must stay resizable
 
     def user(self, user_id: str) -> UserView:
         """A copy of the user's state in plain values; KeyError if unknown."""

@@ -209,7 +209,7 @@ def _reference_ranking(part: UserPartition, table: ItemTable, uid: str) -> list[
     lng: dict[int, float] = {}
     if table.long is not None and p.w_long > 0:
         lt = table.long
-        items = cat[part.history_items(uid)]
+        items = cat[np.array([i for i, _, _ in part.user(uid).history], dtype=np.int64)]
         w = 0.5 ** ((len(items) - 1 - np.arange(len(items))) / p.long_half_life)
         x = np.zeros(len(lt.pool))
         for i, wi in zip(items.tolist(), w.tolist(), strict=True):
