@@ -20,6 +20,7 @@ samples it trained on is reported beside the figures.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import re
@@ -81,6 +82,9 @@ def raw_ceiling(s: Settings, topic: str, partitions: int) -> dict[str, float]:
 
 
 def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile of ``xs`` (nan when there is none, e.g. no event after a 2 s warm-up)."""
+    if not xs:
+        return math.nan
     s = sorted(xs)
     return s[min(len(s) - 1, int(q * len(s)))]
 
@@ -199,28 +203,35 @@ def freshness(
     cut = len(channel + store.rec_key(""))
 
     def reader() -> None:
+        # every notification that has arrived, then their keys in one MGET: one round trip per
+        # burst, not per list (at 10,000 lists/s, a GET each cost this process most of a core,
+        # which the worker on the same two cores then lacked)
         while not done.is_set() or (pending and time.perf_counter() < deadline_drain):
             msg = ps.get_message(timeout=0.05)
             if msg is None:
                 continue
-            u = msg["channel"][cut:].decode()
-            doc = store.get_rec(u)
+            burst = {msg["channel"][cut:].decode()}
+            while len(burst) < 2000 and (msg := ps.get_message(timeout=0.0)) is not None:
+                burst.add(msg["channel"][cut:].decode())
+            us = list(burst)
+            docs = store.get_recs(us)
             now = time.perf_counter()
-            if doc is None:
-                continue
-            ets = doc["event_ts"]
             with lock:
-                keep = []
-                for ts, t_sent in pending.get(u, []):
-                    if ets >= ts:
-                        lat.append(now - t_sent)
-                        sent_at.append(t_sent)
+                for u, doc in zip(us, docs, strict=True):
+                    if doc is None:
+                        continue
+                    ets = doc["event_ts"]
+                    keep = []
+                    for ts, t_sent in pending.get(u, []):
+                        if ets >= ts:
+                            lat.append(now - t_sent)
+                            sent_at.append(t_sent)
+                        else:
+                            keep.append((ts, t_sent))
+                    if keep:
+                        pending[u] = keep
                     else:
-                        keep.append((ts, t_sent))
-                if keep:
-                    pending[u] = keep
-                else:
-                    pending.pop(u, None)
+                        pending.pop(u, None)
 
     p = Producer(producer_config(s, **{"linger.ms": 5}))
     # warm the producer up (metadata, producer id) so that its start-up is not counted as latency
@@ -239,21 +250,27 @@ def freshness(
     t0 = time.perf_counter()
     wall0 = time.time()
     probe_every = max(int(rate * probe.every), 1)
-    for k in range(n):
-        target = t0 + k / rate
-        d = target - time.perf_counter()
-        if d > 0:
-            time.sleep(d)
-        u = rng.choice(users)
-        ts = max(start_ts + int((time.time() - wall0) * 1000), last_ts.get(u, 0) + 1)
-        last_ts[u] = ts
-        ev = {"user_id": u, "item_id": rng.choice(items), "type": "click", "ts": ts, "event_id": f"bench-{k}-{ts}"}
-        t_sent = time.perf_counter()
-        with lock:
-            pending.setdefault(u, []).append((ts, t_sent))
-        p.produce(s.events_topic, key=u.encode(), value=orjson.dumps(ev))
-        if k % probe_every == 0:
-            probe.send(p, k, wall0)
+    k = 0
+    while k < n:
+        # the events due by now, then a sleep of at least 1 ms: a sleep per event at 10,000
+        # events/s cost the load generator more CPU than the worker it shares two cores with
+        ahead = t0 + k / rate - time.perf_counter()
+        if ahead > 0:
+            time.sleep(max(ahead, 0.001))
+        due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+        now_ts = start_ts + int((time.time() - wall0) * 1000)
+        while k < due:
+            u = rng.choice(users)
+            ts = max(now_ts, last_ts.get(u, 0) + 1)
+            last_ts[u] = ts
+            ev = {"user_id": u, "item_id": rng.choice(items), "type": "click", "ts": ts, "event_id": f"bench-{k}-{ts}"}
+            t_sent = time.perf_counter()
+            with lock:
+                pending.setdefault(u, []).append((ts, t_sent))
+            p.produce(s.events_topic, key=u.encode(), value=orjson.dumps(ev))
+            if k % probe_every == 0:
+                probe.send(p, k, wall0)
+            k += 1
         p.poll(0)
     p.flush(30)
     achieved = n / (time.perf_counter() - t0)
@@ -386,6 +403,7 @@ def run_bench(
     partitions: int = 1,
     with_trainer: bool = False,
     scale_partitions: int = 4,
+    split_roles: bool = False,
 ) -> dict[str, Any]:
     run = uuid.uuid4().hex[:8]
     name, events = demo_events(settings, n_events or 100_000, use_ml100k=True)
@@ -402,25 +420,40 @@ def run_bench(
         log_path = Path(tempfile.gettempdir()) / f"streamrec-bench-worker-{run}.log"
         typer.echo(f"worker log: {log_path}")
         with trainer_beside(env, with_trainer, log_path.with_suffix(".trainer.log")) as trainer:
-            w = WorkerProcess(env, log_path).start()
+            # one process with both stages, or (split_roles) a user-stage and an item-stage
+            # process, as deploy/ and docker-compose.yml run them
+            w = WorkerProcess({**env, "STREAMREC_ROLES": "user"} if split_roles else env, log_path).start()
+            wi = None
+            if split_roles:
+                wi = WorkerProcess({**env, "STREAMREC_ROLES": "item"}, log_path.with_suffix(".item.log")).start()
             try:
-                caught = wait_stages_caught_up(s, partitions, w)
+                caught = wait_stages_caught_up(s, partitions, w, item_worker=wi)
                 typer.echo(
                     f"end to end: {caught.both_rate:,.0f} events/s (user stage {caught.rate:,.0f}; the item "
                     f"stage done {caught.item_lag_s:.1f} s after it)"
                 )
-                rss = psutil.Process(w.pid).memory_info().rss
+                rss = sum(psutil.Process(x.pid).memory_info().rss for x in (w, wi) if x is not None)
                 users = [str(e["user_id"]) for e in events]
                 items = [str(e["item_id"]) for e in events]
                 start_ts = max(int(e["ts"]) for e in events) + 1000
                 before = len(w.log())
                 fresh = freshness(s, users, items, rate, seconds, start_ts)
+                typer.echo(
+                    f"freshness at {fresh['rate_achieved']:,.0f} events/s: p50 {fresh['p50_ms']:.0f} ms, "
+                    f"p99 {fresh['p99_ms']:.0f} ms; event -> table p50 {fresh['table']['p50_ms'] or math.nan:.0f} ms"
+                )
                 time.sleep(10.5)  # one more stats report of the worker's, covering the end of the run
                 fresh["table_lag_events"] = table_lag_reported(w.log()[before:])
             finally:
                 w.stop()
+                if wi is not None:
+                    wi.stop()
         RedisStore(redis_client(s), s.redis_prefix).delete_all()
-        scale = {n: scale_run(svc, events, n, scale_partitions, run, with_trainer) for n in (1, 2)}
+        scale = (
+            {n: scale_run(svc, events, n, scale_partitions, run, with_trainer) for n in (1, 2)}
+            if scale_partitions
+            else {}
+        )
     res = {
         "machine": {
             "cores": os.cpu_count(),
@@ -430,6 +463,7 @@ def run_bench(
         "dataset": name,
         "events": len(events),
         "partitions": partitions,
+        "split_roles": split_roles,
         "raw_ceiling_events_per_s": raw["events_per_s"],
         "end_to_end_events_per_s": caught.both_rate,
         "user_stage_events_per_s": caught.rate,
@@ -440,7 +474,9 @@ def run_bench(
             "workers_2": scale[2].both_rate,
             "user_stage_workers_1": scale[1].rate,
             "user_stage_workers_2": scale[2].rate,
-        },
+        }
+        if scale
+        else None,
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
         "worker_log": str(log_path),
@@ -450,18 +486,20 @@ def run_bench(
         "w_ctr": s.w_ctr,
     }
     f = fresh
+    who = "one worker, the stages in two processes" if split_roles else "one worker"
     typer.echo("\n| measure | value |\n|---|---|")
     typer.echo(f"| raw ceiling (consume + orjson decode) | {res['raw_ceiling_events_per_s']:,.0f} events/s |")
     typer.echo(
-        f"| end to end, one worker (both stages done) | {caught.both_rate:,.0f} events/s "
+        f"| end to end, {who} (both stages done) | {caught.both_rate:,.0f} events/s "
         f"({res['end_to_end_events_per_s'] / res['raw_ceiling_events_per_s']:.1%} of the raw ceiling) |"
     )
     typer.echo(f"| the user stage alone | {caught.rate:,.0f} events/s |")
-    typer.echo(
-        f"| end to end, {scale_partitions} partitions: one worker / two workers | "
-        f"{scale[1].both_rate:,.0f} / {scale[2].both_rate:,.0f} events/s |"
-    )
-    typer.echo(f"| worker resident memory after {len(events):,} events | {res['worker_rss_mb']:.0f} MiB |")
+    if scale:
+        typer.echo(
+            f"| end to end, {scale_partitions} partitions: one worker / two workers | "
+            f"{scale[1].both_rate:,.0f} / {scale[2].both_rate:,.0f} events/s |"
+        )
+    typer.echo(f"| resident memory ({who}) after {len(events):,} events | {res['worker_rss_mb']:.0f} MiB |")
     typer.echo(
         f"| freshness at {f['rate_achieved']:,.0f} events/s: p50 / p95 / p99 / max | "
         f"{f['p50_ms']:.1f} / {f['p95_ms']:.1f} / {f['p99_ms']:.1f} / {f['max_ms']:.1f} ms |"

@@ -294,12 +294,20 @@ def bench(
     rate: int = typer.Option(2000, help="events/s for the freshness run"),
     seconds: float = typer.Option(20.0, help="length of the freshness run"),
     partitions: int = typer.Option(1, help="partitions of the topic the one-worker runs read"),
-    scale_partitions: int = typer.Option(4, help="partitions of the topic the one- and two-worker scale runs read"),
+    scale_partitions: int = typer.Option(
+        4, help="partitions of the topic the one- and two-worker scale runs read (0: no scale runs)"
+    ),
     json_out: Path | None = typer.Option(None, "--json", help="write the results here"),
     ctr: bool = typer.Option(False, "--ctr", help="instead: the CTR model's progressive AUC and speed"),
     threads: int = typer.Option(1, help="torch threads for --ctr"),
     with_trainer: bool = typer.Option(
         False, "--with-trainer", help="workers publish CTR samples and a trainer trains on them during each run"
+    ),
+    split_roles: bool = typer.Option(
+        False,
+        "--split-roles",
+        help="the one-worker runs start the user and the item stage as two processes (ROLES=user, ROLES=item), "
+        "as deploy/ and docker-compose.yml do",
     ),
     table_memory: bool = typer.Option(
         False, "--table-memory", help="instead: memory of a worker's item table, ml-100k and a synthetic catalogue"
@@ -309,6 +317,9 @@ def bench(
         False, "--stages", help="instead: CPU time per phase of one worker's code, in one thread, on ml-100k"
     ),
     block: int = typer.Option(2000, help="events per block for --stages"),
+    live: int = typer.Option(
+        0, help="--stages: time this many events drawn as live traffic (after the log, which is not timed)"
+    ),
     user_memory: int = typer.Option(
         0,
         "--user-memory",
@@ -330,9 +341,9 @@ def bench(
         from stream_app.stage_profile import profile_stages
 
         s = _settings(config)
-        res = profile_stages(s, fetch_ml100k(s.data_dir), block, events)
+        res = profile_stages(s, fetch_ml100k(s.data_dir), block, events, live)
         typer.echo(
-            f"{res['events']:,} events, {res['lists']:,} lists, blocks of {block}: "
+            f"{res['events']:,} {'live ' if live else ''}events, {res['lists']:,} lists, blocks of {block}: "
             f"{res['events_per_s']:,.0f} events/s in one thread\n"
             "| phase | s | µs per event | µs per list |\n|---|---|---|---|"
         )
@@ -348,7 +359,9 @@ def bench(
     else:
         from stream_app.bench import run_bench
 
-        res = run_bench(_settings(config), events, rate, seconds, partitions, with_trainer, scale_partitions)
+        res = run_bench(
+            _settings(config), events, rate, seconds, partitions, with_trainer, scale_partitions, split_roles
+        )
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))
 

@@ -171,14 +171,21 @@ def wait_caught_up(
     )
 
 
-def wait_stages_caught_up(s: Settings, partitions: int, worker: WorkerProcess, timeout: float = 300.0) -> CatchUp:
+def wait_stages_caught_up(
+    s: Settings,
+    partitions: int,
+    worker: WorkerProcess,
+    timeout: float = 300.0,
+    item_worker: WorkerProcess | None = None,
+) -> CatchUp:
     """Wait until the user stage has committed the end of the events topic (``partitions``
     partitions) and then the item stage the end of the deltas topic, which is final once the
     user stage is done: every event's effects are then in Redis and in the table. Returns the
-    user stage's catch-up, with how much later the item stage was done."""
+    user stage's catch-up, with how much later the item stage was done. ``item_worker``: the
+    item stage runs in a process of its own."""
     caught = wait_caught_up(s, s.group_id, s.events_topic, partitions, worker, timeout)
     t0 = time.monotonic()
     n = topic_partitions(s, s.deltas)
-    wait_caught_up(s, s.item_group_id, s.deltas, n, worker, timeout, poll=0.02)
+    wait_caught_up(s, s.item_group_id, s.deltas, n, item_worker or worker, timeout, poll=0.02)
     caught.item_lag_s = time.monotonic() - t0
     return caught

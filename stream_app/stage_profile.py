@@ -11,6 +11,7 @@ work per event and per list, which is what the kernels (``models.kernels``) are 
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +22,7 @@ import orjson
 from models.deltas import cut, decode, encode, split
 from models.engine import item_step
 from models.items import ItemPartition
+from models.longterm import fit
 from models.ranking import recommend
 from models.table import ItemTable, TableEntry
 from models.users import UserPartition
@@ -30,12 +32,35 @@ from stream_app.redis_store import rec_doc
 from stream_app.stage import tune_gc
 
 
-def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0) -> dict[str, Any]:
+def live_events(rows: list[dict[str, Any]], n: int, seed: int = 11) -> list[dict[str, Any]]:
+    """``n`` clicks after the log ``rows``, drawn as ``streamrec bench``'s freshness run draws
+    them: users by their activity in the log, items by popularity, one millisecond apart."""
+    rng = random.Random(seed)
+    users = [str(r["user_id"]) for r in rows]
+    items = [str(r["item_id"]) for r in rows]
+    t0 = max(int(r["ts"]) for r in rows) + 1000
+    return [
+        {"user_id": rng.choice(users), "item_id": rng.choice(items), "type": "click", "ts": t0 + k, "event_id": f"l{k}"}
+        for k in range(n)
+    ]
+
+
+def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0, live: int = 0) -> dict[str, Any]:
     """Seconds per phase for the first ``n_events`` (0: all) of the JSON-lines log at ``path``
-    in event-time order, cut into blocks of ``block`` events; also per event and per list."""
+    in event-time order, cut into blocks of ``block`` events; also per event and per list.
+
+    With ``live``, the log is taken in blocks of 2,000 first, untimed, and what is timed is
+    ``live`` events after it as live traffic brings them (``live_events``): mostly one event per
+    user and block, so nearly an event's list each, where a log in event time holds bursts of one
+    user's events that share a list."""
     schema, params = settings.event_schema(), settings.params()
     rows = read_log(path, "jsonl")  # in event time, as the bench and a replay send them
-    raw = [orjson.dumps(r) for r in (rows[:n_events] if n_events else rows)]
+    rows = rows[:n_events] if n_events else rows
+    raw = [orjson.dumps(r) for r in rows]
+    timed_from = 0
+    if live:
+        timed_from = len(raw)
+        raw += [orjson.dumps(r) for r in live_events(rows, live)]
     tune_gc()  # as a worker's stages run
     part, items, table = UserPartition(params), ItemPartition(params), ItemTable(params.dim)
     spent: dict[str, float] = defaultdict(float)
@@ -47,9 +72,14 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
         return t1
 
     start = time.perf_counter()
-    for b0 in range(0, len(raw), block):
+    b0 = 0
+    while b0 < len(raw):
+        size = block if b0 >= timed_from else min(2000, timed_from - b0)
+        if b0 == timed_from:  # the log is in: time only what comes now
+            spent.clear()
+            lists, start = 0, time.perf_counter()
         t = time.perf_counter()
-        events = [schema.decode(x) for x in raw[b0 : b0 + block]]
+        events = [schema.decode(x) for x in raw[b0 : b0 + size]]
         t = timed("decode and validate", t)
         eff = part.apply(events, list(range(b0, b0 + len(events))))
         t = timed("user state", t)
@@ -65,10 +95,16 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
         t = timed("deltas out and in", t)
         step = item_step(items, received)
         t = timed("item state and due entries", t)
+        if step.fit is not None:  # installed at once; a worker fits in a process of its own
+            version, _, inp = step.fit
+            m = fit(inp)
+            table.set_long(version, [items.item_ids[j] for j in m.pool.tolist()], m.weights)
+            t = timed("long-term fits (a process of their own in a worker)", t)
         table.apply([TableEntry.decode(e.encode()) for e in step.entries])
         timed("table entries out and in", t)
+        b0 += len(events)
     total = time.perf_counter() - start
-    n = len(raw)
+    n = len(raw) - timed_from
     return {
         "events": n,
         "lists": lists,

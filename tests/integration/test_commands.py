@@ -105,6 +105,42 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     assert "| end to end, 4 partitions: one worker / two workers |" in res.stdout
 
 
+def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str, str], tmp_path: Path) -> None:
+    """``streamrec bench --split-roles --scale-partitions 0``: a user-stage and an item-stage
+    process (as deploy/ runs them) take the log and the freshness run; no scale runs."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--events", "6000", "--rate", "400", "--seconds", "2", "--split-roles", "--scale-partitions", "0"]
+    res = _run([*args, "--json", str(out)], worker_env, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = orjson.loads(out.read_bytes())
+    assert doc["split_roles"] is True and doc["scale_out_events_per_s"] is None
+    assert doc["end_to_end_events_per_s"] > 0
+    f = doc["freshness"]
+    assert f["events"] == 800 and f["observed"] == 800 and f["unobserved"] == 0
+    user_log = Path(doc["worker_log"]).read_text()
+    item_log = Path(doc["worker_log"]).with_suffix(".item.log").read_text()
+    assert "user stage consuming" in user_log and "item stage consuming" not in user_log
+    assert "item stage consuming" in item_log and "user stage consuming" not in item_log
+    assert "one worker, the stages in two processes" in res.stdout
+    assert "partitions: one worker / two workers" not in res.stdout
+
+
+def test_stage_profile_times_live_traffic_after_the_log(tmp_path: Path) -> None:
+    """``bench --stages --live N`` builds the state from the log untimed, then times N events
+    drawn as live traffic: nearly one list per event, where the log's bursts share lists."""
+    from stream_app.config import Settings
+    from stream_app.datasets import fetch_ml100k
+    from stream_app.stage_profile import profile_stages
+
+    s = Settings()
+    path = fetch_ml100k(s.data_dir)
+    log = profile_stages(s, path, block=200, n_events=6000)
+    live = profile_stages(s, path, block=200, n_events=6000, live=1000)
+    assert log["events"] == 6000 and live["events"] == 1000
+    assert live["lists"] / live["events"] > 0.5 > log["lists"] / log["events"]
+    assert {"ranking", "user state", "item state and due entries"} <= set(live["phases"])
+
+
 def test_bench_with_a_trainer_trains_beside_every_worker_run(worker_env: dict[str, str], tmp_path: Path) -> None:
     """``streamrec bench --with-trainer``: the workers publish samples, a trainer trains on them
     while the worker runs, and the workers load the version it publishes (``W_CTR > 0``)."""
