@@ -39,7 +39,7 @@ from models.deltas import DeltaMessage, item_partition
 from models.kernels import add_context, row_neighbours
 from models.longterm import LongTermOwner
 from models.params import ModelParams
-from models.table import TableEntry
+from models.table import TableEntry, derived_column
 from models.users import index_vector
 
 _REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
@@ -357,15 +357,7 @@ class ItemPartition:
     def _quoted_ids(self) -> np.ndarray:
         """Every item's id as a JSON string (an object array, extended as items come): a table
         entry's neighbour list is joined from it, with no list of id strings per entry."""
-        cached: tuple[np.ndarray, int] = self.__dict__.get("_json_ids", (np.empty(0, dtype=object), 0))
-        q, have = cached
-        n = len(self.item_ids)
-        if have < n:
-            if n > len(q):  # capacity doubles: items often come a few at a time
-                q = np.concatenate([q[:have], np.empty(max(n, 2 * len(q)) - have, dtype=object)])
-            q[have:n] = [orjson.dumps(x) for x in self.item_ids[have:n]]
-            self._json_ids = (q, n)
-        return q
+        return derived_column(self, "_json_ids", self.item_ids, orjson.dumps)
 
     def all_entries(self) -> list[TableEntry]:
         """Every owned item's entry (a full republication, e.g. to rebuild a lost table)."""

@@ -16,6 +16,8 @@ import math
 import numba as nb
 import numpy as np
 
+from models.users import CODE_BITS, CODE_MASK, HEAD, LAST_TS
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -308,6 +310,64 @@ def explore_users(
 
 
 @nb.njit(cache=True, nogil=True)
+def user_sources(
+    recs: np.ndarray, rec_ptr: np.ndarray, weights: np.ndarray, k: int, decay: float, step: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every user's ``k`` most recent distinct history items, weighted by event type and recency.
+
+    User r's record (``models.users``) is ``recs[rec_ptr[r]:rec_ptr[r + 1]]``; ``weights`` maps
+    its weight codes to weights. The n-th newest source weighs ``weights[code] * step ** n *
+    exp(-decay * (last event time - its time))``. Returns (offsets, items, weights, each user's
+    weight sum), sources newest first.
+    """
+    nu = len(rec_ptr) - 1
+    s_ptr = np.zeros(nu + 1, dtype=np.int64)
+    s_item = np.empty(nu * k, dtype=np.int64)
+    s_w = np.empty(nu * k)
+    hsum = np.zeros(nu)
+    n = 0
+    for r in range(nu):
+        a = rec_ptr[r]
+        last = recs[a + LAST_TS]
+        start = n
+        f = 1.0
+        q = rec_ptr[r + 1] - 2
+        while q >= a + HEAD and n - start < k:
+            j = recs[q]
+            dup = False
+            for t in range(start, n):
+                if s_item[t] == j:
+                    dup = True
+                    break
+            if not dup:
+                x = recs[q + 1]
+                h = weights[x & CODE_MASK] * f * math.exp(-decay * (last - (x >> CODE_BITS)))
+                s_item[n] = j
+                s_w[n] = h
+                hsum[r] += h
+                n += 1
+                f *= step
+            q -= 2
+        s_ptr[r + 1] = n
+    return s_ptr, s_item[:n], s_w[:n], hsum
+
+
+@nb.njit(cache=True, nogil=True)
+def history_items(recs: np.ndarray, rec_ptr: np.ndarray) -> np.ndarray:
+    """The history items of records laid end to end (``user_sources``), oldest first per user."""
+    n = 0
+    for r in range(len(rec_ptr) - 1):
+        n += (rec_ptr[r + 1] - rec_ptr[r] - HEAD) >> 1
+    out = np.empty(n, dtype=np.int64)
+    t = 0
+    for r in range(len(rec_ptr) - 1):
+        for q in range(rec_ptr[r] + HEAD, rec_ptr[r + 1], 2):
+            out[t] = recs[q]
+            t += 1
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
 def long_term_top(
     weights: np.ndarray,
     pos: np.ndarray,
@@ -512,6 +572,9 @@ def warm_up() -> None:
         1,
     )
     explore_users(np.zeros(1, dtype=np.int64), 1, 0.1, np.zeros(1, dtype=np.uint64))
+    rec, rec_ptr = np.zeros(HEAD, dtype=np.int64), np.array([0, HEAD], dtype=np.int64)
+    user_sources(rec, rec_ptr, one, 1, 0.0, 1.0)
+    history_items(rec, rec_ptr)
     weights = np.zeros((1, 1), dtype=np.float32)
     frozen = np.frombuffer(weights.tobytes(), dtype=np.float32).reshape(1, 1)  # as a published model is read
     for w in (weights, frozen):

@@ -21,11 +21,11 @@ from typing import NamedTuple, Protocol
 import numpy as np
 
 from models.hashing import stable_hash
-from models.kernels import explore_users, long_term_top, rank_users
+from models.kernels import explore_users, history_items, long_term_top, rank_users, user_sources
 from models.longterm import recency_weights
 from models.params import ModelParams
 from models.table import ItemTable, top_indices
-from models.users import CODE_BITS, CODE_MASK, HEAD, LAST_TS, UserPartition, entry_ts, events_of
+from models.users import HEAD, LAST_TS, UserPartition, entry_ts, events_of
 
 _MS_PER_H = 3_600_000.0
 
@@ -57,28 +57,6 @@ class RecList:
     @property
     def items(self) -> list[RecItem]:
         return list(map(RecItem, self.item_ids, self.scores, self.explore, self.p, self.reasons))
-
-
-def _sources(
-    rec: array[int], weights: Sequence[float], k: int, decay: float, step: float = 1.0
-) -> tuple[list[int], list[float]]:
-    """The k most recent distinct items of a user's record (``models.users``), each weighted by
-    event type and recency (in event time, and by position: the n-th newest source also weighs
-    ``step ** n``); ``weights`` maps the record's weight codes to weights."""
-    srcs: list[int] = []
-    hs: list[float] = []
-    last = rec[LAST_TS]
-    f = 1.0
-    for q in range(len(rec) - 2, HEAD - 1, -2):
-        j = rec[q]
-        if j not in srcs:
-            x = rec[q + 1]
-            srcs.append(j)
-            hs.append(weights[x & CODE_MASK] * f * math.exp(-decay * (last - (x >> CODE_BITS))))
-            f *= step
-            if len(srcs) >= k:
-                break
-    return srcs, hs
 
 
 # A user's ranking: items best first, with score, contributing source (-1: none) and taste score
@@ -293,12 +271,12 @@ def recommend(
             [stable_hash(p.seed, uid, events_of(rec)) for uid, rec in zip(uids, users, strict=True)], dtype=np.uint64
         )
         n_s, pos, expl, prop = explore_users(cnt, p.n_recs, eps, seeds)
-        out.extend(_lists(table.ids, uids, users, n_s, pos, expl, prop, items, scores, srcs, tastes))
+        out.extend(_lists(table, uids, users, n_s, pos, expl, prop, items, scores, srcs, tastes))
     return out
 
 
 def _lists(
-    ids: list[str],
+    table: ItemTable,
     uids: Sequence[str],
     users: Sequence[array[int]],
     n_s: np.ndarray,
@@ -310,25 +288,33 @@ def _lists(
     srcs: np.ndarray,
     tastes: np.ndarray,
 ) -> list[RecList]:
-    """RecLists from the kernels' arrays: slot s of user r holds ranking position ``pos[r, s]``."""
+    """RecLists from the kernels' arrays: slot s of user r holds ranking position ``pos[r, s]``.
+    Ids and reasons come from per-item string columns, indexed for the whole chunk at once."""
     rows = np.arange(len(uids))[:, None]
-    it = items[rows, pos].tolist()
-    sc = scores[rows, pos].tolist()
-    sr = srcs[rows, pos].tolist()
-    # reasons: 0 exploration, 1 similar to the source, 2 close to the user's taste, 3 trending
-    code = np.where(expl, 0, np.where(srcs[rows, pos] >= 0, 1, np.where(tastes[rows, pos] > 0, 2, 3))).tolist()
-    ex, pr = expl.tolist(), prop.tolist()
+    it, src = items[rows, pos], srcs[rows, pos]
+    # reasons: exploration, similar to the source, close to the user's taste, trending
+    reasons = _REASONS[np.where(expl, 0, np.where(tastes[rows, pos] > 0, 1, 2))]
+    named = ~expl & (src >= 0)
+    reasons[named] = table.column("similar", _similar_to)[src[named]]
+    ids_l = table.column("id", str)[it].tolist()
+    sc, ex, pr, rs = scores[rows, pos].tolist(), expl.tolist(), prop.tolist(), reasons.tolist()
+    width = pos.shape[1]
     out = []
-    for r, (uid, rec) in enumerate(zip(uids, users, strict=True)):
-        m = int(n_s[r])
-        its, srr, cd = it[r][:m], sr[r], code[r]
-        reasons = [_REASONS[c] if c != 1 else "similar to " + ids[srr[t]] for t, c in enumerate(cd[:m])]
-        its_ids = [ids[i] for i in its]
-        out.append(RecList(uid, events_of(rec), rec[LAST_TS], its_ids, sc[r][:m], ex[r][:m], pr[r][:m], reasons))
+    for r, (uid, rec, m) in enumerate(zip(uids, users, n_s.tolist(), strict=True)):
+        if m == width:
+            out.append(RecList(uid, events_of(rec), rec[LAST_TS], ids_l[r], sc[r], ex[r], pr[r], rs[r]))
+        else:
+            out.append(
+                RecList(uid, events_of(rec), rec[LAST_TS], ids_l[r][:m], sc[r][:m], ex[r][:m], pr[r][:m], rs[r][:m])
+            )
     return out
 
 
-_REASONS = ("exploration", "", "close to your taste", "trending")
+_REASONS = np.array(["exploration", "close to your taste", "trending"], dtype=object)
+
+
+def _similar_to(item_id: str) -> str:
+    return "similar to " + item_id
 
 
 def _as_lists(ranked: tuple[np.ndarray, ...]) -> list[_Ranked]:
@@ -363,18 +349,13 @@ def _rank_chunk(
     cat = part.catalogue_map(table)
     nu = len(users)
     decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
-    s_item: list[int] = []
-    s_w: list[float] = []
-    s_len: list[int] = []
-    hsum = np.zeros(nu)
-    weights = part.weights
-    for r, rec in enumerate(users):
-        srcs, hs = _sources(rec, weights, p.sources, decay, p.source_decay)
-        s_item.extend(srcs)
-        s_w.extend(hs)
-        s_len.append(len(srcs))
-        hsum[r] = sum(hs)
-    src_item = cat[np.asarray(s_item, dtype=np.int64)]
+    # the chunk's records end to end (one copy), for the kernels
+    recs = np.frombuffer(b"".join(users), dtype=np.int64)
+    rec_ptr = _ptr(np.fromiter(map(len, users), dtype=np.int64, count=nu))
+    s_ptr, s_loc, s_w, hsum = user_sources(
+        recs, rec_ptr, np.asarray(part.weights, dtype=np.float64), p.sources, decay, p.source_decay
+    )
+    src_item = cat[s_loc]
     table.parse(np.unique(src_item).tolist())  # may name items new to the catalogue
     n = table.n_items
     if n == 0:
@@ -386,11 +367,11 @@ def _rank_chunk(
     seen_len = np.fromiter(map(len, seen_raw), dtype=np.int64, count=nu)
     seen_item = cat[np.concatenate(seen_raw)] if nu else _EMPTY_I
     v_user, v_item, v_score = _vector_candidates(part, table, uids, n, pop, seen_len, seen_item, excluded)
-    l_ptr, l_item, l_score = _long_term(table, cat, p, users, _ptr(seen_len), seen_item, excluded)
+    l_ptr, l_item, l_score = _long_term(table, cat, p, recs, rec_ptr, _ptr(seen_len), seen_item, excluded)
     return rank_users(
-        _ptr(np.asarray(s_len, dtype=np.int64)),
+        s_ptr,
         src_item,
-        np.asarray(s_w, dtype=np.float64),
+        s_w,
         table.nb_off,
         table.nb_len,
         table.slab_item,
@@ -481,25 +462,26 @@ def _long_term(
     table: ItemTable,
     cat: np.ndarray,
     p: ModelParams,
-    users: Sequence[array[int]],
+    recs: np.ndarray,
+    rec_ptr: np.ndarray,
     seen_ptr: np.ndarray,
     seen_item: np.ndarray,
     excluded: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each user's best unseen items by the long-term model: (per-user offsets, item, positive
-    score), grouped by user."""
+    score), grouped by user (records ``recs`` end to end, user r's from ``rec_ptr[r]``)."""
     lt = table.long
     if lt is None or p.w_long <= 0:
-        return np.zeros(len(users) + 1, dtype=np.int64), _EMPTY_I, _EMPTY_F
-    lens = [(len(rec) - HEAD) >> 1 for rec in users]
-    items = cat[np.fromiter(chain.from_iterable(rec[HEAD::2] for rec in users), dtype=np.int64, count=sum(lens))]
+        return np.zeros(len(rec_ptr), dtype=np.int64), _EMPTY_I, _EMPTY_F
+    lens = (np.diff(rec_ptr) - HEAD) >> 1
+    items = cat[history_items(recs, rec_ptr)]
     cnt, item, score = long_term_top(
         lt.weights,
         lt.pos,
         lt.pool,
-        _ptr(np.asarray(lens, dtype=np.int64)),
+        _ptr(lens),
         items,
-        _age_weights(p.long_half_life, max(lens, default=0)),
+        _age_weights(p.long_half_life, int(lens.max(initial=0))),
         seen_ptr,
         seen_item,
         excluded,

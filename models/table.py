@@ -12,7 +12,7 @@ belongs to the process, so nothing that is snapshotted per partition refers to i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -130,6 +130,14 @@ class ItemTable:
         self.long: ItemRegression | None = None
         self.long_version = 0
         self._pop: tuple[int, np.ndarray] = (-1, np.zeros(0))
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_col_")}  # caches
+
+    def column(self, name: str, derive: Callable[[str], object]) -> np.ndarray:
+        """``derive(id)`` for every item, as an object array indexed by item number (cached,
+        extended as items come; see ``derived_column``)."""
+        return derived_column(self, "_col_" + name, self.ids, derive)
 
     @property
     def n_items(self) -> int:
@@ -263,12 +271,30 @@ class ItemTable:
 
 _EMPTY_I = np.zeros(0, dtype=np.int32)
 _EMPTY_F = np.zeros(0, dtype=np.float32)
+_EMPTY_O = np.empty(0, dtype=object)
 
 
 def _grown(a: np.ndarray, cap: int) -> np.ndarray:
     out = np.zeros(cap, dtype=a.dtype)
     out[: len(a)] = a
     return out
+
+
+def derived_column(owner: object, name: str, ids: Sequence[str], derive: Callable[[str], object]) -> np.ndarray:
+    """``derive(x)`` for every id ``x`` of ``ids``, as an object array cached on ``owner`` as
+    ``name`` and extended as ids are added (capacity doubles: they often come a few at a time).
+    Indexing it with an array of item numbers gives per-item strings for a whole block in one
+    call, with no Python loop per item. The array may be longer than ``ids``; the owner leaves
+    ``name`` out of what it pickles."""
+    cached: tuple[np.ndarray, int] = owner.__dict__.get(name, (_EMPTY_O, 0))
+    col, have = cached
+    n = len(ids)
+    if have < n:
+        if n > len(col):
+            col = np.concatenate([col[:have], np.empty(max(n, 2 * len(col)) - have, dtype=object)])
+        col[have:n] = [derive(x) for x in ids[have:n]]
+        owner.__dict__[name] = (col, n)
+    return col
 
 
 def top_indices(scores: np.ndarray, k: int) -> np.ndarray:

@@ -283,3 +283,18 @@ def test_entry_neighbour_lists_name_the_computed_neighbours_in_order() -> None:
         for q, e in enumerate(state.entries(items)):
             want = [state.item_ids[j] for j in idx[q, : cnt[q]].tolist()]
             assert e.neighbours == want and len(want) == len(e.scores) > 0
+
+
+def test_table_string_columns_follow_the_catalogue_and_stay_out_of_snapshots() -> None:
+    """``ItemTable.column`` is a cache: extended as items join, never pickled, rebuilt after."""
+    table = ItemTable(4)
+    for x in ("a", "b"):
+        table.item(x)
+    assert table.column("similar", lambda i: "similar to " + i)[:2].tolist() == ["similar to a", "similar to b"]
+    for x in ("c", 'd"q'):
+        table.item(x)
+    col = table.column("similar", lambda i: "similar to " + i)
+    assert col[: table.n_items].tolist() == ["similar to a", "similar to b", "similar to c", 'similar to d"q']
+    restored = pickle.loads(pickle.dumps(table))
+    assert not any(k.startswith("_col_") for k in vars(restored))
+    assert restored.column("id", str)[np.array([3, 0])].tolist() == ['d"q', "a"]

@@ -181,13 +181,21 @@ def _reference_ranking(part: UserPartition, table: ItemTable, uid: str) -> list[
     dicts per candidate and dense long-term and vector scores, from the documented rules."""
     import math
 
-    from models.ranking import _MS_PER_H, _sources
+    from models.ranking import _MS_PER_H
     from models.table import top_indices
 
     p = part.params
     cat = part.catalogue_map(table)
     decay = math.log(2.0) / (p.user_half_life_h * _MS_PER_H)
-    srcs, hs = _sources(part.users[uid], part.weights, p.sources, decay, p.source_decay)
+    view = part.user(uid)
+    # sources: the newest distinct history items; the n-th newest weighs its event type's weight
+    # times source_decay ** n times exp(-decay * its age behind the user's last event)
+    srcs: list[int] = []
+    hs: list[float] = []
+    for i, ts, w in reversed(view.history):
+        if i not in srcs and len(srcs) < p.sources:
+            hs.append(w * p.source_decay ** len(srcs) * math.exp(-decay * (view.last_ts - ts)))
+            srcs.append(i)
     cooc: dict[int, float] = {}
     best: dict[int, tuple[float, int]] = {}
     for j, h in zip(cat[srcs].tolist(), hs, strict=True):
@@ -373,3 +381,39 @@ def test_a_list_does_not_depend_on_what_was_ranked_before_it() -> None:
     for uid in reversed(users):
         (alone,) = recommend(part, table, [uid])
         assert alone.item_ids == together[uid], uid
+
+
+@settings(max_examples=40, deadline=None)
+@given(event_logs(), st.integers(1, 12), st.floats(0.3, 1.0))
+def test_sources_kernel_matches_the_documented_rule_exactly(events: list[Event], k: int, step: float) -> None:
+    """``kernels.user_sources`` over records laid end to end gives every user's newest distinct
+    items with the weights of the plain rule, bit for bit (replays must rank identically)."""
+    import math
+
+    from models.kernels import history_items, user_sources
+
+    part = UserPartition(P)
+    part.apply(events)
+    uids = list(part.users)
+    recs = [part.users[u] for u in uids]
+    flat = np.frombuffer(b"".join(recs), dtype=np.int64)
+    ptr = np.concatenate([[0], np.cumsum([len(r) for r in recs])]).astype(np.int64)
+    decay = 1e-7
+    s_ptr, s_item, s_w, hsum = user_sources(flat, ptr, np.asarray(part.weights), k, decay, step)
+    hist: list[int] = []
+    for r, uid in enumerate(uids):
+        view = part.user(uid)
+        hist.extend(i for i, _, _ in view.history)
+        srcs: list[int] = []
+        hs: list[float] = []
+        f = 1.0
+        for i, ts, w in reversed(view.history):
+            if i not in srcs and len(srcs) < k:
+                srcs.append(i)
+                hs.append(w * f * math.exp(-decay * (view.last_ts - ts)))
+                f *= step
+        a, b = s_ptr[r], s_ptr[r + 1]
+        assert s_item[a:b].tolist() == srcs
+        assert s_w[a:b].tolist() == hs
+        assert hsum[r] == sum(hs)
+    assert history_items(flat, ptr).tolist() == hist
