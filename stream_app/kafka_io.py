@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -127,9 +130,20 @@ class KafkaSink:
         self.failed = 0
         self.sent = 0
         self.pending = 0
+        self.produced = 0  # messages produced, ever: a mark for ``delivered_through``
+        self._unacked: deque[int] = deque()  # sequence numbers in produce order, not yet known acked
+        self._acked: set[int] = set()  # acknowledged (or failed) out of order, ahead of _unacked[0]
         self._errors = metrics.KAFKA_ERRORS.labels(stage)
 
-    def _on_delivery(self, err: Any, msg: Any) -> None:
+    def _track(self) -> Callable[[Any, Any], None]:
+        seq = self.produced
+        self.produced += 1
+        self.pending += 1
+        self._unacked.append(seq)
+        return partial(self._on_delivery, seq)
+
+    def _on_delivery(self, seq: int, err: Any, msg: Any) -> None:
+        self._acked.add(seq)
         if err is not None:
             self.failed += 1
             self._errors.inc()
@@ -137,15 +151,29 @@ class KafkaSink:
         else:
             self.sent += 1
 
+    def delivered_through(self, mark: int) -> bool:
+        """Whether every message produced before ``mark`` (a value of ``produced``) has been
+        acknowledged, without waiting: an offset commit that needs only those need not flush
+        what the stage produced since. Raises if a delivery failed (as ``flush`` does)."""
+        self.producer.poll(0)  # serve the delivery callbacks that are due
+        q, acked = self._unacked, self._acked
+        while q and q[0] in acked:
+            acked.discard(q.popleft())
+        if self.failed:
+            raise RuntimeError(f"{self.failed} messages failed delivery; not committing")
+        return not q or q[0] >= mark
+
     def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None) -> None:
         kw: dict[str, Any] = {} if partition is None else {"partition": partition}
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery, **kw)
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._track(), **kw)
                 break
             except BufferError:
+                self._unacked.pop()  # not produced after all
+                self.produced -= 1
+                self.pending -= 1
                 self.producer.poll(0.1)  # the local queue is full: let deliveries drain, then retry
-        self.pending += 1
 
     def dead_letter(self, key: bytes | None, raw: bytes | None, partition: int, offset: int, reason: str) -> None:
         headers: list[tuple[str, str | bytes | None]] = [
@@ -154,9 +182,8 @@ class KafkaSink:
             ("source_partition", str(partition).encode()),
             ("source_offset", str(offset).encode()),
         ]
-        self.producer.produce(self.dlq_topic, value=raw, key=key, headers=headers, on_delivery=self._on_delivery)
+        self.producer.produce(self.dlq_topic, value=raw, key=key, headers=headers, on_delivery=self._track())
         self.producer.poll(0)
-        self.pending += 1
 
     def poll(self) -> None:
         self.producer.poll(0)
@@ -168,6 +195,8 @@ class KafkaSink:
             if left:
                 raise RuntimeError(f"{left} messages not delivered within {timeout}s; not committing")
             self.pending = 0
+            self._unacked.clear()
+            self._acked.clear()
             if self.failed:
                 raise RuntimeError(f"{self.failed} messages failed delivery; not committing")
 

@@ -162,6 +162,9 @@ class Pipeline(StageLoop[UserPartition]):
             b.seed_from(run.state)
             run.extra = b
 
+    def extra_due(self, now: float) -> bool:
+        return bool(self.snapshots.due([self.feed.snapshottable()], now))
+
     def extra_snapshots(self, now: float) -> None:
         x = self.feed.snapshottable()
         if self.snapshots.due([x], now):

@@ -15,7 +15,9 @@ a batch's offsets are committed only once its outputs have landed, so lag monito
 A stage subclass says what a partition's state is and what an iteration does with the buffered
 messages (``process``); this class owns the consumer, the assignment callbacks and the commits,
 and uses the output writer (``stream_app.output``: Redis writes on their own thread, overlapping
-the next batch) and the snapshot scheduler (``stream_app.snapshots``).
+the next iteration's consume and model work) and the snapshot scheduler (``stream_app.snapshots``).
+An iteration waits for the write in flight only before it starts its own write, or before a
+snapshot (a snapshot must not hold state whose outputs are not yet in Redis).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class StageLoop(Generic[S]):
         )
         self.writer = OutputWriter(self.name.split()[0], self.retry)
         self._live = False  # the last consume call ran dry: no backlog, latency matters
+        # writes that landed, not yet committed: (messages produced by their submission, offsets)
+        self._landed: list[tuple[int, dict[int, int]]] = []
+        self._write_mark = 0
         # what /metrics and the health checks read (stream_app.metrics)
         self.label = self.name.split()[0]
         self.lag: dict[int, int] = {}  # partition -> messages behind its high watermark
@@ -144,6 +149,10 @@ class StageLoop(Generic[S]):
 
     def extra_snapshots(self, now: float) -> None:
         """Snapshots of state other than the partitions' (the user stage's item table)."""
+
+    def extra_due(self, now: float) -> bool:
+        """Whether one of ``extra_snapshots`` is due."""
+        return False
 
     def close(self) -> None:
         """After the loop stopped (success or error)."""
@@ -276,17 +285,32 @@ class StageLoop(Generic[S]):
             run = self.runs.get(m.partition() or 0)
             if run is not None and offset_of(m) >= run.next_offset:
                 run.buffer.append(m)
-        t0 = time.perf_counter()
-        self._settle(sync=False)  # the previous iteration's outputs are in Redis: commit them
         now = time.monotonic()
-        self._periodic_snapshots(now)  # the state now matches what Redis shows
+        waited = 0.0
+        self._commit_landed(sync=False, wait=False)  # writes that landed, blocks' messages acknowledged
+        if self._snapshots_due(now):
+            # a snapshot must show no more than Redis does: let the write in flight land first
+            t0 = time.perf_counter()
+            self._settle(sync=False)
+            waited = time.perf_counter() - t0
+            self._periodic_snapshots(now)
+        else:
+            self._periodic_snapshots(now, start=False)
         before = {p: r.next_offset for p, r in self.runs.items()}
         t1 = time.perf_counter()
+        # the model work overlaps the previous iteration's write, which lands before this
+        # iteration's write starts
         out = self.process(drained, now)
         offsets = {p: r.next_offset for p, r in self.runs.items() if r.next_offset != before[p]}
+        t2 = time.perf_counter()
+        # committed in a later iteration, once the messages of its block are acknowledged: a
+        # flush now would also wait for the deltas this block has just produced
+        self._settle(sync=False, commit=False)
+        waited += time.perf_counter() - t2
         if out is not None or offsets:
-            metrics.BLOCK_SECONDS.observe(time.perf_counter() - t1, self.label)
+            metrics.BLOCK_SECONDS.observe(t2 - t1, self.label)
             metrics.BLOCK_EVENTS.observe(sum(r.next_offset - before[p] for p, r in self.runs.items()), self.label)
+            self._write_mark = self.sink.produced if self.sink is not None else 0  # the block's messages
             self.writer.submit(self._timed(out) if out is not None else None, offsets)
         if now - self._lag_at >= 1.0:
             self._lag_at = now
@@ -297,8 +321,8 @@ class StageLoop(Generic[S]):
                 self.name,
                 len(msgs),
                 sum(r.next_offset - before[p] for p, r in self.runs.items() if p in offsets),
-                1000 * (time.perf_counter() - t1),
-                1000 * (t1 - t0),
+                1000 * (t2 - t1),
+                1000 * waited,
             )
 
     def _timed(self, out: Output) -> Output:
@@ -318,23 +342,64 @@ class StageLoop(Generic[S]):
             if hi >= 0:
                 self.lag[p] = max(hi - r.next_offset, 0)
 
-    def _settle(self, sync: bool) -> None:
-        """Wait for the write in flight (which retries outages itself), flush what the iteration
-        produced to Kafka, then commit the offsets they complete."""
+    def _settle(self, sync: bool, commit: bool = True) -> None:
+        """Wait for the write in flight (which retries outages itself); with ``commit``, flush
+        what was produced to Kafka, then commit the offsets of every write that has landed."""
         offsets = self.writer.settle()
         if offsets is not None:
-            self._commit(offsets, sync)
+            self._landed.append((self._write_mark, offsets))
+        if commit:
+            self._commit_landed(sync, wait=True)
 
-    def _commit(self, offsets: dict[int, int], sync: bool) -> None:
+    def _commit_landed(self, sync: bool, wait: bool) -> None:
+        """Commit the offsets of the writes that have landed and whose blocks' messages (e.g.
+        their deltas) are acknowledged: all of them after a flush (``wait``), else those whose
+        messages happen to be acknowledged already (the rest wait for a later call)."""
+        assert self.sink is not None
+        if not self._landed:
+            return
+        if wait:
+            self.sink.flush()
+            ready, self._landed = self._landed, []
+        else:
+            n = 0
+            while n < len(self._landed) and self.sink.delivered_through(self._landed[n][0]):
+                n += 1
+            ready, self._landed = self._landed[:n], self._landed[n:]
+        offsets: dict[int, int] = {}
+        for _, o in ready:
+            offsets.update(o)  # a later write's offsets are higher
+        if offsets:
+            self._commit(offsets, sync, flush=False)
+
+    def _commit(self, offsets: dict[int, int], sync: bool, flush: bool = True) -> None:
         assert self.consumer is not None and self.sink is not None
-        self.sink.flush()
+        if flush:
+            self.sink.flush()
         tps = [TopicPartition(self.topic, p, o) for p, o in offsets.items()]
         if tps and sync:
             self.consumer.commit(offsets=tps, asynchronous=False)
         elif tps:
             self.consumer.commit(offsets=tps, asynchronous=True)
 
-    def _periodic_snapshots(self, now: float) -> None:
+    def _partition_snapshottables(self) -> list[Snapshottable]:
+        return [
+            Snapshottable(
+                ("partition", r.partition, r.next_offset),
+                r.next_offset,
+                r.snapshot_offset,
+                -math.inf if r.snapshot_soon else r.snapshot_at,  # overdue: first in line
+            )
+            for r in self.runs.values()
+        ]
+
+    def _snapshots_due(self, now: float) -> bool:
+        """Whether a snapshot is due in this iteration."""
+        return bool(self.snapshots.due(self._partition_snapshottables(), now)) or self.extra_due(now)
+
+    def _periodic_snapshots(self, now: float, start: bool = True) -> None:
+        """Note the background snapshots that finished and (``start``: no write in flight, so
+        that a snapshot shows no more than Redis does) start those that are due."""
         for done in self.snapshots.finished():
             kind, partition, offset = done.tag
             run = self.runs.get(partition) if kind == "partition" else None
@@ -351,16 +416,9 @@ class StageLoop(Generic[S]):
                 )
             elif kind != "partition":
                 self.snapshot_done(done.tag, done.started)
-        items = [
-            Snapshottable(
-                ("partition", r.partition, r.next_offset),
-                r.next_offset,
-                r.snapshot_offset,
-                -math.inf if r.snapshot_soon else r.snapshot_at,  # overdue: first in line
-            )
-            for r in self.runs.values()
-        ]
-        for x in self.snapshots.due(items, now):
+        if not start:
+            return
+        for x in self.snapshots.due(self._partition_snapshottables(), now):
             run = self.runs[x.tag[1]]
             run.snapshot_at = now  # don't ask again while this one is being written
             run.snapshot_soon = False
