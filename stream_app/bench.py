@@ -432,6 +432,11 @@ def run_bench(
                     f"end to end: {caught.both_rate:,.0f} events/s (user stage {caught.rate:,.0f}; the item "
                     f"stage done {caught.item_lag_s:.1f} s after it)"
                 )
+                if caught.events == 0:
+                    typer.echo(
+                        "(the whole log was committed before the first commit was seen: too short to measure a "
+                        "rate; preload more --events)"
+                    )
                 rss = sum(psutil.Process(x.pid).memory_info().rss for x in (w, wi) if x is not None)
                 users = [str(e["user_id"]) for e in events]
                 items = [str(e["item_id"]) for e in events]

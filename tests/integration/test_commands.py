@@ -109,7 +109,7 @@ def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str
     """``streamrec bench --split-roles --scale-partitions 0``: a user-stage and an item-stage
     process (as deploy/ runs them) take the log and the freshness run; no scale runs."""
     out = tmp_path / "bench.json"
-    args = ["bench", "--events", "6000", "--rate", "400", "--seconds", "2", "--split-roles", "--scale-partitions", "0"]
+    args = ["bench", "--events", "20000", "--rate", "400", "--seconds", "2", "--split-roles", "--scale-partitions", "0"]
     res = _run([*args, "--json", str(out)], worker_env, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = orjson.loads(out.read_bytes())
