@@ -95,8 +95,7 @@ class TwoStage:
             self.table.apply(self.entries.popleft()[1])
         while self.fits and self.fits[0][0] <= self.events:
             _, version, inp = self.fits.popleft()
-            m = fit(inp)
-            self.table.set_long(version, [self.items.item_ids[j] for j in m.pool.tolist()], m.weights)
+            install_fit(self.table, self.items, version, inp)
 
     def recommend(
         self, user_id: str, rescorer: Rescorer | None = None, observer: Observer | None = None
@@ -115,3 +114,10 @@ class TwoStage:
         ex = {it.item_index[x] for x in exclude if x in it.item_index}
         top = [j for j in top_indices(pop, k + len(ex)).tolist() if j not in ex]
         return [it.item_ids[j] for j in top[:k]]
+
+
+def install_fit(table: ItemTable, items: ItemPartition, version: int, inp: FitInput) -> None:
+    """Fit the long-term model on ``inp`` now and install it in ``table``, as a worker does once
+    the item stage's fit process has published it."""
+    m = fit(inp)
+    table.set_long(version, [items.item_ids[j] for j in m.pool.tolist()], m.weights)

@@ -369,6 +369,8 @@ class StageLoop(Generic[S]):
         offsets: dict[int, int] = {}
         for _, o in ready:
             offsets.update(o)  # a later write's offsets are higher
+        # not those of partitions lost meanwhile: another worker may own them now
+        offsets = {p: o for p, o in offsets.items() if p in self.runs}
         if offsets:
             self._commit(offsets, sync, flush=False)
 

@@ -22,8 +22,8 @@ import orjson
 from models.deltas import cut, decode, encode, split
 from models.engine import item_step
 from models.items import ItemPartition
-from models.longterm import fit
 from models.ranking import recommend
+from models.simulation import install_fit
 from models.table import ItemTable, TableEntry
 from models.users import UserPartition
 from stream_app.config import Settings
@@ -52,9 +52,10 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
     in event-time order, cut into blocks of ``block`` events; also per event and per list.
 
     With ``live``, the log is taken in blocks of 2,000 first, untimed, and what is timed is
-    ``live`` events after it as live traffic brings them (``live_events``): mostly one event per
-    user and block, so nearly an event's list each, where a log in event time holds bursts of one
-    user's events that share a list. Long-term fits that come due are fitted and installed at
+    ``live`` events after it as live traffic brings them (``live_events``): users spread over the
+    log's, so many more lists per event than the log's bursts of one user's events give
+    (MovieLens-100K: a list per 3 events in blocks of 2,000, per 1.2 in blocks of 200, against
+    one per 45 for the log). Long-term fits that come due are fitted and installed at
     once, so that ranking includes the long-term scores as in a worker; a worker fits in a
     process of its own, so their time is listed but left out of events/s."""
     schema, params = settings.event_schema(), settings.params()
@@ -101,8 +102,7 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
         t = timed("item state and due entries", t)
         if step.fit is not None:  # installed at once; a worker fits in a process of its own
             version, _, inp = step.fit
-            m = fit(inp)
-            table.set_long(version, [items.item_ids[j] for j in m.pool.tolist()], m.weights)
+            install_fit(table, items, version, inp)
             t = timed(_FITS, t)
         table.apply([TableEntry.decode(e.encode()) for e in step.entries])
         timed("table entries out and in", t)
