@@ -67,8 +67,8 @@ def rank_users(
     nu = len(hsum)
     n = len(pop_term)
     # scratch per catalogue item, zero between users (each user resets what it touched)
-    stamp = np.full(n, -1, dtype=np.int64)  # the last user row that made the item a candidate
-    bad = np.full(n, -1, dtype=np.int64)  # the last user row that has seen it
+    # the last user row that made the item a candidate or ruled it out (seen or excluded)
+    stamp = np.full(n, -1, dtype=np.int64)
     cooc = np.zeros(n)
     vec = np.zeros(n)
     lng = np.zeros(n)
@@ -78,10 +78,7 @@ def rank_users(
     c_item = np.empty(n, dtype=np.int64)
     c_cooc = np.empty(n)
     c_taste = np.empty(n)
-    blocked = np.zeros(n, dtype=np.bool_)
-    for x in excluded:
-        if x < n:
-            blocked[x] = True
+    blocked = excluded[excluded < n]
     out_cnt = np.zeros(nu, dtype=np.int64)
     out_item = np.zeros((nu, k), dtype=np.int64)
     out_score = np.zeros((nu, k))
@@ -89,8 +86,12 @@ def rank_users(
     out_taste = np.zeros((nu, k))
     best = np.zeros(k)
     for r in range(nu):
+        # ruled out before any source touches them: never candidates, so the passes over the
+        # candidates need no test (their scratch scores are reset at the end)
         for q in range(seen_ptr[r], seen_ptr[r + 1]):
-            bad[seen_item[q]] = r
+            stamp[seen_item[q]] = r
+        for i in blocked:
+            stamp[i] = r
         m = 0
         for q in range(src_ptr[r], src_ptr[r + 1]):
             h = src_w[q]
@@ -114,29 +115,23 @@ def rank_users(
             lmax = 0.0
             for t in range(m):
                 i = cand[t]
-                if bad[i] == r or blocked[i]:
-                    continue
                 ct = w_cooc * cooc[i] / safe
                 if ct > cmax:
                     cmax = ct
                 if lng[i] > lmax:
                     lmax = lng[i]
             scale = (cmax if cmax > 0 else 1.0) / (lmax if lmax > 0 else 1.0)
-        mm = 0
         for t in range(m):
             i = cand[t]
-            if bad[i] == r or blocked[i]:
-                continue
             ct = w_cooc * cooc[i] / safe
             taste = w_vec * vec[i]
             if has_long:
                 taste = taste + w_long * lng[i] * scale
-            c_score[mm] = pop_term[i] + ct + taste
-            c_item[mm] = i
-            c_cooc[mm] = ct
-            c_taste[mm] = taste
-            mm += 1
-        sel = _top(c_score[:mm], c_item[:mm], k)
+            c_score[t] = pop_term[i] + ct + taste
+            c_item[t] = i
+            c_cooc[t] = ct
+            c_taste[t] = taste
+        sel = _top(c_score[:m], c_item[:m], k)
         kk = len(sel)
         out_cnt[r] = kk
         for t in range(kk):
@@ -169,6 +164,15 @@ def rank_users(
             cooc[i] = 0.0
             vec[i] = 0.0
             lng[i] = 0.0
+        for q in range(seen_ptr[r], seen_ptr[r + 1]):
+            i = seen_item[q]
+            cooc[i] = 0.0
+            vec[i] = 0.0
+            lng[i] = 0.0
+        for i in blocked:
+            cooc[i] = 0.0
+            vec[i] = 0.0
+            lng[i] = 0.0
     return out_cnt, out_item, out_score, out_src, out_taste
 
 
@@ -188,10 +192,60 @@ def _worse(s1: float, i1: int, s2: float, i2: int) -> bool:
     return s1 < s2 or (s1 == s2 and i1 > i2)
 
 
+# Value buckets for ``_top``'s pre-selection.
+_BINS = 256
+
+
 @nb.njit(cache=True, nogil=True)
 def _top(score: np.ndarray, item: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best (score descending, ties by lower item), best first: one pass
-    with a min-heap of the k best so far (most candidates lose one comparison with its root)."""
+    """Positions of the k best (score descending, ties by lower item), best first.
+
+    A heap costs a sift for every candidate that beats its root, and candidates often come
+    in rising order (a pool listed by popularity, scores that follow it), so most of them do.
+    With many more candidates than k, a histogram of the scores first finds the lowest bucket
+    that keeps at least k above it, and only the candidates from that bucket up enter the heap:
+    three branch-free passes that cost the same whatever the order. The result is the heap's
+    over all candidates (nothing outside the kept buckets can be among the k best)."""
+    m = len(score)
+    if m <= 4 * k or m < 64:
+        return _heap_top(score, item, k)
+    lo = score[0]
+    hi = score[0]
+    total = 0.0  # not finite if any score is not (NaN or inf): then the heap alone decides
+    for t in range(m):
+        lo = min(lo, score[t])
+        hi = max(hi, score[t])
+        total += score[t]
+    s = (_BINS - 1) / (hi - lo) if hi > lo else 0.0
+    if not (math.isfinite(total) and math.isfinite(s)) or s <= 0.0:
+        return _heap_top(score, item, k)
+    cnt = np.zeros(_BINS, dtype=np.int64)
+    for t in range(m):
+        cnt[int((score[t] - lo) * s)] += 1
+    b = _BINS - 1
+    kept = cnt[b]
+    while kept < k:
+        b -= 1
+        kept += cnt[b]
+    where = np.empty(kept + 1, dtype=np.int64)
+    n = 0
+    for t in range(m):  # the same bucket expression as the histogram's: the same n == kept
+        where[n] = t
+        n += int((score[t] - lo) * s) >= b
+    sc = np.empty(n)
+    it = np.empty(n, dtype=np.int64)
+    for t in range(n):
+        sc[t] = score[where[t]]
+        it[t] = item[where[t]]
+    sel = _heap_top(sc, it, k)
+    for t in range(len(sel)):
+        sel[t] = where[sel[t]]
+    return sel
+
+
+@nb.njit(cache=True, nogil=True)
+def _heap_top(score: np.ndarray, item: np.ndarray, k: int) -> np.ndarray:
+    """``_top`` by one pass with a min-heap of the k best so far."""
     m = len(score)
     k = min(k, m)
     heap = np.empty(k, dtype=np.int64)  # positions; heap[0] is the worst kept
@@ -389,11 +443,13 @@ def long_term_top(
     m = len(pool)
     n_pos = len(pos)
     acc = np.zeros(m, dtype=np.float32)
-    bad = np.full(m, -1, dtype=np.int64)
-    blocked = np.zeros(m, dtype=np.bool_)
+    blocked = np.empty(len(excluded), dtype=np.int64)  # pool positions of the excluded items
+    n_blocked = 0
     for x in excluded:
         if x < n_pos and pos[x] >= 0:
-            blocked[pos[x]] = True
+            blocked[n_blocked] = pos[x]
+            n_blocked += 1
+    blocked = blocked[:n_blocked]
     out_cnt = np.zeros(nu, dtype=np.int64)
     out_item = np.zeros((nu, k), dtype=np.int64)
     out_score = np.zeros((nu, k))
@@ -425,16 +481,17 @@ def long_term_top(
             row = weights[c]
             for j in range(m):
                 acc[j] += w * row[j]
-        for q in range(seen_ptr[r], seen_ptr[r + 1]):
+        for q in range(seen_ptr[r], seen_ptr[r + 1]):  # seen and excluded items score 0: dropped
             i = seen_item[q]
             if i < n_pos and pos[i] >= 0:
-                bad[pos[i]] = r
+                acc[pos[i]] = 0.0
+        for j in blocked:
+            acc[j] = 0.0
         mm = 0
-        for j in range(m):
-            if acc[j] > 0 and bad[j] != r and not blocked[j]:
-                c_score[mm] = acc[j]
-                c_item[mm] = pool[j]
-                mm += 1
+        for j in range(m):  # without a branch: about half the pool is kept, unpredictably
+            c_score[mm] = acc[j]
+            c_item[mm] = pool[j]
+            mm += acc[j] > 0
         sel = _top(c_score[:mm], c_item[:mm], k)
         out_cnt[r] = len(sel)
         for t in range(len(sel)):

@@ -119,3 +119,16 @@ def test_table_entries(benchmark: BenchmarkFixture, warm: Warm) -> None:
     rows = list(items.slot)[:500]
     entries = benchmark(items.entries, rows)
     assert len(entries) == 500 and all(len(e.neighbours) == len(e.scores) > 0 for e in entries)
+
+
+def test_top_k_of_a_rising_pool(benchmark: BenchmarkFixture) -> None:
+    """The kernels' top-k (``kernels._top``): the best 100 of 1,682 scores that rise along the
+    input, as long-term scores over a pool listed by popularity tend to (a plain heap's worst
+    order)."""
+    from models.kernels import _top
+
+    rng = np.random.default_rng(1)
+    score = np.sort(rng.exponential(1.0, 1682)) * rng.uniform(0.8, 1.2, 1682)
+    item = np.arange(1682, dtype=np.int64)
+    sel = benchmark(_top, score, item, 100)
+    assert sel.tolist() == np.lexsort((item, -score))[:100].tolist()
