@@ -485,8 +485,8 @@ def long_term_top(
             i = seen_item[q]
             if i < n_pos and pos[i] >= 0:
                 acc[pos[i]] = 0.0
-        for j in blocked:
-            acc[j] = 0.0
+        for x in blocked:
+            acc[x] = 0.0
         mm = 0
         for j in range(m):  # without a branch: about half the pool is kept, unpredictably
             c_score[mm] = acc[j]
