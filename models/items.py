@@ -36,7 +36,7 @@ import numpy as np
 import orjson
 
 from models.deltas import DeltaMessage, item_partition
-from models.kernels import add_context, row_neighbours
+from models.kernels import add_context, add_found, row_neighbours, search_sorted
 from models.longterm import LongTermOwner
 from models.params import ModelParams
 from models.table import TableEntry, derived_column
@@ -424,12 +424,12 @@ class PairCounts:
     def add(self, uk: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Add ``v[k]`` to entry ``uk[k]`` (distinct sorted keys ``row << 32 | col``); returns the
         rows of the entries that were zero or absent before (one per such entry)."""
-        hit, fresh_main = _add_found(self.keys, self.vals, uk, v)
+        hit, fresh_main = add_found(self.keys, self.vals, uk, v)
         uk, v = uk[~hit], v[~hit]
-        hit, fresh_recent = _add_found(self.rkeys, self.rvals, uk, v)
+        hit, fresh_recent = add_found(self.rkeys, self.rvals, uk, v)
         new = uk[~hit]
         if len(new):
-            at = np.searchsorted(self.rkeys, new)
+            at = search_sorted(self.rkeys, new)
             self.rkeys = np.insert(self.rkeys, at, new)
             self.rvals = np.insert(self.rvals, at, v[~hit])
             if len(self.rkeys) > max(_RECENT_MIN, len(self.keys) // 8):
@@ -452,7 +452,7 @@ class PairCounts:
     def bounds(keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where each of ``rows`` lies in the sorted ``keys``: (start, end) arrays."""
         r = rows.astype(np.int64)
-        return np.searchsorted(keys, r << 32), np.searchsorted(keys, (r + 1) << 32)
+        return search_sorted(keys, r << 32), search_sorted(keys, (r + 1) << 32)
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Row ``r``'s non-zero entries: (columns, weights)."""
@@ -483,20 +483,6 @@ class PairCounts:
 
     def nbytes(self) -> int:
         return self.keys.nbytes + self.vals.nbytes + self.rkeys.nbytes + self.rvals.nbytes
-
-
-def _add_found(keys: np.ndarray, vals: np.ndarray, uk: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``vals[key] += v`` for the sorted unique ``uk`` found in ``keys``: (found mask, the keys
-    found whose value was zero)."""
-    if not len(keys):
-        return np.zeros(len(uk), dtype=bool), uk[:0]
-    pos = np.searchsorted(keys, uk)
-    hit = pos < len(keys)
-    hit[hit] = keys[pos[hit]] == uk[hit]
-    ph = pos[hit]
-    zero = vals[ph] == 0
-    vals[ph] += v[hit]
-    return hit, uk[hit][zero]
 
 
 _COL = (1 << 32) - 1

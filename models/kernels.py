@@ -207,7 +207,7 @@ def _top(score: np.ndarray, item: np.ndarray, k: int) -> np.ndarray:
     three branch-free passes that cost the same whatever the order. The result is the heap's
     over all candidates (nothing outside the kept buckets can be among the k best)."""
     m = len(score)
-    if m <= 4 * k or m < 64:
+    if m <= 2 * k or m < 64:
         return _heap_top(score, item, k)
     lo = score[0]
     hi = score[0]
@@ -569,6 +569,55 @@ def _scored(
 
 
 @nb.njit(cache=True, nogil=True)
+def search_sorted(keys: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(keys, needles)`` (left side) for needles in any order, fast for sorted
+    ones: each search gallops from where the previous one ended, so a sorted batch of needles
+    costs about log(gap) steps each over nearby memory, not log(len(keys)) scattered ones."""
+    n = len(keys)
+    out = np.empty(len(needles), dtype=np.int64)
+    at = 0
+    for q in range(len(needles)):
+        x = needles[q]
+        if at > 0 and keys[at - 1] >= x:  # behind the previous needle: search all before it
+            a, b = 0, at - 1
+        else:  # at or after it: gallop forward
+            a, b, step = at, at, 1
+            while b < n and keys[b] < x:
+                a = b + 1
+                b += step
+                step <<= 1
+            b = min(b, n)
+        while a < b:  # the first position in [a, b] whose key is >= x (b: n, or one that is)
+            mid = (a + b) >> 1
+            if keys[mid] < x:
+                a = mid + 1
+            else:
+                b = mid
+        out[q] = a
+        at = a
+    return out
+
+
+@nb.njit(cache=True, nogil=True)
+def add_found(keys: np.ndarray, vals: np.ndarray, uk: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``vals[key] += v`` for the sorted unique ``uk`` found in the sorted ``keys``: (found mask,
+    the keys found whose value was zero before)."""
+    pos = search_sorted(keys, uk)
+    n = len(keys)
+    hit = np.zeros(len(uk), dtype=np.bool_)
+    fresh = np.empty(len(uk), dtype=np.int64)
+    nf = 0
+    for q in range(len(uk)):
+        p = pos[q]
+        if p < n and keys[p] == uk[q]:
+            hit[q] = True
+            fresh[nf] = uk[q]
+            nf += vals[p] == 0
+            vals[p] += v[q]
+    return hit, fresh[:nf]
+
+
+@nb.njit(cache=True, nogil=True)
 def add_context(
     context: np.ndarray,
     slots: np.ndarray,
@@ -639,3 +688,5 @@ def warm_up() -> None:
     row_neighbours(i0, f0, i0, i0, i0, f0, i0, i0, f0, f0, 1)
     ctx = np.zeros((1, 1), dtype=np.float32)
     add_context(ctx, i0, i0, i0, f0, ctx)
+    search_sorted(i0, i0)
+    add_found(i0, f0, i0, f0)

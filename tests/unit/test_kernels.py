@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.kernels import _heap_top, _top
+from models.kernels import _heap_top, _top, search_sorted
 
 
 def _scores(kind: str, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -44,3 +44,19 @@ def test_top_is_the_best_k_by_score_then_lower_item(kind: str, m: int, k: int, s
     want = np.lexsort((i, -s))[:k].tolist()
     assert _top(s, i, k).tolist() == want
     assert _heap_top(s, i, k).tolist() == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(-50, 50), max_size=300),
+    st.lists(st.integers(-60, 60), max_size=300),
+    st.sampled_from(["as drawn", "sorted", "reversed"]),
+)
+def test_search_sorted_is_numpys_left_search(keys: list[int], needles: list[int], order: str) -> None:
+    """``search_sorted`` gallops from the previous answer; it must give ``np.searchsorted``'s
+    positions for needles in any order, with repeated keys and needles outside the range."""
+    k = np.sort(np.array(keys, dtype=np.int64))
+    x = np.array(needles, dtype=np.int64)
+    if order != "as drawn":
+        x = np.sort(x) if order == "sorted" else np.sort(x)[::-1].copy()
+    assert search_sorted(k, x).tolist() == np.searchsorted(k, x).tolist()
