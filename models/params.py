@@ -42,7 +42,7 @@ class ModelParams:
     w_long: float = 0.5  # 0: no long-term model, no fits
     long_items: int = 2000  # the regression covers this many of the most popular items
     long_lambda: float = 200.0  # its L2 penalty
-    long_refit_events: int = 5000
+    long_refit_events: int = 20_000  # set for cost: a fit is O(long_items^3) and every worker loads its (M, M) weights
     long_users: int = 20_000  # the most recently active users whose profiles a fit learns from
     long_half_life: float = 10.0  # in items: how fast older history items lose weight in a user's score
     long_candidates: int = 100  # items per user taken from the regression's scores

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     w_long: float = Field(0.5, ge=0.0)
     long_items: int = Field(2000, ge=1)
     long_lambda: float = Field(200.0, gt=0.0)
-    long_refit_events: int = Field(5000, ge=1)
+    long_refit_events: int = Field(20_000, ge=1)
     long_users: int = Field(20_000, ge=1)
     long_half_life: float = Field(10.0, gt=0.0)
     long_candidates: int = Field(100, ge=1)
