@@ -644,6 +644,87 @@ def add_context(
             row[j] += acc[j]
 
 
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_QUOTE, _COMMA, _BACKSLASH, _OPEN, _CLOSE = 34, 44, 92, 91, 93
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _fnv(buf: np.ndarray, a: int, b: int) -> np.uint64:
+    """FNV-1a of ``buf[a:b]``."""
+    h = _FNV_OFFSET
+    for t in range(a, b):
+        h = (h ^ np.uint64(buf[t])) * _FNV_PRIME
+    return h
+
+
+@nb.njit(cache=True, nogil=True)
+def hash_ids(h_key: np.ndarray, h_code: np.ndarray, id_buf: np.ndarray, id_off: np.ndarray, first: int) -> None:
+    """Enter ids ``first:`` (id c is ``id_buf[id_off[c]:id_off[c + 1]]``, UTF-8) into the
+    open-addressing table ``h_key``/``h_code`` (power-of-two size, -1: an empty slot)."""
+    mask = len(h_key) - 1
+    for c in range(first, len(id_off) - 1):
+        h = _fnv(id_buf, id_off[c], id_off[c + 1])
+        s = np.int64(h & np.uint64(mask))
+        while h_code[s] >= 0:
+            s = (s + 1) & mask
+        h_key[s] = h
+        h_code[s] = c
+
+
+@nb.njit(cache=True, nogil=True)
+def json_id_codes(
+    doc: np.ndarray, h_key: np.ndarray, h_code: np.ndarray, id_buf: np.ndarray, id_off: np.ndarray
+) -> tuple[np.ndarray, bool]:
+    """The numbers of the ids in ``doc``, a JSON array of strings as orjson writes it (no
+    spaces), by the table of ``hash_ids`` (each match checked byte for byte). (codes, True), or
+    (empty, False) when ``doc`` is not such an array, a string holds an escape, or an id is not
+    in the table: the caller then decodes it the general way."""
+    n = len(doc)
+    out = np.empty(n // 3 + 1, dtype=np.int32)  # an id takes at least three bytes: "",
+    if n < 2 or doc[0] != _OPEN or doc[n - 1] != _CLOSE:
+        return out[:0], False
+    if n == 2:
+        return out[:0], True
+    mask = len(h_key) - 1
+    k = 0
+    p = 1
+    while True:
+        if doc[p] != _QUOTE:
+            return out[:0], False
+        a = p + 1
+        q = a
+        while q < n and doc[q] != _QUOTE:
+            if doc[q] == _BACKSLASH:
+                return out[:0], False
+            q += 1
+        if q >= n - 1:
+            return out[:0], False
+        h = _fnv(doc, a, q)
+        s = np.int64(h & np.uint64(mask))
+        code = -1
+        while h_code[s] >= 0 and code < 0:
+            c = h_code[s]
+            if h_key[s] == h and id_off[c + 1] - id_off[c] == q - a:
+                code = c
+                base = id_off[c] - a
+                for t in range(a, q):
+                    if id_buf[base + t] != doc[t]:
+                        code = -1
+                        break
+            s = (s + 1) & mask
+        if code < 0:
+            return out[:0], False
+        out[k] = code
+        k += 1
+        p = q + 1
+        if p == n - 1:
+            return out[:k], True
+        if doc[p] != _COMMA:
+            return out[:0], False
+        p += 1
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the models pass, so
     that a worker pays it at start, before it joins its group, and not in its first block: the
@@ -690,3 +771,6 @@ def warm_up() -> None:
     add_context(ctx, i0, i0, i0, f0, ctx)
     search_sorted(i0, i0)
     add_found(i0, f0, i0, f0)
+    from models.id_codes import IdCodes
+
+    IdCodes().codes(b'["a"]', ["a"])

@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 import orjson
 
+from models.id_codes import IdCodes
 from models.longterm import ItemRegression
 
 _MAGIC = b"SRT1"
@@ -132,7 +133,14 @@ class ItemTable:
         self._pop: tuple[int, np.ndarray] = (-1, np.zeros(0))
 
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_col_")}  # caches
+        return {k: v for k, v in self.__dict__.items() if not k.startswith(("_col_", "_codes"))}  # caches
+
+    def _id_codes(self) -> IdCodes:
+        """The catalogue's ids for the compiled neighbour-list decode (a cache, not pickled)."""
+        codes: IdCodes | None = self.__dict__.get("_codes")
+        if codes is None:
+            codes = self.__dict__["_codes"] = IdCodes()
+        return codes
 
     def column(self, name: str, derive: Callable[[str], object]) -> np.ndarray:
         """``derive(id)`` for every item, as an object array indexed by item number (cached,
@@ -187,12 +195,14 @@ class ItemTable:
                 self._store(i, e)
 
     def _store(self, i: int, e: TableEntry) -> None:
-        ids: list[str] = orjson.loads(e.ids_json)
-        k = len(ids)
-        try:  # C-speed lookups; an id new to the catalogue (None) takes the slow path
-            codes = np.fromiter(map(self.index.get, ids), dtype=np.int32, count=k)
-        except TypeError:
-            codes = np.fromiter(map(self.item, ids), dtype=np.int32, count=k)
+        codes = self._id_codes().codes(e.ids_json, self.ids)  # compiled; None: decode here
+        if codes is None:
+            ids: list[str] = orjson.loads(e.ids_json)
+            try:  # C-speed lookups; an id new to the catalogue (None) takes the slow path
+                codes = np.fromiter(map(self.index.get, ids), dtype=np.int32, count=len(ids))
+            except TypeError:
+                codes = np.fromiter(map(self.item, ids), dtype=np.int32, count=len(ids))
+        k = len(codes)
         self.slab_live -= int(self.nb_len[i])
         if self.slab_used + k > len(self.slab_item):
             self._compact(k)

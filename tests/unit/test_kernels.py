@@ -60,3 +60,30 @@ def test_search_sorted_is_numpys_left_search(keys: list[int], needles: list[int]
     if order != "as drawn":
         x = np.sort(x) if order == "sorted" else np.sort(x)[::-1].copy()
     assert search_sorted(k, x).tolist() == np.searchsorted(k, x).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=300, unique=True),
+    st.data(),
+)
+def test_id_codes_map_a_json_id_list_as_a_dict_would(ids: list[str], data: st.DataObject) -> None:
+    """``IdCodes`` reads orjson's arrays of ids straight from the bytes: the same numbers as a
+    dict lookup of the decoded strings, or None (the caller decodes) only where an id is
+    unknown or needs an escape in JSON; the catalogue may grow between calls."""
+    import orjson
+
+    from models.id_codes import IdCodes
+
+    codes = IdCodes()
+    known = data.draw(st.integers(1, len(ids)))
+    for _ in range(3):
+        picked = data.draw(st.lists(st.sampled_from(ids), max_size=60))
+        got = codes.codes(orjson.dumps(picked), ids[:known])
+        escaped = any(orjson.dumps(x)[1:-1] != x.encode() for x in picked)
+        unknown = any(ids.index(x) >= known for x in picked)
+        if escaped or unknown:
+            assert got is None
+        else:
+            assert got is not None and got.tolist() == [ids.index(x) for x in picked]
+        known = data.draw(st.integers(known, len(ids)))
