@@ -1,4 +1,4 @@
-"""The kernels' top-k selection against a plain sort."""
+"""Kernels against plain references: the top-k selection, the galloping search, the id decode."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from models.kernels import _heap_top, _top, search_sorted
 def _scores(kind: str, m: int, rng: np.random.Generator) -> np.ndarray:
     """Score arrays of the shapes that matter: few distinct values (ties decided by item), wide
     ranges with infinities, rising runs (the heap's worst order, and what a popularity-ordered
-    pool gives), a range too narrow to cut into buckets, and heavy tails."""
+    pool gives), ranges a few ulps wide or subnormal (too narrow to cut into buckets), and heavy
+    tails."""
     if kind == "ties":
         return rng.choice([0.0, 0.5, 1.0, 2.0, -1.0], m)
     if kind == "wide":
