@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from models.arrays import grown
 from models.kernels import hash_ids, json_id_codes
 
 
@@ -44,11 +45,11 @@ class IdCodes:
         lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
         first, n = self.n, len(ids)
         if n + 1 > len(self.off):
-            self.off = _grown(self.off, 2 * (n + 1))
+            self.off = grown(self.off, 2 * (n + 1))
         self.off[first + 1 : n + 1] = self.off[first] + np.cumsum(lens)
         end = int(self.off[n])
         if end > len(self.buf):
-            self.buf = _grown(self.buf, 2 * end)
+            self.buf = grown(self.buf, 2 * end)
         self.buf[self.off[first] : end] = np.frombuffer(b"".join(new), dtype=np.uint8)
         self.n = n
         if 2 * n > len(self.h_key):  # at most half full: rebuild at twice the size
@@ -59,9 +60,3 @@ class IdCodes:
             self.h_code = np.full(size, -1, dtype=np.int64)
             first = 0
         hash_ids(self.h_key, self.h_code, self.buf, self.off[: n + 1], first)
-
-
-def _grown(a: np.ndarray, cap: int) -> np.ndarray:
-    out = np.zeros(cap, dtype=a.dtype)
-    out[: len(a)] = a
-    return out

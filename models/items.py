@@ -35,6 +35,7 @@ from itertools import islice
 import numpy as np
 import orjson
 
+from models.arrays import grown
 from models.deltas import DeltaMessage, item_partition
 from models.kernels import add_context, add_found, row_neighbours, search_sorted
 from models.longterm import LongTermOwner
@@ -128,9 +129,9 @@ class ItemPartition:
         i = len(self.item_ids)
         if i >= len(self.pop):
             cap = max(1024, 2 * len(self.pop))
-            self.pop = _grown(self.pop, cap)
-            self.index_vecs = _grown(self.index_vecs, cap)
-            self.own = _grown(self.own, cap)
+            self.pop = grown(self.pop, cap)
+            self.index_vecs = grown(self.index_vecs, cap)
+            self.own = grown(self.own, cap)
             slot_of = np.full(cap, -1, dtype=np.int64)
             slot_of[: len(self.slot_of)] = self.slot_of
             self.slot_of = slot_of
@@ -148,11 +149,11 @@ class ItemPartition:
             self.slot_items.append(i)
             if s >= len(self.row_mass):
                 cap = max(256, 2 * len(self.row_mass))
-                self.context = _grown(self.context, cap)
-                self.row_mass = _grown(self.row_mass, cap)
-                self.row_len = _grown(self.row_len, cap)
-                self.pub_mass = _grown(self.pub_mass, cap)
-                self.pub_pop = _grown(self.pub_pop, cap)
+                self.context = grown(self.context, cap)
+                self.row_mass = grown(self.row_mass, cap)
+                self.row_len = grown(self.row_len, cap)
+                self.pub_mass = grown(self.pub_mass, cap)
+                self.pub_pop = grown(self.pub_pop, cap)
         return s
 
     def row(self, i: int) -> dict[int, float]:
@@ -396,12 +397,6 @@ class ItemPartition:
             part = np.arange(len(pop))
         best = sorted(part.tolist(), key=lambda j: (-pop[j], ids[j]))[:k]
         return [(ids[j], float(pop[j])) for j in best]
-
-
-def _grown(a: np.ndarray, cap: int) -> np.ndarray:
-    out = np.zeros((cap,) + a.shape[1:], dtype=a.dtype)
-    out[: len(a)] = a
-    return out
 
 
 class PairCounts:

@@ -160,20 +160,20 @@ def rank_users(
         for t in range(kk):
             listed[out_item[r, t]] = -1
         for t in range(m):
-            i = cand[t]
-            cooc[i] = 0.0
-            vec[i] = 0.0
-            lng[i] = 0.0
+            _clear(cand[t], cooc, vec, lng)
         for q in range(seen_ptr[r], seen_ptr[r + 1]):
-            i = seen_item[q]
-            cooc[i] = 0.0
-            vec[i] = 0.0
-            lng[i] = 0.0
+            _clear(seen_item[q], cooc, vec, lng)
         for i in blocked:
-            cooc[i] = 0.0
-            vec[i] = 0.0
-            lng[i] = 0.0
+            _clear(i, cooc, vec, lng)
     return out_cnt, out_item, out_score, out_src, out_taste
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _clear(i: int, cooc: np.ndarray, vec: np.ndarray, lng: np.ndarray) -> None:
+    """Zero item ``i``'s scratch scores for the next user."""
+    cooc[i] = 0.0
+    vec[i] = 0.0
+    lng[i] = 0.0
 
 
 @nb.njit(cache=True, nogil=True, inline="always")
@@ -771,6 +771,7 @@ def warm_up() -> None:
     add_context(ctx, i0, i0, i0, f0, ctx)
     search_sorted(i0, i0)
     add_found(i0, f0, i0, f0)
-    from models.id_codes import IdCodes
-
-    IdCodes().codes(b'["a"]', ["a"])
+    h_key, h_code = np.zeros(2, dtype=np.uint64), np.full(2, -1, dtype=np.int64)
+    id_buf, id_off = np.array([ord("a")], dtype=np.uint8), np.array([0, 1], dtype=np.int64)  # as IdCodes keeps them
+    hash_ids(h_key, h_code, id_buf, id_off, 0)
+    json_id_codes(np.frombuffer(b'["a"]', dtype=np.uint8), h_key, h_code, id_buf, id_off)

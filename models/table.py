@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 import orjson
 
+from models.arrays import grown
 from models.id_codes import IdCodes
 from models.longterm import ItemRegression
 
@@ -165,8 +166,8 @@ class ItemTable:
                 un = np.zeros((cap, self.dim), dtype=np.float32)
                 un[:i] = self.unit[:i]
                 self.log_pop, self.unit = lp, un
-                self.nb_off = _grown(self.nb_off, cap)
-                self.nb_len = _grown(self.nb_len, cap)
+                self.nb_off = grown(self.nb_off, cap)
+                self.nb_len = grown(self.nb_len, cap)
         return i
 
     def apply(self, entries: Iterable[TableEntry]) -> int:
@@ -282,12 +283,6 @@ class ItemTable:
 _EMPTY_I = np.zeros(0, dtype=np.int32)
 _EMPTY_F = np.zeros(0, dtype=np.float32)
 _EMPTY_O = np.empty(0, dtype=object)
-
-
-def _grown(a: np.ndarray, cap: int) -> np.ndarray:
-    out = np.zeros(cap, dtype=a.dtype)
-    out[: len(a)] = a
-    return out
 
 
 def derived_column(owner: object, name: str, ids: Sequence[str], derive: Callable[[str], object]) -> np.ndarray:
