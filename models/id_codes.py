@@ -33,12 +33,20 @@ class IdCodes:
     def codes(self, doc: bytes, ids: Sequence[str]) -> np.ndarray | None:
         """The numbers (int32) of the ids in the JSON array ``doc``, where ``ids`` is the
         catalogue now (id -> its position); None where the general decode must decide."""
+        out, cnt = self.codes_many([doc], ids)
+        return out if cnt[0] >= 0 else None
+
+    def codes_many(self, docs: Sequence[bytes], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``codes`` for many documents in one compiled call (a ranked chunk's sources): (the
+        codes of those decoded, end to end; per document its count, -1 where the general decode
+        must decide)."""
         if len(ids) > self.n:
             self._extend(ids)
-        out, ok = json_id_codes(
-            np.frombuffer(doc, dtype=np.uint8), self.h_key, self.h_code, self.buf, self.off[: self.n + 1]
-        )
-        return out if ok else None
+        doc_off = np.zeros(len(docs) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)), out=doc_off[1:])
+        buf = np.frombuffer(b"".join(docs), dtype=np.uint8)
+        out, cnt = json_id_codes(buf, doc_off, self.h_key, self.h_code, self.buf, self.off[: self.n + 1])
+        return out, cnt
 
     def _extend(self, ids: Sequence[str]) -> None:
         new = [x.encode() for x in ids[self.n :]]

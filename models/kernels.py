@@ -674,33 +674,68 @@ def hash_ids(h_key: np.ndarray, h_code: np.ndarray, id_buf: np.ndarray, id_off: 
 
 @nb.njit(cache=True, nogil=True)
 def json_id_codes(
-    doc: np.ndarray, h_key: np.ndarray, h_code: np.ndarray, id_buf: np.ndarray, id_off: np.ndarray
-) -> tuple[np.ndarray, bool]:
-    """The numbers of the ids in ``doc``, a JSON array of strings as orjson writes it (no
-    spaces), by the table of ``hash_ids`` (each match checked byte for byte). (codes, True), or
-    (empty, False) when ``doc`` is not such an array, a string holds an escape, or an id is not
-    in the table: the caller then decodes it the general way."""
-    n = len(doc)
-    out = np.empty(n // 3 + 1, dtype=np.int32)  # an id takes at least three bytes: "",
-    if n < 2 or doc[0] != _OPEN or doc[n - 1] != _CLOSE:
-        return out[:0], False
-    if n == 2:
-        return out[:0], True
-    mask = len(h_key) - 1
+    buf: np.ndarray,
+    doc_off: np.ndarray,
+    h_key: np.ndarray,
+    h_code: np.ndarray,
+    id_buf: np.ndarray,
+    id_off: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The numbers of the ids in each of the documents laid end to end in ``buf`` (document d is
+    ``buf[doc_off[d]:doc_off[d + 1]]``), by the table of ``hash_ids`` (each match checked byte
+    for byte): (codes of the documents decoded, end to end; per document its count, or -1 where
+    the caller must decode it the general way). A document is a JSON array of strings as orjson
+    writes it (no spaces); one with an escape or an id not in the table is left to the caller."""
+    nd = len(doc_off) - 1
+    out = np.empty(len(buf) // 3 + nd, dtype=np.int32)  # an id takes at least three bytes: "",
+    cnt = np.full(nd, -1, dtype=np.int64)
     k = 0
-    p = 1
+    for d in range(nd):
+        m = _json_ids_into(buf, doc_off[d], doc_off[d + 1], h_key, h_code, id_buf, id_off, out, k)
+        if m >= 0:
+            cnt[d] = m
+            k += m
+    return out[:k], cnt
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _json_ids_into(
+    doc: np.ndarray,
+    start: int,
+    end: int,
+    h_key: np.ndarray,
+    h_code: np.ndarray,
+    id_buf: np.ndarray,
+    id_off: np.ndarray,
+    out: np.ndarray,
+    k0: int,
+) -> int:
+    """Decode the array ``doc[start:end]`` into ``out[k0:]``: how many ids, or -1 (see
+    ``json_id_codes``)."""
+    n = end
+    if n - start < 2 or doc[start] != _OPEN or doc[n - 1] != _CLOSE:
+        return -1
+    if n - start == 2:
+        return 0
+    mask = len(h_key) - 1
+    k = k0
+    p = start + 1
     while True:
         if doc[p] != _QUOTE:
-            return out[:0], False
+            return -1
         a = p + 1
         q = a
-        while q < n and doc[q] != _QUOTE:
-            if doc[q] == _BACKSLASH:
-                return out[:0], False
+        h = _FNV_OFFSET  # FNV-1a (``_fnv``) of the id, taken on the way to its closing quote
+        while q < n:
+            b = doc[q]
+            if b == _QUOTE:
+                break
+            if b == _BACKSLASH:
+                return -1
+            h = (h ^ np.uint64(b)) * _FNV_PRIME
             q += 1
         if q >= n - 1:
-            return out[:0], False
-        h = _fnv(doc, a, q)
+            return -1
         s = np.int64(h & np.uint64(mask))
         code = -1
         while h_code[s] >= 0 and code < 0:
@@ -714,14 +749,14 @@ def json_id_codes(
                         break
             s = (s + 1) & mask
         if code < 0:
-            return out[:0], False
+            return -1
         out[k] = code
         k += 1
         p = q + 1
         if p == n - 1:
-            return out[:k], True
+            return k - k0
         if doc[p] != _COMMA:
-            return out[:0], False
+            return -1
         p += 1
 
 
@@ -774,4 +809,5 @@ def warm_up() -> None:
     h_key, h_code = np.zeros(2, dtype=np.uint64), np.full(2, -1, dtype=np.int64)
     id_buf, id_off = np.array([ord("a")], dtype=np.uint8), np.array([0, 1], dtype=np.int64)  # as IdCodes keeps them
     hash_ids(h_key, h_code, id_buf, id_off, 0)
-    json_id_codes(np.frombuffer(b'["a"]', dtype=np.uint8), h_key, h_code, id_buf, id_off)
+    doc, doc_off = np.frombuffer(b'["a"]', dtype=np.uint8), np.array([0, 5], dtype=np.int64)
+    json_id_codes(doc, doc_off, h_key, h_code, id_buf, id_off)

@@ -187,32 +187,62 @@ class ItemTable:
 
     def parse(self, items: Iterable[int]) -> None:
         """Parse the pending neighbour lists of ``items`` into the slab (new ids they name join
-        the catalogue), so that ``nb_off``/``nb_len`` describe them."""
+        the catalogue), so that ``nb_off``/``nb_len`` describe them. The lists go through one
+        compiled decode together (``IdCodes.codes_many``); the few it leaves (an escape, an id
+        new to the catalogue) are decoded one by one, in order."""
         pending = self.pending
+        todo: list[int] = []
+        entries: list[TableEntry] = []
         for i in items:
             e = pending[i]
             if e is not None:
                 pending[i] = None
-                self._store(i, e)
+                todo.append(i)
+                entries.append(e)
+        if not todo:
+            return
+        codes, cnt = self._id_codes().codes_many([e.ids_json for e in entries], self.ids)
+        n_scores = np.fromiter((len(e.scores) for e in entries), dtype=np.int64, count=len(entries))
+        good = cnt == n_scores  # a count of -1 never matches
+        if not good.all():
+            codes = codes[np.repeat(good[cnt >= 0], cnt[cnt >= 0])]
+        ok = good.tolist()
+        scores = [e.scores for e, g in zip(entries, ok, strict=True) if g]
+        self._place(np.asarray(todo, dtype=np.int64)[good], cnt[good], codes, scores)
+        slow = [(i, e) for i, e, g in zip(todo, entries, ok, strict=True) if not g]
+        for i, e in slow:  # pending until stored, as if taken one at a time
+            pending[i] = e
+        for i, e in slow:
+            pending[i] = None
+            self._store(i, e)
+
+    def _place(self, idx: np.ndarray, lens: np.ndarray, codes: np.ndarray, scores: list[np.ndarray]) -> None:
+        """Put the lists of items ``idx`` (``lens`` long, ``codes`` and ``scores`` end to end) at
+        the slab's end, replacing theirs."""
+        total = int(lens.sum())
+        self.slab_live -= int(self.nb_len[idx].sum())
+        self.nb_len[idx] = 0  # their old slices are dead before any compaction
+        if self.slab_used + total > len(self.slab_item):
+            self._compact(total)
+        a = self.slab_used
+        self.slab_item[a : a + total] = codes
+        if scores:
+            self.slab_score[a : a + total] = np.concatenate(scores)
+        self.nb_off[idx] = a + np.cumsum(lens) - lens
+        self.nb_len[idx] = lens
+        self.slab_used += total
+        self.slab_live += total
 
     def _store(self, i: int, e: TableEntry) -> None:
-        codes = self._id_codes().codes(e.ids_json, self.ids)  # compiled; None: decode here
-        if codes is None:
-            ids: list[str] = orjson.loads(e.ids_json)
-            try:  # C-speed lookups; an id new to the catalogue (None) takes the slow path
-                codes = np.fromiter(map(self.index.get, ids), dtype=np.int32, count=len(ids))
-            except TypeError:
-                codes = np.fromiter(map(self.item, ids), dtype=np.int32, count=len(ids))
-        k = len(codes)
-        self.slab_live -= int(self.nb_len[i])
-        if self.slab_used + k > len(self.slab_item):
-            self._compact(k)
-        a = self.slab_used
-        self.slab_item[a : a + k] = codes
-        self.slab_score[a : a + k] = e.scores
-        self.nb_off[i], self.nb_len[i] = a, k
-        self.slab_used += k
-        self.slab_live += k
+        """One list the general way: orjson, and a dict lookup per id (new ids join the catalogue)."""
+        ids: list[str] = orjson.loads(e.ids_json)
+        try:  # C-speed lookups; an id new to the catalogue (None) takes the slow path
+            codes = np.fromiter(map(self.index.get, ids), dtype=np.int32, count=len(ids))
+        except TypeError:
+            codes = np.fromiter(map(self.item, ids), dtype=np.int32, count=len(ids))
+        if len(codes) != len(e.scores):
+            raise ValueError(f"table entry of {e.item_id!r}: {len(codes)} neighbours, {len(e.scores)} scores")
+        self._place(np.array([i], dtype=np.int64), np.array([len(codes)], dtype=np.int64), codes, [e.scores])
 
     def _compact(self, room: int) -> None:
         """Drop the dead slices (and make ``room`` more), in one vectorised copy."""

@@ -298,3 +298,34 @@ def test_table_string_columns_follow_the_catalogue_and_stay_out_of_snapshots() -
     restored = pickle.loads(pickle.dumps(table))
     assert not any(k.startswith("_col_") for k in vars(restored))
     assert restored.column("id", str)[np.array([3, 0])].tolist() == ['d"q', "a"]
+
+
+def test_table_parses_a_batch_of_lists_as_one_at_a_time() -> None:
+    """``ItemTable.parse`` decodes many pending lists in one compiled call; lists it cannot
+    (an id new to the catalogue, one with an escape) are decoded one by one in order, so the
+    catalogue numbers and every neighbour list are those of parsing the entries singly."""
+    rng = np.random.default_rng(5)
+    known = [f"i{k}" for k in range(40)]
+    entries = []
+    for k in range(30):
+        nb = [known[j] for j in rng.choice(len(known), 12, replace=False)]
+        if k in (4, 11, 12, 20):  # some lists name ids no table has seen yet, one in several
+            nb[3] = f"new-{k}é"
+            nb[7] = 'q"uote'
+        scores = rng.random(12).astype(np.float32)
+        entries.append(TableEntry.of(known[k], float(k), nb, scores, np.zeros(4, np.float32)))
+    batch, single = ItemTable(4), ItemTable(4)
+    for t in (batch, single):
+        for x in known:
+            t.item(x)
+        t.apply(entries)
+    batch.parse(range(batch.n_items))
+    for i in range(single.n_items):
+        single.parse([i])
+    assert batch.ids == single.ids and len(batch.ids) > len(known)
+    assert not any(e is not None for t in (batch, single) for e in t.pending)
+    for i, e in enumerate(entries):  # item i is known[i]
+        got, want = batch.sim_top(i), single.sim_top(i)
+        assert [batch.ids[j] for j in got[0]] == [single.ids[j] for j in want[0]] == e.neighbours
+        assert got[1].tolist() == want[1].tolist() == e.scores.tolist()
+    assert all(len(batch.sim_top(i)[0]) == 0 for i in range(len(entries), len(known)))

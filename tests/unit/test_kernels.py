@@ -68,10 +68,11 @@ def test_search_sorted_is_numpys_left_search(keys: list[int], needles: list[int]
     st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=300, unique=True),
     st.data(),
 )
-def test_id_codes_map_a_json_id_list_as_a_dict_would(ids: list[str], data: st.DataObject) -> None:
-    """``IdCodes`` reads orjson's arrays of ids straight from the bytes: the same numbers as a
-    dict lookup of the decoded strings, or None (the caller decodes) only where an id is
-    unknown or needs an escape in JSON; the catalogue may grow between calls."""
+def test_id_codes_map_json_id_lists_as_a_dict_would(ids: list[str], data: st.DataObject) -> None:
+    """``IdCodes`` reads orjson's arrays of ids straight from the bytes, several documents per
+    call: the same numbers as a dict lookup of the decoded strings, end to end, or a count of
+    -1 (the caller decodes) for a document with an unknown id or one that needs an escape in
+    JSON, without disturbing the others; the catalogue may grow between calls."""
     import orjson
 
     from models.id_codes import IdCodes
@@ -79,12 +80,16 @@ def test_id_codes_map_a_json_id_list_as_a_dict_would(ids: list[str], data: st.Da
     codes = IdCodes()
     known = data.draw(st.integers(1, len(ids)))
     for _ in range(3):
-        picked = data.draw(st.lists(st.sampled_from(ids), max_size=60))
-        got = codes.codes(orjson.dumps(picked), ids[:known])
-        escaped = any(orjson.dumps(x)[1:-1] != x.encode() for x in picked)
-        unknown = any(ids.index(x) >= known for x in picked)
-        if escaped or unknown:
-            assert got is None
-        else:
-            assert got is not None and got.tolist() == [ids.index(x) for x in picked]
+        docs = data.draw(st.lists(st.lists(st.sampled_from(ids), max_size=60), min_size=1, max_size=4))
+        got, cnt = codes.codes_many([orjson.dumps(d) for d in docs], ids[:known])
+        want: list[int] = []
+        for d, c in zip(docs, cnt.tolist(), strict=True):
+            escaped = any(orjson.dumps(x)[1:-1] != x.encode() for x in d)
+            unknown = any(ids.index(x) >= known for x in d)
+            assert c == (-1 if escaped or unknown else len(d))
+            if c >= 0:
+                want += [ids.index(x) for x in d]
+        assert got.tolist() == want
+        one = codes.codes(orjson.dumps(docs[0]), ids[:known])
+        assert (one is None) == (cnt[0] < 0) and (one is None or one.tolist() == got[: cnt[0]].tolist())
         known = data.draw(st.integers(known, len(ids)))
