@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import os
 import signal
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -224,12 +225,19 @@ class ItemStage(StageLoop[ItemPartition]):
     # -- the long-term model (item partition 0) -----------------------------------------------
     def _submit_fit(self, state: ItemPartition, version: int, _install_at: int, inp: FitInput) -> None:
         """Fit in a process of its own (LAPACK holds the GIL); published when it is done, so the
-        item stage never waits for it. Fits that come due meanwhile wait their turn."""
+        item stage never waits for it. A fit that comes due meanwhile waits its turn, and replaces
+        one still waiting: when fits take longer than the stream takes to make them due (the
+        fit process yields the cores to the stages), the queue stays short and the newest
+        inputs are fitted."""
         if self._fits is None:
             self._fits = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_fit_process_init
             )
         ids = [state.item_ids[j] for j in inp.pool.tolist()]
+        for f in self._pending_fits:  # one still queued is superseded by these newer inputs
+            if f.future.cancel():
+                log.info("long-term fit %d superseded by %d before it started", f.version, version)
+        self._pending_fits = [f for f in self._pending_fits if not f.future.cancelled()]
         try:
             fut = self._fits.submit(fit, inp)
         except Exception as e:  # e.g. a broken process pool: fit here, once
@@ -258,11 +266,13 @@ class ItemStage(StageLoop[ItemPartition]):
 
 def _fit_process_init() -> None:
     """In the fit process: one BLAS thread (a second would only compete for the cores with the
-    batch loop, the broker and Redis, and OpenBLAS threads spin while they wait), and no
-    reaction to the SIGTERM or SIGINT sent to the worker's process group: the worker shuts the
-    pool down itself, after the stage has stopped; a fit process that died first would leave
-    the pool broken and the worker's exit hanging. If the worker dies outright, the fit process
-    reads end-of-file from its queue and exits."""
+    batch loop, the broker and Redis, and OpenBLAS threads spin while they wait), a lower
+    priority (nice 10: a fit is background work, and the stages' freshness must not wait behind
+    its second or two of a core), and no reaction to the SIGTERM or SIGINT sent to the
+    worker's process group: the worker shuts the pool down itself, after the stage has stopped;
+    a fit process that died first would leave the pool broken and the worker's exit hanging.
+    If the worker dies outright, the fit process reads end-of-file from its queue and exits."""
     threadpool_limits(limits=1, user_api="blas")
+    os.nice(10)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
