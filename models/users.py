@@ -29,7 +29,6 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -530,7 +529,7 @@ def _pairs(
     total = int(lens.sum())
     ev = np.repeat(np.asarray(pr_ev, dtype=np.int64), lens)
     i = np.repeat(np.asarray(pr_i, dtype=np.int64), lens)
-    flat = np.fromiter(chain.from_iterable(pr_win), dtype=np.int64, count=2 * total)
+    flat = np.frombuffer(b"".join(pr_win), dtype=np.int64) if pr_win else _EMPTY_I  # one copy, no int objects
     j = flat[0::2]
     wt = np.repeat(np.asarray(pr_sw), lens) * sqrt_w[flat[1::2] & CODE_MASK]
     if decay != 1.0:  # nearer pairs weigh more: the newest window item is 1 step away
