@@ -87,3 +87,45 @@ def test_arbitrary_objects_never_escape_validation(obj: dict) -> None:
     except InvalidEvent:
         return
     assert ev.type in S.types and 1 <= len(ev.user_id) <= 128
+
+
+_FIELDS = ["user_id", "item_id", "type", "ts"]
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(1_600_000_000_000, 1_800_000_000_000),
+    st.text(max_size=3),
+    st.text(min_size=127, max_size=130),
+    st.sampled_from(["click", "view", "purchase", "2023-11-14T22:13:20Z"]),
+    st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2),
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "user_id": st.text(min_size=1, max_size=4),
+            "item_id": st.text(min_size=1, max_size=4),
+            "type": st.sampled_from(["click", "view", "purchase"]),
+            "ts": st.integers(1_600_000_000_000, 1_800_000_000_000),
+        },
+        optional={"event_id": st.text(min_size=1, max_size=4)},
+    ),
+    st.dictionaries(st.sampled_from([*_FIELDS, "event_id", "props"]), _FIELD_VALUES, max_size=2),
+    st.sets(st.sampled_from(_FIELDS), max_size=1),
+)
+def test_the_inline_check_accepts_what_the_full_check_accepts(base: dict, changed: dict, dropped: set) -> None:
+    """``from_obj`` checks the usual event inline and builds it without the dataclass
+    ``__init__``: the same events (equal, same hash), and the same reason for a bad one (a
+    valid event with up to two fields changed and one dropped)."""
+    obj = {k: v for k, v in {**base, **changed}.items() if k not in dropped}
+    try:
+        want = S._checked(obj)
+    except InvalidEvent as e:
+        with pytest.raises(InvalidEvent) as got:
+            S.from_obj(obj)
+        assert got.value.reason == e.reason
+        return
+    ev = S.from_obj(obj)
+    assert ev == want and hash(ev) == hash(want) and ev.to_dict() == want.to_dict()
