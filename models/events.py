@@ -62,17 +62,17 @@ _SET_USER, _SET_ITEM, _SET_TYPE, _SET_TS, _SET_EID, _SET_PROPS = (
 )
 
 
-def _event(user_id: str, item_id: str, etype: str, ts: int, event_id: str | None) -> Event:
-    """``Event(user_id, item_id, etype, ts, event_id)``, its slots set directly: half the time
-    of a frozen dataclass's ``__init__`` (one ``object.__setattr__`` call per field). The
-    arguments must already be valid (``EventSchema.from_obj``)."""
+def _event(uid: str, item: str, etype: str, ts: int, eid: str | None, props: dict[str, Any] | None) -> Event:
+    """``Event(uid, item, etype, ts, eid, props)``, its slots set directly: half the time of a
+    frozen dataclass's ``__init__`` (one ``object.__setattr__`` call per field). The arguments
+    must already be valid (``EventSchema.from_obj``)."""
     e: Event = object.__new__(Event)
-    _SET_USER(e, user_id)
-    _SET_ITEM(e, item_id)
+    _SET_USER(e, uid)
+    _SET_ITEM(e, item)
     _SET_TYPE(e, etype)
     _SET_TS(e, ts)
-    _SET_EID(e, event_id)
-    _SET_PROPS(e, None)
+    _SET_EID(e, eid)
+    _SET_PROPS(e, props)
     return e
 
 
@@ -148,10 +148,10 @@ class EventSchema:
     def from_obj(self, obj: Mapping[str, Any]) -> Event:
         """Validate an already-parsed JSON object (the replay tool and tests use this too).
 
-        The usual event (string ids, integer milliseconds, no props) is checked inline and built
-        without the frozen dataclass's ``__init__``: a worker decodes every event, and those
-        two cost more than the JSON parse. Anything else takes ``_checked``, which says what is
-        wrong; both accept exactly the same events."""
+        The usual event (string ids, integer milliseconds, props an object if any) is checked
+        inline and built without the frozen dataclass's ``__init__``: a worker decodes every
+        event, and those two cost more than the JSON parse. Anything else takes ``_checked``,
+        which says what is wrong; both accept exactly the same events."""
         u, i, t, ts, eid = obj.get("user_id"), obj.get("item_id"), obj.get("type"), obj.get("ts"), obj.get("event_id")
         if (
             type(u) is str
@@ -163,10 +163,13 @@ class EventSchema:
             and type(ts) is int
             and _MIN_TS_MS <= ts < _MAX_TS_MS
             and (eid is None or (type(eid) is str and 0 < len(eid) <= MAX_ID_CHARS))
-            and obj.get("props") is None
+            and ((props := obj.get("props")) is None or (type(props) is dict and self._props_fit(props)))
         ):
-            return _event(u, i, t, ts, eid)
+            return _event(u, i, t, ts, eid, props)
         return self._checked(obj)
+
+    def _props_fit(self, props: dict[str, Any]) -> bool:
+        return len(orjson.dumps(props)) <= self.max_props_bytes
 
     def _checked(self, obj: Mapping[str, Any]) -> Event:
         user_id = _id(obj, "user_id")
@@ -188,7 +191,7 @@ class EventSchema:
         if props is not None:
             if not isinstance(props, dict):
                 raise InvalidEvent("props must be an object")
-            if len(orjson.dumps(props)) > self.max_props_bytes:
+            if not self._props_fit(props):
                 raise InvalidEvent(f"props larger than {self.max_props_bytes} bytes")
         return Event(user_id, item_id, etype, ts, event_id, props)
 
