@@ -83,6 +83,7 @@ class ItemStage(StageLoop[ItemPartition]):
         self._published_at = 0.0  # the last publication check (table entries and watermarks)
         self._fits: ProcessPoolExecutor | None = None
         self._pending_fits: list[PendingFit] = []
+        self._waiting_fit: tuple[int, list[str], FitInput] | None = None  # due while a fit ran: started next
 
     def prepare(self) -> None:
         warm_up()  # the kernels compiled (or loaded) before the first block, not in it
@@ -115,6 +116,7 @@ class ItemStage(StageLoop[ItemPartition]):
         if run.partition != 0:
             return
         self._pending_fits.clear()  # an earlier ownership's fits: a new owner numbers its own
+        self._waiting_fit = None
 
     # -- an iteration ------------------------------------------------------------------------
     def process(self, drained: bool, now: float) -> Output | None:
@@ -213,6 +215,7 @@ class ItemStage(StageLoop[ItemPartition]):
             if run.partition == 0:
                 trending = run.state.trending(self.params.trending_len)
         if stopping:
+            self._waiting_fit = None  # not started: the next owner fits from its own inputs
             for f in self._pending_fits:
                 with contextlib.suppress(Exception):  # a failed fit is logged by _finished_fits
                     f.future.result(timeout=_FIT_WAIT_S)
@@ -225,19 +228,24 @@ class ItemStage(StageLoop[ItemPartition]):
     # -- the long-term model (item partition 0) -----------------------------------------------
     def _submit_fit(self, state: ItemPartition, version: int, _install_at: int, inp: FitInput) -> None:
         """Fit in a process of its own (LAPACK holds the GIL); published when it is done, so the
-        item stage never waits for it. A fit that comes due meanwhile waits its turn, and replaces
-        one still waiting: when fits take longer than the stream takes to make them due (the
-        fit process yields the cores to the stages), the queue stays short and the newest
-        inputs are fitted."""
+        item stage never waits for it. One fit runs at a time: a fit that comes due meanwhile
+        waits, and replaces one already waiting, so when fits take longer than the stream takes
+        to make them due (the fit process yields the cores to the stages), the newest inputs are
+        fitted next and nothing piles up. (Waiting here, not in the pool's queue: a future
+        cancelled in the pool's queue breaks its shutdown on Python 3.11 when the pool breaks.)"""
+        ids = [state.item_ids[j] for j in inp.pool.tolist()]
+        if any(not f.future.done() for f in self._pending_fits):
+            if self._waiting_fit is not None:
+                log.info("long-term fit %d superseded by %d before it started", self._waiting_fit[0], version)
+            self._waiting_fit = (version, ids, inp)
+            return
+        self._start_fit(version, ids, inp)
+
+    def _start_fit(self, version: int, ids: list[str], inp: FitInput) -> None:
         if self._fits is None:
             self._fits = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_fit_process_init
             )
-        ids = [state.item_ids[j] for j in inp.pool.tolist()]
-        for f in self._pending_fits:  # one still queued is superseded by these newer inputs
-            if f.future.cancel():
-                log.info("long-term fit %d superseded by %d before it started", f.version, version)
-        self._pending_fits = [f for f in self._pending_fits if not f.future.cancelled()]
         try:
             fut = self._fits.submit(fit, inp)
         except Exception as e:  # e.g. a broken process pool: fit here, once
@@ -261,6 +269,9 @@ class ItemStage(StageLoop[ItemPartition]):
                 continue
             out.append((f.version, encode_model(f.version, f.ids, m.weights)))
         self._pending_fits = keep
+        if self._waiting_fit is not None and not keep:
+            self._start_fit(*self._waiting_fit)
+            self._waiting_fit = None
         return out
 
 
