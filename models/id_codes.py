@@ -20,7 +20,7 @@ from models.kernels import hash_ids, json_id_codes
 
 
 class IdCodes:
-    """Ids 0..n-1 of a catalogue (append-only), for ``codes``; extended from the catalogue's id
+    """Ids 0..n-1 of a catalogue (append-only), for ``codes_many``; extended from the catalogue's id
     list on each call. A cache: rebuilt from the ids, never pickled."""
 
     def __init__(self) -> None:
@@ -30,16 +30,11 @@ class IdCodes:
         self.h_key = np.zeros(2048, dtype=np.uint64)
         self.h_code = np.full(2048, -1, dtype=np.int64)
 
-    def codes(self, doc: bytes, ids: Sequence[str]) -> np.ndarray | None:
-        """The numbers (int32) of the ids in the JSON array ``doc``, where ``ids`` is the
-        catalogue now (id -> its position); None where the general decode must decide."""
-        out, cnt = self.codes_many([doc], ids)
-        return out if cnt[0] >= 0 else None
-
     def codes_many(self, docs: Sequence[bytes], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``codes`` for many documents in one compiled call (a ranked chunk's sources): (the
-        codes of those decoded, end to end; per document its count, -1 where the general decode
-        must decide)."""
+        """The numbers (int32) of the ids in each JSON array of ``docs``, where ``ids`` is the
+        catalogue now (id -> its position), in one compiled call (a ranked chunk's sources):
+        (the codes of those decoded, end to end; per document its count, -1 where the general
+        decode must decide)."""
         if len(ids) > self.n:
             self._extend(ids)
         doc_off = np.zeros(len(docs) + 1, dtype=np.int64)

@@ -712,10 +712,9 @@ def _json_ids_into(
 ) -> int:
     """Decode the array ``doc[start:end]`` into ``out[k0:]``: how many ids, or -1 (see
     ``json_id_codes``)."""
-    n = end
-    if n - start < 2 or doc[start] != _OPEN or doc[n - 1] != _CLOSE:
+    if end - start < 2 or doc[start] != _OPEN or doc[end - 1] != _CLOSE:
         return -1
-    if n - start == 2:
+    if end - start == 2:
         return 0
     mask = len(h_key) - 1
     k = k0
@@ -726,7 +725,7 @@ def _json_ids_into(
         a = p + 1
         q = a
         h = _FNV_OFFSET  # FNV-1a (``_fnv``) of the id, taken on the way to its closing quote
-        while q < n:
+        while q < end:
             b = doc[q]
             if b == _QUOTE:
                 break
@@ -734,7 +733,7 @@ def _json_ids_into(
                 return -1
             h = (h ^ np.uint64(b)) * _FNV_PRIME
             q += 1
-        if q >= n - 1:
+        if q >= end - 1:
             return -1
         s = np.int64(h & np.uint64(mask))
         code = -1
@@ -753,7 +752,7 @@ def _json_ids_into(
         out[k] = code
         k += 1
         p = q + 1
-        if p == n - 1:
+        if p == end - 1:
             return k - k0
         if doc[p] != _COMMA:
             return -1
