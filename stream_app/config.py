@@ -80,7 +80,13 @@ class Settings(BaseSettings):
         description="live traffic: how long an arrived event waits for others to join its block "
         "(0: blocks are what has arrived; larger: fewer, bigger blocks, later lists)",
     )
-    fetch_wait_max_ms: int = Field(5, ge=0)
+    fetch_wait_max_ms: int = Field(5, ge=0, description="librdkafka fetch.wait.max.ms of the events consumer")
+    internal_fetch_wait_ms: int = Field(
+        50,
+        ge=0,
+        description="fetch.wait.max.ms of the deltas and table consumers (lists do not wait on them: "
+        "the table may lag TABLE_MAX_LAG events)",
+    )
     session_timeout_ms: int = Field(10_000, ge=1000)
     snapshot_interval_s: float = Field(30.0, gt=0)
     snapshot_fork: bool = True  # write snapshots from a forked child (no pause); False: inline

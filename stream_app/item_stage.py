@@ -85,6 +85,11 @@ class ItemStage(StageLoop[ItemPartition]):
         self._pending_fits: list[PendingFit] = []
         self._waiting_fit: tuple[int, list[str], FitInput] | None = None  # due while a fit ran: started next
 
+    def fetch_wait_ms(self) -> int:
+        # Tansu answers a fetch only when this wait is up, even once data has arrived, so an
+        # idle consumer costs the broker a fetch every wait; no list waits on the deltas
+        return self.s.internal_fetch_wait_ms
+
     def prepare(self) -> None:
         warm_up()  # the kernels compiled (or loaded) before the first block, not in it
         self.partitions = topic_partitions(self.s, self.topic)

@@ -51,15 +51,18 @@ def client_config(conn: KafkaConn) -> dict[str, Any]:
     return kafka_common(conn) if isinstance(conn, Settings) else {"bootstrap.servers": conn}
 
 
-def consumer_config(s: Settings, group: str | None = None, queue_kbytes: int = 65536) -> dict[str, Any]:
-    """A consumer that commits only what was processed; it prefetches up to ``queue_kbytes``."""
+def consumer_config(
+    s: Settings, group: str | None = None, queue_kbytes: int = 65536, fetch_wait_ms: int | None = None
+) -> dict[str, Any]:
+    """A consumer that commits only what was processed; it prefetches up to ``queue_kbytes``
+    and waits ``fetch_wait_ms`` (default ``FETCH_WAIT_MAX_MS``) for a fetch to fill."""
     return {
         **kafka_common(s),
         "group.id": group or s.group_id,
         "enable.auto.commit": False,  # we commit only what is fully processed
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
-        "fetch.wait.max.ms": s.fetch_wait_max_ms,
+        "fetch.wait.max.ms": s.fetch_wait_max_ms if fetch_wait_ms is None else fetch_wait_ms,
         "session.timeout.ms": s.session_timeout_ms,
         "heartbeat.interval.ms": max(500, s.session_timeout_ms // 5),
         "queued.max.messages.kbytes": queue_kbytes,

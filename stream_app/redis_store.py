@@ -94,7 +94,7 @@ class RedisStore:
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.r = client
         self.prefix = prefix
-        self._guarded = client.register_script(_GUARDED_SET)
+        self._guarded = client.register_script(_GUARDED_SET)  # for its sha; called by EVALSHA in write
         self._guarded_hset = client.register_script(_GUARDED_HSET)
 
     def key(self, *parts: str) -> str:
@@ -115,6 +115,22 @@ class RedisStore:
         ``forget``: users whose ``rec:`` key is deleted first (``streamrec forget``): ``lists``
         then holds only lists ranked after their forget (a user who came back), which start again
         at version 1 and so must not meet the old list's version guard."""
+        try:
+            return self._write(lists, sims, trending, model, forget)
+        except redis.exceptions.NoScriptError:
+            # the server lost its script cache (a restart): load the script, write again (every
+            # command here is idempotent: deletes, plain SETs and version-guarded lists)
+            self._guarded.sha = self.r.script_load(_GUARDED_SET)
+            return self._write(lists, sims, trending, model, forget)
+
+    def _write(
+        self,
+        lists: Sequence[RecList],
+        sims: Sims,
+        trending: Sequence[tuple[str, float]] | None,
+        model: str,
+        forget: Sequence[str],
+    ) -> int:
         now = int(time.time() * 1000)
         pipe = self.r.pipeline(transaction=False)
         n = 0
@@ -126,7 +142,10 @@ class RedisStore:
             args: list[int | bytes] = []
             for rl in chunk:
                 args += (rl.version, rec_doc(rl, now, model))
-            self._guarded(keys=[self.key("rec", rl.user_id) for rl in chunk], args=args, client=pipe)
+            # EVALSHA itself: a pipeline that runs a registered Script first asks the server
+            # whether it has it, a round trip that cost as much client CPU as 20 lists
+            keys = [self.key("rec", rl.user_id) for rl in chunk]
+            pipe.execute_command("EVALSHA", self._guarded.sha, len(keys), *keys, *args)
             n += len(chunk)
         for item, sim in sims:
             pipe.set(self.key("sim", item), sim_doc(sim))

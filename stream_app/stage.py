@@ -132,6 +132,10 @@ class StageLoop(Generic[S]):
         """A restored snapshot's state, checked and reconfigured; and the settings that changed."""
         raise NotImplementedError
 
+    def fetch_wait_ms(self) -> int | None:
+        """The consumer's ``fetch.wait.max.ms``; None: ``FETCH_WAIT_MAX_MS``."""
+        return None
+
     def prepare(self) -> None:
         """Before the stage joins its group (e.g. load the item table)."""
 
@@ -161,7 +165,7 @@ class StageLoop(Generic[S]):
     def run(self) -> None:
         """Blocking; returns when ``stop()`` is called. Runs in a dedicated thread."""
         self._thread = threading.current_thread()
-        self.consumer = Consumer(consumer_config(self.s, self.group, self.queue_kbytes))
+        self.consumer = Consumer(consumer_config(self.s, self.group, self.queue_kbytes, self.fetch_wait_ms()))
         self.sink = KafkaSink(self.s, self.label)
         try:
             # small matrices, latency-bound: BLAS threads would only compete with ours for cores

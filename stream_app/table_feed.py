@@ -74,7 +74,7 @@ class TableFeed:
                 **kafka_common(s),
                 "group.id": f"{s.group_id}.table-reader",  # never joins or commits: partitions are assigned
                 "enable.auto.commit": False,
-                "fetch.wait.max.ms": s.fetch_wait_max_ms,
+                "fetch.wait.max.ms": s.internal_fetch_wait_ms,
                 "queued.max.messages.kbytes": 16384,
             }
         )

@@ -30,3 +30,18 @@ def test_a_list_never_replaces_a_newer_one_across_script_calls(redis_url: str, r
     store.write([_list(users[0], 1, "d")], model="m", forget=[users[0]])
     raw = redis.Redis.from_url(redis_url).get(store.rec_key(users[0]))
     assert raw is not None and orjson.loads(raw)["version"] == 1
+
+
+def test_lists_are_written_after_the_server_lost_its_scripts(redis_url: str, run_id: str) -> None:
+    """Lists go out by EVALSHA without asking first whether the server has the script: a server
+    whose script cache was emptied (a restart) gets it loaded again and the write redone."""
+    client = redis.Redis.from_url(redis_url)
+    store = RedisStore(client, f"t{run_id}:")
+    client.script_flush()
+    assert store.write([_list("u1", 3, "a"), _list("u2", 1, "b")], sims=[("a", [("b", 0.5)])], model="m") == 3
+    assert client.script_exists(store._guarded.sha) == [True]
+    assert [d["items"][0]["item_id"] if d else None for d in store.get_recs(["u1", "u2"])] == ["a", "b"]
+    assert store.get_sim("a") == [{"item_id": "b", "score": 0.5}]
+    # and the guard still holds on the reloaded script
+    store.write([_list("u1", 2, "c")], model="m")
+    assert store.get_rec("u1")["items"][0]["item_id"] == "a"  # type: ignore[index]
