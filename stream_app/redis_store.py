@@ -145,7 +145,7 @@ class RedisStore:
             # EVALSHA itself: a pipeline that runs a registered Script first asks the server
             # whether it has it, a round trip that cost as much client CPU as 20 lists
             keys = [self.key("rec", rl.user_id) for rl in chunk]
-            pipe.execute_command("EVALSHA", self._guarded.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", self._guarded.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             n += len(chunk)
         for item, sim in sims:
             pipe.set(self.key("sim", item), sim_doc(sim))
