@@ -293,6 +293,9 @@ def bench(
     events: int = typer.Option(0, help="events to preload (0: all of ml-100k, or 100k synthetic)"),
     rate: int = typer.Option(2000, help="events/s for the freshness run"),
     seconds: float = typer.Option(20.0, help="length of the freshness run"),
+    observe: float = typer.Option(
+        0.1, min=0.0, max=1.0, help="freshness is measured on the events of this share of the users (1: all)"
+    ),
     partitions: int = typer.Option(1, help="partitions of the topic the one-worker runs read"),
     scale_partitions: int = typer.Option(
         4, help="partitions of the topic the one- and two-worker scale runs read (0: no scale runs)"
@@ -360,7 +363,7 @@ def bench(
         from stream_app.bench import run_bench
 
         res = run_bench(
-            _settings(config), events, rate, seconds, partitions, with_trainer, scale_partitions, split_roles
+            _settings(config), events, rate, seconds, partitions, with_trainer, scale_partitions, split_roles, observe
         )
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))

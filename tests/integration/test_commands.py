@@ -89,7 +89,7 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     """A short ``streamrec bench`` against the test broker and Redis: every figure is present,
     positive and consistent, and every freshness probe was seen in Redis."""
     out = tmp_path / "bench.json"
-    args = ["bench", "--events", "20000", "--rate", "500", "--seconds", "3", "--json", str(out)]
+    args = ["bench", "--events", "20000", "--rate", "500", "--seconds", "3", "--observe", "1", "--json", str(out)]
     res = _run(args, worker_env, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     doc = orjson.loads(out.read_bytes())
@@ -100,7 +100,7 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     assert scale["partitions"] == 4 and scale["workers_1"] > 0 and scale["workers_2"] > 0
     assert 0 < doc["worker_rss_mb"] < 4096
     f = doc["freshness"]
-    assert f["events"] == 1500 and f["observed"] == 1500 and f["unobserved"] == 0
+    assert f["events"] == f["sampled"] == 1500 and f["observed"] == 1500 and f["unobserved"] == 0
     assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"]
     assert "| end to end, 4 partitions: one worker / two workers |" in res.stdout
 
@@ -115,8 +115,9 @@ def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str
     doc = orjson.loads(out.read_bytes())
     assert doc["split_roles"] is True and doc["scale_out_events_per_s"] is None
     assert doc["end_to_end_events_per_s"] > 0
-    f = doc["freshness"]
-    assert f["events"] == 800 and f["observed"] == 800 and f["unobserved"] == 0
+    f = doc["freshness"]  # the default sample of the users: every event of theirs, and no other, seen
+    assert f["events"] == 800 and 0 < f["sampled"] < 400 and f["observed"] == f["sampled"] and f["unobserved"] == 0
+    assert f["watched_users"] > 0 and f["observe"] == 0.1
     user_log = Path(doc["worker_log"]).read_text()
     item_log = Path(doc["worker_log"]).with_suffix(".item.log").read_text()
     assert "user stage consuming" in user_log and "item stage consuming" not in user_log
