@@ -90,3 +90,20 @@ def test_roles_are_checked() -> None:
     assert Settings(roles="user").role_set == frozenset({"user"})
     with pytest.raises(ValueError, match="roles"):
         Settings(roles="users,items")
+
+
+def test_only_the_events_consumer_fetches_with_fetch_wait_max_ms() -> None:
+    """Tansu holds a fetch for its whole wait: the events consumer keeps the short one that
+    lists wait on; the deltas consumer (and the table reader) use the internal one."""
+    import redis
+
+    from stream_app.item_stage import ItemStage
+    from stream_app.kafka_io import consumer_config
+    from stream_app.pipeline import Pipeline
+    from stream_app.stage import StageLoop
+
+    s = Settings(fetch_wait_max_ms=7, internal_fetch_wait_ms=70)
+    item = ItemStage(s, redis.Redis())
+    assert consumer_config(s, "g", 1024, item.fetch_wait_ms())["fetch.wait.max.ms"] == 70
+    assert Pipeline.fetch_wait_ms is StageLoop.fetch_wait_ms and StageLoop.fetch_wait_ms(item) is None
+    assert consumer_config(s, "g", 1024, None)["fetch.wait.max.ms"] == 7
