@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.kernels import _heap_top, _top, search_sorted
+from models.kernels import _heap_top, _sorted_best, _top, search_sorted
 
 
 def _scores(kind: str, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -38,13 +38,29 @@ def _scores(kind: str, m: int, rng: np.random.Generator) -> np.ndarray:
     st.integers(0, 2**32 - 1),
 )
 def test_top_is_the_best_k_by_score_then_lower_item(kind: str, m: int, k: int, seed: int) -> None:
-    """``_top`` (bucket pre-selection, then a heap) and ``_heap_top`` both give the first k of
+    """``_top`` (bucket pre-selection, then a sort or a heap) and ``_heap_top`` both give the first k of
     a full sort by (score descending, item ascending), whatever the order of the input."""
     rng = np.random.default_rng(seed)
     s, i = _scores(kind, m, rng), rng.permutation(m).astype(np.int64)
     want = np.lexsort((i, -s))[:k].tolist()
     assert _top(s, i, k).tolist() == want
     assert _heap_top(s, i, k).tolist() == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["ties", "rising", "narrow", "subnormal", "tail"]),
+    st.integers(0, 500),
+    st.integers(0, 2**32 - 1),
+)
+def test_sorted_best_orders_all_by_score_then_lower_item(kind: str, m: int, seed: int) -> None:
+    """``_sorted_best`` (what ``_top`` keeps, counting-sorted then insertion-sorted) is the full
+    sort by (score descending, item ascending) for finite scores, also when they are too close
+    together to fall into different buckets."""
+    rng = np.random.default_rng(seed)
+    s, i = _scores(kind, m, rng), rng.permutation(m).astype(np.int64)
+    lo, hi = (float(s.min()), float(s.max())) if m else (0.0, 0.0)
+    assert _sorted_best(s, i, lo, hi).tolist() == np.lexsort((i, -s)).tolist()
 
 
 @settings(max_examples=200, deadline=None)
