@@ -329,16 +329,17 @@ class ItemPartition:
         staleness that keeps the publication rate small), with their neighbour lists and unit
         vectors as of now. The running system calls this on a schedule, so that how often an
         item is published does not depend on how its events were batched."""
+        if not self.unpublished:
+            return []
         f = 1.0 + self.params.sim_refresh
-        due = []
-        for i in self.unpublished:
-            s = self.slot[i]
-            mass, pop = self.row_mass[s], self.pop[i]
-            if mass > self.pub_mass[s] * f or pop > self.pub_pop[s] * f:
-                self.pub_mass[s], self.pub_pop[s] = mass, pop
-                due.append(i)
+        items = np.fromiter(self.unpublished, dtype=np.int64, count=len(self.unpublished))
         self.unpublished.clear()
-        return self.entries(due)
+        s = self.slot_of[items]
+        mass, pop = self.row_mass[s], self.pop[items]
+        due = (mass > self.pub_mass[s] * f) | (pop > self.pub_pop[s] * f)
+        s = s[due]
+        self.pub_mass[s], self.pub_pop[s] = mass[due], pop[due]
+        return self.entries(items[due].tolist())
 
     def entries(self, items: Sequence[int]) -> list[TableEntry]:
         """Owned ``items``' table entries as of now (their neighbour lists in one batch)."""
