@@ -37,7 +37,7 @@ import orjson
 
 from models.arrays import grown
 from models.deltas import DeltaMessage, item_partition
-from models.kernels import add_context, add_found, row_neighbours, search_sorted
+from models.kernels import add_context, add_found, merge_entries, row_neighbours, search_sorted
 from models.longterm import LongTermOwner
 from models.params import ModelParams
 from models.table import TableEntry, derived_column
@@ -425,19 +425,14 @@ class PairCounts:
         hit, fresh_recent = add_found(self.rkeys, self.rvals, uk, v)
         new = uk[~hit]
         if len(new):
-            at = search_sorted(self.rkeys, new)
-            self.rkeys = np.insert(self.rkeys, at, new)
-            self.rvals = np.insert(self.rvals, at, v[~hit])
+            self.rkeys, self.rvals = merge_entries(self.rkeys, self.rvals, new, v[~hit])
             if len(self.rkeys) > max(_RECENT_MIN, len(self.keys) // 8):
                 self._merge()
         return np.concatenate([fresh_main, fresh_recent, new]) >> 32
 
     def _merge(self) -> None:
         live, rlive = self.vals != 0, self.rvals != 0
-        keys = np.concatenate([self.keys[live], self.rkeys[rlive]])
-        order = np.argsort(keys, kind="stable")
-        self.keys = keys[order]
-        self.vals = np.concatenate([self.vals[live], self.rvals[rlive]])[order]
+        self.keys, self.vals = merge_entries(self.keys[live], self.vals[live], self.rkeys[rlive], self.rvals[rlive])
         self.rkeys, self.rvals = self.keys[:0].copy(), self.vals[:0].copy()
 
     def _bounds(self, keys: np.ndarray, r: int) -> tuple[int, int]:

@@ -657,6 +657,30 @@ def add_found(keys: np.ndarray, vals: np.ndarray, uk: np.ndarray, v: np.ndarray)
 
 
 @nb.njit(cache=True, nogil=True)
+def merge_entries(
+    keys: np.ndarray, vals: np.ndarray, new_keys: np.ndarray, new_vals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The entries of two sorted key arrays with no key in common, as one sorted pair of arrays:
+    the runs of ``keys`` between the new keys are copied whole (as ``np.insert`` would, in one
+    pass instead of its several, with no index arrays), so it costs little more than a copy."""
+    n, m = len(keys), len(new_keys)
+    at = search_sorted(keys, new_keys)
+    out_k = np.empty(n + m, dtype=np.int64)
+    out_v = np.empty(n + m, dtype=vals.dtype)
+    prev = 0
+    for j in range(m):
+        p = at[j]
+        out_k[prev + j : p + j] = keys[prev:p]
+        out_v[prev + j : p + j] = vals[prev:p]
+        out_k[p + j] = new_keys[j]
+        out_v[p + j] = new_vals[j]
+        prev = p
+    out_k[prev + m :] = keys[prev:]
+    out_v[prev + m :] = vals[prev:]
+    return out_k, out_v
+
+
+@nb.njit(cache=True, nogil=True)
 def add_context(
     context: np.ndarray,
     slots: np.ndarray,
@@ -844,6 +868,7 @@ def warm_up() -> None:
     add_context(ctx, i0, i0, i0, f0, ctx)
     search_sorted(i0, i0)
     add_found(i0, f0, i0, f0)
+    merge_entries(i0, f0, i0, f0)
     h_key, h_code = np.zeros(2, dtype=np.uint64), np.full(2, -1, dtype=np.int64)
     id_buf, id_off = np.array([ord("a")], dtype=np.uint8), np.array([0, 1], dtype=np.int64)  # as IdCodes keeps them
     hash_ids(h_key, h_code, id_buf, id_off, 0)

@@ -93,6 +93,25 @@ def test_item_state_update(benchmark: BenchmarkFixture, warm: Warm) -> None:
     assert entries > 0
 
 
+def test_item_state_update_of_a_live_block(benchmark: BenchmarkFixture, warm: Warm) -> None:
+    """The deltas of a block of 5 events into the item state, as live traffic cuts them: its
+    cost is mostly per block (new co-occurrence entries go into a sorted array of recent ones
+    as large as an eighth of all of them)."""
+    import pickle
+
+    sy = warm.system
+    part = _copy_users(sy.parts[0])
+    d = part.apply(warm.block[:5], list(range(WARM, WARM + 5))).deltas
+    assert d is not None
+    msgs = split(d, 0, WARM, WARM + 5, part.routes(1), 1)
+
+    def step(items: ItemPartition) -> int:
+        return items.apply(msgs).applied
+
+    applied = benchmark.pedantic(step, setup=lambda: ((pickle.loads(pickle.dumps(sy.items)),), {}), rounds=20)
+    assert applied == 5
+
+
 def test_neighbour_lists(benchmark: BenchmarkFixture, warm: Warm) -> None:
     """Neighbour lists (normalised co-occurrence, top ``sim_list_len``) of 500 items at once."""
     items = warm.system.items

@@ -7,15 +7,18 @@ import math
 import pickle
 import random
 from dataclasses import replace
+from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import models.items as items_mod
 from models.deltas import DeltaMessage, cut, decode, encode, item_partition, split
 from models.events import Event
-from models.items import ItemPartition
+from models.items import ItemPartition, PairCounts
 from models.params import ModelParams
 from models.simulation import user_partition
 from models.table import ItemTable, TableEntry
@@ -329,3 +332,44 @@ def test_table_parses_a_batch_of_lists_as_one_at_a_time() -> None:
         assert [batch.ids[j] for j in got[0]] == [single.ids[j] for j in want[0]] == e.neighbours
         assert got[1].tolist() == want[1].tolist() == e.scores.tolist()
     assert all(len(batch.sim_top(i)[0]) == 0 for i in range(len(entries), len(known)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ops=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("add"), st.dictionaries(st.tuples(st.integers(0, 5), st.integers(0, 30)), st.integers(1, 9))
+            ),
+            st.tuples(st.just("prune"), st.tuples(st.integers(0, 5), st.integers(0, 4))),
+        ),
+        max_size=40,
+    )
+)
+def test_pair_counts_are_a_dictionary_of_counts(ops: list[tuple[str, Any]]) -> None:
+    """``PairCounts`` (a main and a recent sorted array, merged as the recent one fills) keeps
+    what a plain dictionary would, whenever merges happen: the values, the rows of entries that
+    were zero or absent before each add, each row's entries and the pruning to the heaviest."""
+    pc, ref = PairCounts(), dict[int, float]()
+    for op, arg in ops:
+        if op == "add":
+            keys = sorted((r << 32) | c for r, c in arg)
+            inc = np.array([float(arg[(k >> 32, k & 0xFFFFFFFF)]) for k in keys])
+            with patch.object(items_mod, "_RECENT_MIN", 3):  # merges every few adds
+                fresh = pc.add(np.array(keys, dtype=np.int64), inc)
+            assert sorted(fresh.tolist()) == sorted(k >> 32 for k in keys if ref.get(k, 0.0) == 0.0)
+            for k, v in zip(keys, inc.tolist(), strict=True):
+                ref[k] = ref.get(k, 0.0) + v
+        else:
+            r, keep = arg
+            row = sorted(
+                ((v, k & 0xFFFFFFFF) for k, v in ref.items() if k >> 32 == r and v != 0), key=lambda x: (-x[0], x[1])
+            )
+            for _, c in row[keep:]:
+                ref[(r << 32) | c] = 0.0
+            assert pc.prune(r, keep) == min(keep, len(row))
+        for r in range(6):
+            cols, vals = pc.row(r)
+            want = sorted((k & 0xFFFFFFFF, v) for k, v in ref.items() if k >> 32 == r and v != 0)
+            assert sorted(zip(cols.tolist(), vals.tolist(), strict=True)) == want
+        assert len(pc) == sum(v != 0 for v in ref.values())
