@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -59,9 +58,6 @@ class RecList:
         return list(map(RecItem, self.item_ids, self.scores, self.explore, self.p, self.reasons))
 
 
-# A user's ranking: items best first, with score, contributing source (-1: none) and taste score
-# (user vector and long-term model).
-_Ranked = tuple[list[int], list[float], list[int], list[float]]
 # Users ranked per kernel call; with user-vector candidates, chunks keep the (users x pool)
 # similarity matrix under _DENSE_CELLS cells.
 _CHUNK_USERS = 512
@@ -69,37 +65,61 @@ _DENSE_CELLS = 1 << 22
 _MIN_CHUNK = 16
 
 
-class Rescorer(Protocol):
-    """Scores every user's ranked candidates in one call (e.g. a CTR model, batched).
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """A chunk of users' ranked candidates, as a rescorer and an observer see them.
 
-    ``histories[r]`` are user r's recent item ids (oldest first), ``candidates[r]`` the ids to
-    score and ``context[r]`` their ``ranking_context`` rows; returns one array of scores per
-    user, aligned with ``candidates[r]``, which the blend adds, times ``weight``, to the
-    retrieval score normalised so that the best candidate's is 1.
+    Padded to one width: row r of ``ids`` and ``context`` holds user r's ``cnt[r]`` candidates,
+    best first, then None ids and zero rows. ``context`` is the ``ranking_context`` (U, width,
+    RANK_FEATURES) float32. Arrays, not per-user lists: a CTR model scores the whole chunk
+    in one pass. ``recent(n)`` gives each user's ``n`` most recent items, oldest first.
     """
+
+    user_ids: Sequence[str]
+    cnt: np.ndarray
+    ids: np.ndarray
+    context: np.ndarray
+    recent: Callable[[int], list[list[str]]]
+
+    @classmethod
+    def of_lists(
+        cls,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[Sequence[str]],
+        context: Sequence[np.ndarray],
+    ) -> Candidates:
+        """From per-user lists (``context[r]``: (len(candidates[r]), RANK_FEATURES))."""
+        cnt = np.fromiter(map(len, candidates), dtype=np.int64, count=len(candidates))
+        width = int(cnt.max(initial=0))
+        ids = np.full((len(candidates), width), None, dtype=object)
+        ctx = np.zeros((len(candidates), width, RANK_FEATURES), dtype=np.float32)
+        for r, cs in enumerate(candidates):
+            ids[r, : len(cs)] = cs
+            ctx[r, : len(cs)] = context[r]
+        hists = [list(h) for h in histories]
+        return cls(user_ids, cnt, ids, ctx, lambda n: [h[max(len(h) - n, 0) :] if n else [] for h in hists])
+
+    def lists(self) -> list[list[str]]:
+        """Each user's candidate ids."""
+        return [row[:m] for row, m in zip(self.ids.tolist(), self.cnt.tolist(), strict=True)]
+
+
+class Rescorer(Protocol):
+    """Scores a chunk's candidates in one call (e.g. a CTR model, batched): (U, width) scores,
+    of which row r's first ``cnt[r]`` are read. The blend adds them, times ``weight``, to the
+    retrieval score normalised so that the user's best candidate's is 1."""
 
     weight: float
 
-    def score(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray],
-    ) -> list[np.ndarray]: ...
+    def score(self, c: Candidates) -> np.ndarray: ...
 
 
 class Observer(Protocol):
-    """Sees every chunk of users' ranked candidates with their ``ranking_context`` (before any
-    rescoring): the worker's sample builder remembers them as the lists served."""
+    """Sees every chunk's ranked candidates (before any rescoring): the worker's sample builder
+    remembers them as the lists served."""
 
-    def observe(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray],
-    ) -> None: ...
+    def observe(self, c: Candidates) -> None: ...
 
 
 # Columns of ``ranking_context``.
@@ -107,10 +127,17 @@ RANK_FEATURES = 7
 
 
 def ranking_context(
-    part: UserPartition, table: ItemTable, uids: Sequence[str], ranked: Sequence[_Ranked]
-) -> list[np.ndarray]:
-    """How retrieval saw each candidate, as inputs for a learned re-ranker: per user an
-    (n, RANK_FEATURES) float32 array, each column scaled to about [0, 1]:
+    part: UserPartition,
+    table: ItemTable,
+    uids: Sequence[str],
+    cnt: np.ndarray,
+    items: np.ndarray,
+    scores: np.ndarray,
+    tastes: np.ndarray,
+) -> np.ndarray:
+    """How retrieval saw each candidate, as inputs for a learned re-ranker: (U, width,
+    RANK_FEATURES) float32 for ranked arrays (U, width) with ``cnt`` valid per row (zeros after
+    them), each column scaled to about [0, 1]:
 
     score / best score, log(1 + rank) / 5, taste score / best score, popularity / the most
     popular item's, similarity to the user's newest item, and two user columns (the same in
@@ -118,36 +145,32 @@ def ranking_context(
     Everything is read from the state and the table as they are now, so a list's context is what
     a sample of the user's next event will carry (no feature from the future).
     """
-    lens = np.fromiter((len(r[0]) for r in ranked), dtype=np.int64, count=len(ranked))
-    n = int(lens.sum())
-    x = np.zeros((n, RANK_FEATURES), dtype=np.float32)
-    if n:
-        # one flat array for the chunk: row k is a candidate of user ``row[k]``
-        idx = np.fromiter(chain.from_iterable(r[0] for r in ranked), dtype=np.int64, count=n)
-        score = np.fromiter(chain.from_iterable(r[1] for r in ranked), dtype=np.float64, count=n)
-        taste = np.fromiter(chain.from_iterable(r[3] for r in ranked), dtype=np.float64, count=n)
-        row = np.repeat(np.arange(len(ranked)), lens)
-        starts = np.cumsum(lens) - lens
-        best = np.full(len(ranked), -np.inf)
-        np.maximum.at(best, row, score)
-        top = np.where(best > 0, best, 1.0)[row]
-        pop = table.pop()
-        pmax = float(pop.max()) if len(pop) else 0.0
-        x[:, 0] = score / top
-        x[:, 1] = np.log1p(np.arange(n) - starts[row]) / 5.0
-        x[:, 2] = taste / top
-        x[:, 3] = pop[idx] / (pmax if pmax > 0 else 1.0)
-        x[:, 4] = _newest_item_similarity(part, table, uids, row, idx)
-        events = np.zeros(len(ranked))
-        gap = np.zeros(len(ranked))
-        for r, uid in enumerate(uids):
-            rec = part.users[uid]
-            events[r] = math.log1p(events_of(rec)) / 10.0
-            if len(rec) >= HEAD + 4:
-                gap[r] = math.log1p(max(entry_ts(rec[-1]) - entry_ts(rec[-3]), 0) / 1000.0) / 20.0
-        x[:, 5] = events[row]
-        x[:, 6] = gap[row]
-    return np.split(x, np.cumsum(lens)[:-1])
+    nu, width = items.shape
+    x = np.zeros((nu, width, RANK_FEATURES), dtype=np.float32)
+    valid = np.arange(width) < cnt[:, None]
+    if not valid.any():
+        return x
+    best = np.where(valid, scores, -np.inf).max(axis=1)
+    top = np.where(best > 0, best, 1.0)[:, None]
+    pop = table.pop()
+    pmax = float(pop.max()) if len(pop) else 0.0
+    row, col = np.nonzero(valid)
+    idx = items[row, col]
+    x[row, col, 0] = (scores / top)[row, col]
+    x[row, col, 1] = (np.log1p(np.arange(width)) / 5.0)[col]
+    x[row, col, 2] = (tastes / top)[row, col]
+    x[row, col, 3] = pop[idx] / (pmax if pmax > 0 else 1.0)
+    x[row, col, 4] = _newest_item_similarity(part, table, uids, row, idx)
+    events = np.zeros(nu)
+    gap = np.zeros(nu)
+    for r, uid in enumerate(uids):
+        rec = part.users[uid]
+        events[r] = math.log1p(events_of(rec)) / 10.0
+        if len(rec) >= HEAD + 4:
+            gap[r] = math.log1p(max(entry_ts(rec[-1]) - entry_ts(rec[-3]), 0) / 1000.0) / 20.0
+    x[row, col, 5] = events[row]
+    x[row, col, 6] = gap[row]
+    return x
 
 
 def _newest_item_similarity(
@@ -176,51 +199,51 @@ def _newest_item_similarity(
     return np.where(k[at] == want, v[at], 0.0)
 
 
+_Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 def _look(
     part: UserPartition,
     table: ItemTable,
     uids: Sequence[str],
-    ranked: list[_Ranked],
+    ranked: _Arrays,
     rescorer: Rescorer | None,
     observer: Observer | None,
     keep: int,
-) -> list[_Ranked]:
+) -> _Arrays:
     """Show the chunk's candidates to the observer and, with a rescorer, re-rank them; the best
     ``keep`` of each user's (re-ranked) candidates remain."""
-    local, ids = part.item_ids, table.ids
-    hists = [[local[i] for i in part.users[u][HEAD::2]] for u in uids]
-    cands = [[ids[i] for i in r[0]] for r in ranked]
-    ctx = ranking_context(part, table, uids, ranked)
+    cnt, items, scores, srcs, tastes = ranked
+    local, users = part.item_ids, part.users
+
+    def recent(n: int) -> list[list[str]]:
+        recs = [users[u] for u in uids]
+        return [[local[i] for i in rec[max(HEAD, len(rec) - 2 * n) :: 2]] if n else [] for rec in recs]
+
+    ids = table.column("id", str)[items]
+    ids[np.arange(items.shape[1]) >= cnt[:, None]] = None
+    ctx = ranking_context(part, table, uids, cnt, items, scores, tastes)
+    c = Candidates(uids, cnt, ids, ctx, recent)
     if observer is not None:
-        observer.observe(uids, hists, cands, ctx)
+        observer.observe(c)
     if rescorer is None or rescorer.weight <= 0:
-        return [(a[:keep], b[:keep], c[:keep], d[:keep]) for a, b, c, d in ranked]
-    return _blend(ranked, rescorer.score(uids, hists, cands, ctx), rescorer.weight, keep)
+        return np.minimum(cnt, keep), items[:, :keep], scores[:, :keep], srcs[:, :keep], tastes[:, :keep]
+    return _blend(ranked, rescorer.score(c), rescorer.weight, keep)
 
 
-def _blend(ranked: list[_Ranked], extra: list[np.ndarray], weight: float, keep: int) -> list[_Ranked]:
-    """``score / max(score) + weight * rescore``, re-sorted (ties by item index), best ``keep``
-    per user: one flat sort for the whole chunk."""
-    lens = np.fromiter((len(r[0]) for r in ranked), dtype=np.int64, count=len(ranked))
-    n = int(lens.sum())
-    if n == 0:
-        return ranked
-    flat = chain.from_iterable
-    items = np.fromiter(flat(r[0] for r in ranked), dtype=np.int64, count=n)
-    score = np.fromiter(flat(r[1] for r in ranked), dtype=np.float64, count=n)
-    src = np.fromiter(flat(r[2] for r in ranked), dtype=np.int64, count=n)
-    taste = np.fromiter(flat(r[3] for r in ranked), dtype=np.float64, count=n)
-    row = np.repeat(np.arange(len(ranked)), lens)
-    starts = np.cumsum(lens) - lens
-    top = np.zeros(len(ranked))
-    has = lens > 0
-    top[has] = np.maximum.reduceat(score, starts[has])
-    norm = np.where(top > 0, top, 1.0)[row]  # a user whose best score is not positive: unscaled
-    blended = score / norm + weight * np.concatenate(extra).astype(np.float64)
-    order = np.lexsort((items, -blended, row))  # per user, best first, ties by item index
-    t_l, b_l, s_l, w_l = (a[order].tolist() for a in (items, blended, src, taste))
-    ends = np.minimum(lens, keep) + starts
-    return [(t_l[a:b], b_l[a:b], s_l[a:b], w_l[a:b]) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+def _blend(ranked: _Arrays, extra: np.ndarray, weight: float, keep: int) -> _Arrays:
+    """``score / max(score) + weight * rescore``, re-sorted per user (ties by item index), best
+    ``keep`` per user: one sort of the chunk's (U, width) arrays."""
+    cnt, items, scores, srcs, tastes = ranked
+    width = items.shape[1]
+    valid = np.arange(width) < cnt[:, None]
+    best = np.where(valid, scores, -np.inf).max(axis=1, initial=-np.inf)
+    norm = np.where(best > 0, best, 1.0)[:, None]  # a user whose best score is not positive: unscaled
+    blended = scores / norm + weight * extra[:, :width].astype(np.float64)
+    key = np.where(valid, -blended, np.inf)  # padding last
+    order = np.lexsort((items, key), axis=1)[:, :keep]
+    items, blended, srcs, tastes = (np.take_along_axis(a, order, axis=1) for a in (items, blended, srcs, tastes))
+    return np.minimum(cnt, keep), items, blended, srcs, tastes
 
 
 def recommend(
@@ -265,8 +288,7 @@ def recommend(
             return []
         cnt, items, scores, srcs, tastes = ranked
         if looking:
-            lists = _look(part, table, uids, _as_lists(ranked), rescorer, observer, k)
-            cnt, items, scores, srcs, tastes = _as_arrays(lists, k)
+            cnt, items, scores, srcs, tastes = _look(part, table, uids, ranked, rescorer, observer, k)
         seeds = np.array(
             [stable_hash(p.seed, uid, events_of(rec)) for uid, rec in zip(uids, users, strict=True)], dtype=np.uint64
         )
@@ -315,24 +337,6 @@ _REASONS = np.array(["exploration", "close to your taste", "trending"], dtype=ob
 
 def _similar_to(item_id: str) -> str:
     return "similar to " + item_id
-
-
-def _as_lists(ranked: tuple[np.ndarray, ...]) -> list[_Ranked]:
-    cnt, items, scores, srcs, tastes = ranked
-    t_l, v_l, s_l, w_l = items.tolist(), scores.tolist(), srcs.tolist(), tastes.tolist()
-    return [(t_l[r][:m], v_l[r][:m], s_l[r][:m], w_l[r][:m]) for r, m in enumerate(cnt.tolist())]
-
-
-def _as_arrays(lists: list[_Ranked], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    nu = len(lists)
-    cnt = np.array([min(len(x[0]), k) for x in lists], dtype=np.int64)
-    items = np.zeros((nu, k), dtype=np.int64)
-    scores, tastes = np.zeros((nu, k)), np.zeros((nu, k))
-    srcs = np.full((nu, k), -1, dtype=np.int64)
-    for r, (t, v, s, w) in enumerate(lists):
-        m = int(cnt[r])
-        items[r, :m], scores[r, :m], srcs[r, :m], tastes[r, :m] = t[:m], v[:m], s[:m], w[:m]
-    return cnt, items, scores, srcs, tastes
 
 
 def _rank_chunk(

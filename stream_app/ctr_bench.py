@@ -29,7 +29,7 @@ from models.ctr.rescorer import CtrRescorer
 from models.ctr.samples import SampleBuilder
 from models.ctr.train import log_losses
 from models.events import Event
-from models.ranking import RANK_FEATURES
+from models.ranking import RANK_FEATURES, Candidates
 from models.simulation import TwoStage
 from stream_app.config import Settings
 from stream_app.trainer import Trainer
@@ -115,7 +115,8 @@ def _inference(s: Settings, rescorer: CtrRescorer, samples: list[Sample], users:
     for _ in range(reps):
         cands = [[pool[j] for j in rng.integers(0, len(pool), k)] for _ in pos]
         ctx = [rng.random((k, RANK_FEATURES)).astype(np.float32) for _ in pos]
+        chunk = Candidates.of_lists([x.user_id for x in pos], [x.history for x in pos], cands, ctx)
         t0 = time.perf_counter()
-        rescorer.score([x.user_id for x in pos], [x.history for x in pos], cands, ctx)
+        rescorer.score(chunk)
         rates.append(len(pos) * k / (time.perf_counter() - t0))
     return statistics.median(rates)

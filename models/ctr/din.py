@@ -91,6 +91,41 @@ class DIN(nn.Module):
         out: torch.Tensor = self(*to_tensors(b))
         return out
 
+    def score_lists(
+        self, user: torch.Tensor, hist: torch.Tensor, item: torch.Tensor, cat: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` for lists: U users, each with one history and W candidates -> (U, W)
+        logits, the same function as ``forward`` on the U * W rows.
+
+        ``user`` (U,), ``hist`` (U, L), ``item`` and ``cat`` (U, W), ``dense`` (U, W, F). The
+        history's part of the attention is computed once per user, and its first layer over all
+        (candidate, slot) pairs is one batched product: the worker ranks a few users with a
+        hundred or more candidates each, where the row form repeats each history W times.
+        """
+        e, att = self.emb, self.att
+        first, last = cast(nn.Linear, att.mlp[0]), cast(nn.Linear, att.mlp[2])
+        w1, w2, w3, w4 = first.weight.chunk(4, dim=1)  # each (H, D)
+        nu, width = item.shape
+        n_slots, (n_hidden, d) = hist.shape[1], w1.shape
+        h = e(hist)  # (U, L, D)
+        t = e(item)  # (U, W, D)
+        # first layer at (candidate t, slot h): (W1 + W4) h + (W2 - W4) t + W3 (h * t) + b, as
+        # [t, 1] @ K with K (D + 1, L * H) per user: rows d < D hold h_d W3[:, d] + (W2 - W4)[:, d]
+        # (the parts linear in t), the last row (W1 + W4) h + b (the parts without t)
+        k_t = h.unsqueeze(-1) * w3.T + (w2 - w4).T  # (U, L, D, H)
+        k_1 = h @ (w1 + w4).T + first.bias  # (U, L, H)
+        k = torch.cat([k_t.permute(0, 2, 1, 3), k_1.unsqueeze(1)], dim=1).reshape(nu, d + 1, n_slots * n_hidden)
+        t1 = torch.cat([t, t.new_ones(nu, width, 1)], dim=-1)  # (U, W, D + 1)
+        pre = torch.bmm(t1, k).view(nu, width, n_slots, n_hidden).relu_()
+        logits = (pre @ last.weight.T).squeeze(-1) + last.bias  # (U, W, L)
+        # softmax over the filled slots; torch.softmax is slow over a last dimension this short
+        w = (logits - logits.amax(dim=-1, keepdim=True)).exp_() * (hist != 0).unsqueeze(1)
+        w /= w.sum(dim=-1, keepdim=True).clamp_(min=1e-30)  # an empty history: no weight
+        pooled = torch.bmm(w, h)  # (U, W, D)
+        x = torch.cat([e(user).unsqueeze(1).expand(nu, width, d), t, e(cat), pooled, t * pooled, dense], dim=-1)
+        out: torch.Tensor = self.mlp(x).squeeze(-1)
+        return out
+
 
 def to_tensors(b: CtrBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return (

@@ -7,15 +7,14 @@ reserved for padding (the empty history slots).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import chain
 
 import numpy as np
 
 from models.hashing import stable_hash
-from models.ranking import RANK_FEATURES
+from models.ranking import RANK_FEATURES, Candidates
 
 # Dense inputs of the model: a candidate's ranking context (``models.ranking.ranking_context``),
 # then the share of the user's last ``CATEGORY_WINDOW`` items in the candidate's category. Zero
@@ -110,7 +109,7 @@ class FeatureHasher:
             raise ValueError("buckets must be at least 2")
         self.n_buckets, self.hist_len, self.n_dense, self.seed = buckets, hist_len, n_dense, seed
         # None (no category) is bucket 0, the padding row, like an empty history slot
-        self._memo: dict[str, dict[str | None, int]] = {"u": {}, "i": {}, "c": {None: 0}}
+        self._memo: dict[str, dict[str | None, int]] = {"u": {}, "i": {None: 0}, "c": {None: 0}}
         self._hist_memo: dict[tuple[str, ...], np.ndarray] = {}
 
     def bucket(self, field: str, value: str) -> int:
@@ -123,13 +122,19 @@ class FeatureHasher:
         return b
 
     def buckets(self, field: str, values: Sequence[str | None]) -> np.ndarray:
-        """``bucket`` of many values, (n,) int64, None -> 0: one pass in C when every value is
-        memoised (the common case: ids repeat), else value by value."""
+        """``bucket`` of many values, (n,) int64, None -> 0: one pass in C once every value is
+        memoised (the common case: ids repeat; new ones are hashed first), else value by value."""
         memo = self._memo.setdefault(field, {})
         n = len(values)
         try:
             return np.fromiter(map(memo.__getitem__, values), dtype=np.int64, count=n)
         except KeyError:
+            for v in set(values).difference(memo):
+                if v is not None:
+                    self.bucket(field, v)
+        try:
+            return np.fromiter(map(memo.__getitem__, values), dtype=np.int64, count=n)
+        except KeyError:  # the memo is full
             return np.fromiter((0 if v is None else self.bucket(field, v) for v in values), dtype=np.int64, count=n)
 
     def history(self, h: tuple[str, ...]) -> np.ndarray:
@@ -173,25 +178,38 @@ class FeatureHasher:
         return CtrBatch(user, item, cat, hist, dense, label, group if groups else None)
 
 
-def rerank_inputs(
-    histories: Sequence[Sequence[str]],
-    candidates: Sequence[Sequence[str]],
-    context: Sequence[np.ndarray],
-    categories: Mapping[str, str],
-) -> list[np.ndarray]:
-    """Per user, the (n, N_DENSE) float32 dense inputs of its candidates: the ranking context
-    and each candidate's category share among the user's last ``CATEGORY_WINDOW`` items. The
-    worker's samples and its scoring both call this, so the model sees the same inputs."""
-    out = []
-    cat = categories.get
-    for h, cs, x in zip(histories, candidates, context, strict=True):
-        d = np.zeros((len(cs), N_DENSE), dtype=np.float32)
-        d[:, :RANK_FEATURES] = x
-        recent = h[-CATEGORY_WINDOW:]
-        cnt = Counter(map(cat, recent))
-        cnt.pop(None, None)
-        if cnt:
-            shares = np.fromiter(map(cnt.get, map(cat, cs), repeat(0)), dtype=np.float32, count=len(cs))
-            d[:, RANK_FEATURES] = shares / len(recent)
-        out.append(d)
+class _Codes(dict[str | None, int]):
+    """Small integer codes of values in the order first seen; None is -1."""
+
+    def __init__(self) -> None:
+        super().__init__({None: -1})
+
+    def __missing__(self, key: str | None) -> int:
+        code = self[key] = len(self) - 1
+        return code
+
+
+def rerank_dense(c: Candidates, categories: Mapping[str, str]) -> np.ndarray:
+    """The (U, width, N_DENSE) float32 dense inputs of a chunk's candidates (zeros past
+    ``c.cnt``): the ranking context and each candidate's category share among the user's last
+    ``CATEGORY_WINDOW`` items. The worker's samples and its scoring both read these, so the
+    model sees the same inputs; computed for the whole chunk at once."""
+    nu, width = c.ids.shape
+    out = np.zeros((nu, width, N_DENSE), dtype=np.float32)
+    out[:, :, :RANK_FEATURES] = c.context
+    if nu == 0 or width == 0:
+        return out
+    cat, codes = categories.get, _Codes()
+    recent = c.recent(CATEGORY_WINDOW)
+    n_recent = np.fromiter(map(len, recent), dtype=np.int64, count=nu)
+    held = np.full((nu, CATEGORY_WINDOW), -2, dtype=np.int64)  # -2: no item, -1: no category
+    flat = list(chain.from_iterable(recent))
+    held[np.arange(CATEGORY_WINDOW) >= CATEGORY_WINDOW - n_recent[:, None]] = np.fromiter(
+        map(codes.__getitem__, map(cat, flat)), dtype=np.int64, count=len(flat)
+    )
+    ids = c.ids.ravel().tolist()
+    cand = np.fromiter(map(codes.__getitem__, map(cat, ids)), dtype=np.int64, count=len(ids)).reshape(nu, width)
+    same = ((cand[:, :, None] == held[:, None, :]) & (cand[:, :, None] >= 0)).sum(axis=-1, dtype=np.int64)
+    has = n_recent > 0
+    out[has, :, RANK_FEATURES] = same[has].astype(np.float32) / n_recent[has, None].astype(np.float32)
     return out

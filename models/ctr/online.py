@@ -10,7 +10,7 @@ lift of the CTR model over the same system without it, in the same pass.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from models.ctr.samples import SampleBuilder, SampleParams
 from models.ctr.train import optimizers, train_step
 from models.events import Event
 from models.params import ModelParams
+from models.ranking import Candidates
 
 
 class _Untrained:
@@ -31,14 +32,8 @@ class _Untrained:
     def __init__(self, weight: float) -> None:
         self.weight = weight
 
-    def score(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray],
-    ) -> list[np.ndarray]:
-        return [np.zeros(len(c)) for c in candidates]
+    def score(self, c: Candidates) -> np.ndarray:
+        return np.zeros(c.ids.shape)
 
 
 class StreamrecCtr(Streamrec):

@@ -1,16 +1,16 @@
-"""The CTR model as a ``ranking.Rescorer``: all users' candidates scored in one batch."""
+"""The CTR model as a ``ranking.Rescorer``: a chunk's candidates scored in one batch."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from itertools import chain
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from models.ctr.din import DIN
-from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, rerank_inputs
-from models.ctr.train import logits, predict
+from models.ctr.features import N_DENSE, FeatureHasher, rerank_dense
+from models.ctr.train import sigmoid
+from models.ranking import Candidates
 
 
 class CtrRescorer:
@@ -29,48 +29,29 @@ class CtrRescorer:
         self.reranker = model.cfg.n_dense == N_DENSE
         self.hasher = FeatureHasher(model.cfg.buckets, model.cfg.hist_len, n_dense=model.cfg.n_dense)
 
-    def batch(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray] | None = None,
-    ) -> CtrBatch:
-        """One batch of every user's candidates: rows grouped by user, in order."""
-        fh, cats, L = self.hasher, self.categories, self.hasher.hist_len
-        counts = np.fromiter(map(len, candidates), dtype=np.int64, count=len(candidates))
-        n = int(counts.sum())
-        hist = np.zeros((len(user_ids), L), dtype=np.int64)
-        for r, h in enumerate(histories):
-            hh = h[-L:]
-            if hh:
-                hist[r, L - len(hh) :] = fh.buckets("i", hh)
-        items = list(chain.from_iterable(candidates))
-        dense = np.zeros((n, fh.n_dense), dtype=np.float32)
-        if self.reranker and n:
-            if context is None:
-                raise ValueError("a re-ranking model needs the candidates' ranking context")
-            dense[:] = np.concatenate(rerank_inputs(histories, candidates, context, cats))
-        return CtrBatch(
-            np.repeat(fh.buckets("u", user_ids), counts),
-            fh.buckets("i", items),
-            fh.buckets("c", list(map(cats.get, items))),
-            np.repeat(hist, counts, axis=0),
-            dense,
-            np.zeros(n, dtype=np.float32),
-        )
+    def inputs(self, c: Candidates) -> tuple[torch.Tensor, ...]:
+        """``DIN.score_lists``' inputs for the chunk: user (U,), history (U, L) right-aligned,
+        item and category (U, width) buckets (0 past ``c.cnt``), dense (U, width, F)."""
+        fh, L = self.hasher, self.hasher.hist_len
+        nu, width = c.ids.shape
+        hist = np.zeros((nu, L), dtype=np.int64)
+        for r, h in enumerate(c.recent(L)):
+            if h:
+                hist[r, L - len(h) :] = fh.buckets("i", h)
+        ids = c.ids.ravel().tolist()
+        item = fh.buckets("i", ids).reshape(nu, width)
+        cat = fh.buckets("c", list(map(self.categories.get, ids))).reshape(nu, width)
+        if self.reranker:
+            dense = rerank_dense(c, self.categories)
+        else:
+            dense = np.zeros((nu, width, fh.n_dense), dtype=np.float32)
+        user = fh.buckets("u", c.user_ids)
+        return tuple(map(torch.from_numpy, (user, hist, item, cat, dense)))
 
-    def score(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray] | None = None,
-    ) -> list[np.ndarray]:
-        b = self.batch(user_ids, histories, candidates, context)
-        if len(b) == 0:
-            return [np.zeros(0) for _ in candidates]
+    def score(self, c: Candidates) -> np.ndarray:
+        """(U, width) float64: logits for a re-ranker, else P(click)."""
+        if c.ids.size == 0:
+            return np.zeros(c.ids.shape)
         with torch.inference_mode():
-            p = logits(self.model, b) if self.reranker else predict(self.model, b)
-        bounds = np.cumsum([len(c) for c in candidates])[:-1]
-        return list(np.split(p, bounds))
+            z = self.model.score_lists(*self.inputs(c)).double().numpy()
+        return z if self.reranker else sigmoid(z)

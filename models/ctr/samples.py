@@ -29,14 +29,15 @@ settled before it were already returned (and published).
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from models.ctr.features import Sample, rerank_inputs
+from models.ctr.features import Sample, rerank_dense
 from models.events import Event, Forget
 from models.hashing import stable_hash
+from models.ranking import Candidates
 from models.users import HEAD, UserPartition, events_of
 
 POSITIVE_TYPES = frozenset({"click", "purchase"})
@@ -83,21 +84,14 @@ class SampleBuilder:
         # user -> (candidates of the last list served, their dense inputs (n, N_DENSE))
         self.served: OrderedDict[str, tuple[list[str], np.ndarray]] = OrderedDict()
 
-    def observe(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray],
-    ) -> None:
+    def observe(self, c: Candidates) -> None:
         """Remember each user's newly ranked candidates (``ranking.Observer``)."""
         if not self.p.list_negatives:
             return
         served = self.served
-        for u, c, d in zip(
-            user_ids, candidates, rerank_inputs(histories, candidates, context, self.categories), strict=True
-        ):
-            served[u] = (list(c), d)
+        dense = rerank_dense(c, self.categories)
+        for r, (u, cs) in enumerate(zip(c.user_ids, c.lists(), strict=True)):
+            served[u] = (cs, dense[r, : len(cs)].copy())
             served.move_to_end(u)
         while len(served) > self.p.served_users:
             served.popitem(last=False)

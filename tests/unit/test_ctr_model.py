@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from models.ctr.din import DIN, CtrConfig, TargetAttention
-from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample
+from models.ctr.features import N_DENSE, CtrBatch, FeatureHasher, Sample, rerank_dense
 from models.ctr.logreg import LogReg
 from models.ctr.rescorer import CtrRescorer
-from models.ctr.train import batch_loss, list_loss, list_losses, optimizers, predict, train_step
-from models.ranking import RANK_FEATURES
+from models.ctr.train import batch_loss, list_loss, list_losses, logits, optimizers, predict, train_step
+from models.ranking import RANK_FEATURES, Candidates
 from stream_app.ctr_bench import exact_auc
 from tests.unit.ctr_tasks import group_task, list_task
 
@@ -62,10 +62,47 @@ def test_shapes_padding_and_dense_inputs() -> None:
     assert b.dense.tolist() == [[0.5, 1.0], [0.0, 0.0]] and b.cat[1] == 0
     p = predict(DIN(cfg), b)
     assert p.shape == (2,) and np.isfinite(p).all()  # an empty history is not a NaN
+    assert predict(LogReg(cfg), b).shape == (2,)
     rs = CtrRescorer(DIN(cfg), 1, 1.0, {"x": "c", "z": "c"})
-    c = rs.batch(["u", "v"], [["a"], []], [["x", "y", "z"], ["y"]])
-    assert len(c) == 4 and c.user[2] == c.user[0] != c.user[3] and c.cat[1] == 0 and (c.hist[3] == 0).all()
-    assert predict(LogReg(cfg), c).shape == (4,) and [len(x) for x in rs.score(["u"], [["a"]], [["x", "y"]])] == [2]
+    ctx = [np.zeros((3, RANK_FEATURES), dtype=np.float32), np.zeros((1, RANK_FEATURES), dtype=np.float32)]
+    c = Candidates.of_lists(["u", "v"], [["a"], []], [["x", "y", "z"], ["y"]], ctx)
+    user, hist, item, cat, dense = (x.numpy() for x in rs.inputs(c))
+    assert user.shape == (2,) and user[0] != user[1]
+    assert hist.shape == (2, 5) and hist[0, :4].tolist() == [0] * 4 and hist[0, 4] != 0 and not hist[1].any()
+    assert item.shape == cat.shape == (2, 3) and item[1, 0] == item[0, 1] and item[1, 1:].tolist() == [0, 0]
+    assert cat[0, 0] == cat[0, 2] != 0 and cat[0, 1] == 0 and dense.shape == (2, 3, 2)
+    p = rs.score(c)
+    assert p.shape == (2, 3) and np.isfinite(p).all() and ((p > 0) & (p < 1)).all()  # P(click): no dense inputs
+
+
+def test_the_worker_scores_a_chunk_as_the_trainer_scores_its_rows() -> None:
+    """``DIN.score_lists`` over a padded chunk is ``DIN.forward`` over the samples the chunk's
+    candidates would become: the same buckets, history and dense inputs."""
+    torch.manual_seed(1)
+    cfg = CtrConfig(buckets=1 << 10, dim=4, hist_len=5, n_dense=N_DENSE)
+    din = DIN(cfg)
+    with torch.no_grad():
+        for w in din.parameters():
+            w.normal_(0.0, 0.5)  # far from the initial near-zero weights: every part matters
+    cats = {"x": "c1", "z": "c1", "a": "c1", "b": "c2", "q": "c2"}
+    rs = CtrRescorer(din, 1, 1.0, cats)
+    hists = [["a", "b"], [], ["b", "q", "a", "z", "y", "b", "q"]]
+    cands = [["x", "y", "z"], ["y"], ["a", "q", "x", "w"]]
+    rng = np.random.default_rng(0)
+    ctx = [rng.random((len(cs), RANK_FEATURES)).astype(np.float32) for cs in cands]
+    c = Candidates.of_lists(["u", "v", "w"], hists, cands, ctx)
+    got = rs.score(c)
+    dense = rerank_dense(c, cats)
+    rows = [
+        Sample(u, it, cats.get(it), tuple(h[-5:]), 0.0, 0, tuple(dense[r, k].tolist()))
+        for r, (u, h, cs) in enumerate(zip(c.user_ids, hists, cands, strict=True))
+        for k, it in enumerate(cs)
+    ]
+    want = logits(din, FeatureHasher(cfg.buckets, cfg.hist_len, n_dense=N_DENSE).batch(rows))
+    valid = np.arange(4) < c.cnt[:, None]
+    assert got[valid] == pytest.approx(want, abs=1e-5) and np.ptp(want) > 1.0
+    assert dense[2, :, RANK_FEATURES].tolist() == pytest.approx([2 / 7, 4 / 7, 2 / 7, 0.0])  # c1, c2, c1, none
+    assert (dense[:, :, :RANK_FEATURES][valid] == np.concatenate(ctx)).all() and not dense[~valid].any()
 
 
 def test_sample_objects_round_trip_and_bad_ones_are_refused() -> None:
@@ -137,12 +174,6 @@ def test_a_reranker_trained_on_list_samples_reorders_candidates_by_what_it_learn
     for k in range(0, len(test), 10):
         lst = test[k : k + 10]
         ctx = np.array([s.dense[:RANK_FEATURES] for s in lst], dtype=np.float32)
-        (sc,) = rs.score(["u"], [list(lst[0].history)], [[s.item_id for s in lst]], [ctx])
+        (sc,) = rs.score(Candidates.of_lists(["u"], [list(lst[0].history)], [[s.item_id for s in lst]], [ctx]))
         firsts += lst[int(np.argmax(sc))].label == 1.0
     assert firsts >= 150, firsts  # the retrieval order (column 0) gets 1 in 10
-    try:
-        rs.score(["u"], [[]], [["a"]])
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("a re-ranker scored without the ranking context")

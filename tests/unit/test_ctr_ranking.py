@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,7 @@ from models.ctr.online import StreamrecCtr
 from models.ctr.samples import SampleParams
 from models.events import Event
 from models.params import ModelParams
-from models.ranking import RANK_FEATURES, recommend
+from models.ranking import RANK_FEATURES, Candidates, recommend
 from models.simulation import TwoStage
 from stream_app.datasets import synthetic_events
 from tests.unit.systems import fed, synthetic
@@ -26,17 +24,13 @@ class Favour:
         self.item, self.weight = item, weight
         self.calls = 0
 
-    def score(
-        self,
-        user_ids: Sequence[str],
-        histories: Sequence[Sequence[str]],
-        candidates: Sequence[Sequence[str]],
-        context: Sequence[np.ndarray],
-    ) -> list[np.ndarray]:
+    def score(self, c: Candidates) -> np.ndarray:
         self.calls += 1
-        assert len(user_ids) == len(histories) == len(candidates) == len(context)
-        assert all(x.shape == (len(c), RANK_FEATURES) for x, c in zip(context, candidates, strict=True))
-        return [np.array([1.0 if c == self.item else 0.0 for c in cs]) for cs in candidates]
+        nu, width = c.ids.shape
+        assert len(c.user_ids) == nu == len(c.cnt) and c.context.shape == (nu, width, RANK_FEATURES)
+        assert all(all(x is not None for x in row[:m]) for row, m in zip(c.ids, c.cnt, strict=True))
+        assert (c.ids[np.arange(width) >= c.cnt[:, None]] == None).all()  # noqa: E711 (elementwise)
+        return (c.ids == self.item).astype(np.float64)
 
 
 def _system(params: ModelParams | None = None, n_items: int = 60) -> TwoStage:
@@ -88,10 +82,8 @@ def test_the_ranking_context_describes_each_candidate_as_retrieval_saw_it() -> N
     seen: list[tuple[list[str], list[np.ndarray]]] = []
 
     class Keep:
-        def observe(
-            self, u: Sequence[str], h: Sequence[Sequence[str]], c: Sequence[Sequence[str]], x: Sequence[np.ndarray]
-        ) -> None:
-            seen.append(([list(cs) for cs in c], list(x)))
+        def observe(self, c: Candidates) -> None:
+            seen.append((c.lists(), [x[:m] for x, m in zip(c.context, c.cnt, strict=True)]))
 
     lists = recommend(part, table, users, observer=Keep())
     ((cands, ctx),) = seen
@@ -115,10 +107,8 @@ def test_a_reranker_sees_a_deeper_pool_than_a_list_draws_from() -> None:
     seen: list[list[str]] = []
 
     class Keep:
-        def observe(
-            self, u: Sequence[str], h: Sequence[Sequence[str]], c: Sequence[Sequence[str]], x: Sequence[np.ndarray]
-        ) -> None:
-            seen.extend(list(cs) for cs in c)
+        def observe(self, c: Candidates) -> None:
+            seen.extend(c.lists())
 
     observed = recommend(part, table, users, observer=Keep())
     assert [r.items for r in observed] == [r.items for r in plain]  # watching changes no list

@@ -9,7 +9,7 @@ import pytest
 
 from models.ctr.samples import SampleBuilder, SampleParams
 from models.events import Event
-from models.ranking import RANK_FEATURES
+from models.ranking import RANK_FEATURES, Candidates
 
 MIN = 60_000
 
@@ -78,7 +78,7 @@ def test_history_is_bounded_and_never_includes_the_event_or_later_ones() -> None
 def _serve(b: SampleBuilder, user: str, cands: list[str], hist: list[str]) -> np.ndarray:
     """Show the builder a ranked list, as the worker does; returns the context it was given."""
     ctx = np.arange(len(cands) * RANK_FEATURES, dtype=np.float32).reshape(len(cands), RANK_FEATURES) / 100
-    b.observe([user], [hist], [cands], [ctx])
+    b.observe(Candidates.of_lists([user], [hist], [cands], [ctx]))
     return ctx
 
 

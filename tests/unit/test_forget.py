@@ -21,6 +21,7 @@ from models.engine import user_step
 from models.events import Event, EventSchema, Forget, InvalidEvent, forget_message
 from models.items import ItemPartition
 from models.params import ModelParams
+from models.ranking import Candidates
 from models.simulation import TwoStage
 from models.table import ItemTable
 from models.users import UserPartition, UserState
@@ -211,7 +212,7 @@ def test_the_sample_builder_forgets_history_open_views_clicks_and_served_lists()
     def run(forget: bool) -> tuple[SampleBuilder, list]:
         b = SampleBuilder(p)
         b.feed([ev(GONE, "a", 0, "view"), ev(GONE, "b", 1, "click"), ev("bob", "a", 2, "view")])
-        b.observe([GONE], [["b"]], [["x", "y", "z"]], [np.zeros((3, 7), dtype=np.float32)])
+        b.observe(Candidates.of_lists([GONE], [["b"]], [["x", "y", "z"]], [np.zeros((3, 7), dtype=np.float32)]))
         if forget:
             assert b.feed([Forget(GONE)]) == []
         # an hour later: every open view is settled
