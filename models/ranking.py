@@ -150,17 +150,16 @@ def ranking_context(
     valid = np.arange(width) < cnt[:, None]
     if not valid.any():
         return x
+    # whole (U, width) columns, padding cleared at the end: nearly every row is full
     best = np.where(valid, scores, -np.inf).max(axis=1)
     top = np.where(best > 0, best, 1.0)[:, None]
     pop = table.pop()
     pmax = float(pop.max()) if len(pop) else 0.0
-    row, col = np.nonzero(valid)
-    idx = items[row, col]
-    x[row, col, 0] = (scores / top)[row, col]
-    x[row, col, 1] = (np.log1p(np.arange(width)) / 5.0)[col]
-    x[row, col, 2] = (tastes / top)[row, col]
-    x[row, col, 3] = pop[idx] / (pmax if pmax > 0 else 1.0)
-    x[row, col, 4] = _newest_item_similarity(part, table, uids, row, idx)
+    x[:, :, 0] = scores / top
+    x[:, :, 1] = np.log1p(np.arange(width)) / 5.0
+    x[:, :, 2] = tastes / top
+    x[:, :, 3] = pop[items] / (pmax if pmax > 0 else 1.0)
+    x[:, :, 4] = _newest_item_similarity(part, table, uids, items)
     events = np.zeros(nu)
     gap = np.zeros(nu)
     for r, uid in enumerate(uids):
@@ -168,16 +167,17 @@ def ranking_context(
         events[r] = math.log1p(events_of(rec)) / 10.0
         if len(rec) >= HEAD + 4:
             gap[r] = math.log1p(max(entry_ts(rec[-1]) - entry_ts(rec[-3]), 0) / 1000.0) / 20.0
-    x[row, col, 5] = events[row]
-    x[row, col, 6] = gap[row]
+    x[:, :, 5] = events[:, None]
+    x[:, :, 6] = gap[:, None]
+    x[~valid] = 0.0
     return x
 
 
 def _newest_item_similarity(
-    part: UserPartition, table: ItemTable, uids: Sequence[str], row: np.ndarray, idx: np.ndarray
+    part: UserPartition, table: ItemTable, uids: Sequence[str], items: np.ndarray
 ) -> np.ndarray:
-    """Per (user ``row``, candidate ``idx``): its similarity to the user's newest item (0 if not
-    among that item's neighbours), by one sorted lookup of (user, item) keys for the chunk."""
+    """Per (user r, candidate ``items[r, j]``): its similarity to the user's newest item (0 if
+    not among that item's neighbours), by one sorted lookup of (user, item) keys for the chunk."""
     cat = part.catalogue_map(table)
     lists: list[tuple[int, np.ndarray, np.ndarray]] = []
     for r, uid in enumerate(uids):
@@ -190,13 +190,14 @@ def _newest_item_similarity(
     vals = [sc for _, _, sc in lists]
     k = np.concatenate(keys) if keys else _EMPTY_I
     if k.size == 0:
-        return np.zeros(len(idx))
+        return np.zeros(items.shape)
     v = np.concatenate(vals)
     order = np.argsort(k)
     k, v = k[order], v[order]
-    want = row * n + idx
+    want = np.arange(len(uids))[:, None] * n + items
     at = np.searchsorted(k, want).clip(max=k.size - 1)
-    return np.where(k[at] == want, v[at], 0.0)
+    out: np.ndarray = np.where(k[at] == want, v[at], 0.0)
+    return out
 
 
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]

@@ -189,11 +189,14 @@ class _Codes(dict[str | None, int]):
         return code
 
 
-def rerank_dense(c: Candidates, categories: Mapping[str, str]) -> np.ndarray:
+def rerank_dense(
+    c: Candidates, categories: Mapping[str, str], candidate_categories: Sequence[str | None] | None = None
+) -> np.ndarray:
     """The (U, width, N_DENSE) float32 dense inputs of a chunk's candidates (zeros past
     ``c.cnt``): the ranking context and each candidate's category share among the user's last
     ``CATEGORY_WINDOW`` items. The worker's samples and its scoring both read these, so the
-    model sees the same inputs; computed for the whole chunk at once."""
+    model sees the same inputs; computed for the whole chunk at once. ``candidate_categories``:
+    the categories of ``c.ids`` flattened, if the caller has them already."""
     nu, width = c.ids.shape
     out = np.zeros((nu, width, N_DENSE), dtype=np.float32)
     out[:, :, :RANK_FEATURES] = c.context
@@ -207,9 +210,15 @@ def rerank_dense(c: Candidates, categories: Mapping[str, str]) -> np.ndarray:
     held[np.arange(CATEGORY_WINDOW) >= CATEGORY_WINDOW - n_recent[:, None]] = np.fromiter(
         map(codes.__getitem__, map(cat, flat)), dtype=np.int64, count=len(flat)
     )
-    ids = c.ids.ravel().tolist()
-    cand = np.fromiter(map(codes.__getitem__, map(cat, ids)), dtype=np.int64, count=len(ids)).reshape(nu, width)
-    same = ((cand[:, :, None] == held[:, None, :]) & (cand[:, :, None] >= 0)).sum(axis=-1, dtype=np.int64)
+    cc = list(map(cat, c.ids.ravel().tolist())) if candidate_categories is None else candidate_categories
+    cand = np.fromiter(map(codes.__getitem__, cc), dtype=np.int64, count=len(cc)).reshape(nu, width)
+    # per user, how many of its recent items hold each category code; read at each candidate's
+    n_codes = len(codes) - 1  # without None
+    if n_codes == 0:
+        return out
+    rows = np.arange(nu)[:, None]
+    counts = np.bincount((rows * n_codes + held)[held >= 0], minlength=nu * n_codes).reshape(nu, n_codes)
+    same = np.where(cand >= 0, counts[rows, np.maximum(cand, 0)], 0)
     has = n_recent > 0
     out[has, :, RANK_FEATURES] = same[has].astype(np.float32) / n_recent[has, None].astype(np.float32)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from itertools import chain
 
 import numpy as np
 import torch
@@ -34,15 +35,16 @@ class CtrRescorer:
         item and category (U, width) buckets (0 past ``c.cnt``), dense (U, width, F)."""
         fh, L = self.hasher, self.hasher.hist_len
         nu, width = c.ids.shape
+        recent = c.recent(L)
+        lens = np.fromiter(map(len, recent), dtype=np.int64, count=nu)
         hist = np.zeros((nu, L), dtype=np.int64)
-        for r, h in enumerate(c.recent(L)):
-            if h:
-                hist[r, L - len(h) :] = fh.buckets("i", h)
+        hist[np.arange(L) >= L - lens[:, None]] = fh.buckets("i", list(chain.from_iterable(recent)))
         ids = c.ids.ravel().tolist()
         item = fh.buckets("i", ids).reshape(nu, width)
-        cat = fh.buckets("c", list(map(self.categories.get, ids))).reshape(nu, width)
+        cats = list(map(self.categories.get, ids))
+        cat = fh.buckets("c", cats).reshape(nu, width)
         if self.reranker:
-            dense = rerank_dense(c, self.categories)
+            dense = rerank_dense(c, self.categories, cats)
         else:
             dense = np.zeros((nu, width, fh.n_dense), dtype=np.float32)
         user = fh.buckets("u", c.user_ids)
