@@ -386,6 +386,50 @@ def with_samples(env: dict[str, str], enabled: bool) -> dict[str, str]:
     return {**env, "STREAMREC_SAMPLES": "true"} if enabled else env
 
 
+def with_reranker(env: dict[str, str], model: tuple[int, bytes] | None) -> dict[str, str]:
+    """``env`` with workers re-ranking by a CTR model (``W_CTR`` 1 unless set above 0), if there
+    is one (``pretrained_ctr``'s)."""
+    if model is None or settings_from_env(env).w_ctr > 0:
+        return env
+    return {**env, "STREAMREC_W_CTR": "1"}
+
+
+def pretrained_ctr(svc: Any, events: list[dict[str, Any]], run: str) -> tuple[int, bytes]:
+    """A CTR model trained on a first pass over ``events``, as (version, blob): a worker with
+    samples on replays them on topics and keys of its own, and a trainer trains on its samples
+    until it has published a version. With it published before a measured run, the worker
+    re-ranks from its first block and no trainer shares the machine with the run."""
+    env = {**with_samples(isolated_env(svc, f"bench-{run}-ctr"), True), "STREAMREC_CTR_PUBLISH_BATCHES": "5"}
+    s = settings_from_env(env)
+    ensure_topics(s, 1)
+    replay(producer_config(s), s.events_topic, events)
+    store = RedisStore(redis_client(s), s.redis_prefix)
+    logs = Path(tempfile.gettempdir())
+    with trainer_beside(env, True, logs / f"streamrec-bench-{run}-ctr-trainer.log"):
+        w = WorkerProcess(env, logs / f"streamrec-bench-{run}-ctr.log").start()
+        try:
+            wait_stages_caught_up(s, 1, w)
+        finally:
+            w.stop()
+        deadline = time.monotonic() + 300
+        while store.ctr_model_version() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the trainer published no CTR model within 300 s of the worker's pass")
+            time.sleep(0.5)
+    version, blob = store.ctr_model_version(), store.ctr_model()  # the trainer has stopped
+    store.delete_all()
+    if version is None or blob is None:
+        raise RuntimeError("the published CTR model disappeared")
+    return version, blob
+
+
+def publish_model(env: dict[str, str], model: tuple[int, bytes] | None) -> None:
+    """Publish ``model`` (a CTR model's version and blob) under ``env``'s key prefix, if any."""
+    if model is not None:
+        s = settings_from_env(env)
+        RedisStore(redis_client(s), s.redis_prefix).publish_ctr_model(*model)
+
+
 _TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
 
 
@@ -402,12 +446,19 @@ def table_lag_reported(log: str) -> dict[str, int] | None:
 
 
 def scale_run(
-    svc: Any, events: list[dict[str, Any]], workers: int, partitions: int, run: str, with_trainer: bool = False
+    svc: Any,
+    events: list[dict[str, Any]],
+    workers: int,
+    partitions: int,
+    run: str,
+    with_trainer: bool = False,
+    ctr_model: tuple[int, bytes] | None = None,
 ) -> CatchUp:
     """End-to-end throughput of ``workers`` workers on a ``partitions``-partition topic."""
-    env = with_samples(isolated_env(svc, f"bench-{run}-w{workers}"), with_trainer)
+    env = with_reranker(with_samples(isolated_env(svc, f"bench-{run}-w{workers}"), with_trainer), ctr_model)
     s = settings_from_env(env)
     ensure_topics(s, partitions)
+    publish_model(env, ctr_model)
     logs = Path(tempfile.gettempdir())
     with trainer_beside(env, with_trainer, logs / f"streamrec-bench-{run}-w{workers}-trainer.log") as trainer:
         procs = [WorkerProcess(env, logs / f"streamrec-bench-{run}-w{workers}-{k}.log").start() for k in range(workers)]
@@ -441,15 +492,25 @@ def run_bench(
     scale_partitions: int = 4,
     split_roles: bool = False,
     observe: float = 0.1,
+    pretrained: bool = False,
 ) -> dict[str, Any]:
+    """``streamrec bench``'s worker runs. ``pretrained``: the workers re-rank with a CTR model
+    published before they start (``pretrained_ctr``), with no trainer beside them unless
+    ``with_trainer``."""
     run = uuid.uuid4().hex[:8]
     name, events = demo_events(settings, n_events or 100_000, use_ml100k=True)
     if n_events:
         events = events[:n_events]
     with local_services(settings) as svc:
-        env = with_samples(isolated_env(svc, f"bench-{run}"), with_trainer)
+        ctr_model = None
+        if pretrained:
+            typer.echo(f"training a CTR model on a first pass over {len(events):,} events ({name}) ...")
+            ctr_model = pretrained_ctr(svc, events, run)
+            typer.echo(f"CTR model version {ctr_model[0]} trained ({len(ctr_model[1]) / 1e6:.1f} MB)")
+        env = with_reranker(with_samples(isolated_env(svc, f"bench-{run}"), with_trainer), ctr_model)
         s = settings_from_env(env)
         ensure_topics(s, partitions)
+        publish_model(env, ctr_model)
         typer.echo(f"preloading {len(events):,} events ({name}) into {partitions} partition(s) ...")
         replay(producer_config(s), s.events_topic, events)
         raw = raw_ceiling(s, s.events_topic, partitions)
@@ -492,7 +553,7 @@ def run_bench(
                     wi.stop()
         RedisStore(redis_client(s), s.redis_prefix).delete_all()
         scale = (
-            {n: scale_run(svc, events, n, scale_partitions, run, with_trainer) for n in (1, 2)}
+            {n: scale_run(svc, events, n, scale_partitions, run, with_trainer, ctr_model) for n in (1, 2)}
             if scale_partitions
             else {}
         )
@@ -526,6 +587,7 @@ def run_bench(
         "trainer": trainer or None,  # samples trained on beside the one-worker runs (with_trainer)
         "samples": s.samples,
         "w_ctr": s.w_ctr,
+        "pretrained_ctr_version": ctr_model[0] if ctr_model is not None else None,
     }
     f = fresh
     who = "one worker, the stages in two processes" if split_roles else "one worker"

@@ -306,6 +306,12 @@ def bench(
     with_trainer: bool = typer.Option(
         False, "--with-trainer", help="workers publish CTR samples and a trainer trains on them during each run"
     ),
+    pretrained_ctr: bool = typer.Option(
+        False,
+        "--pretrained-ctr",
+        help="the workers re-rank with a CTR model (W_CTR=1 unless set) trained on a first pass over the log and "
+        "published before they start; no trainer runs beside them unless --with-trainer",
+    ),
     split_roles: bool = typer.Option(
         False,
         "--split-roles",
@@ -363,7 +369,16 @@ def bench(
         from stream_app.bench import run_bench
 
         res = run_bench(
-            _settings(config), events, rate, seconds, partitions, with_trainer, scale_partitions, split_roles, observe
+            _settings(config),
+            events,
+            rate,
+            seconds,
+            partitions,
+            with_trainer,
+            scale_partitions,
+            split_roles,
+            observe,
+            pretrained_ctr,
         )
     if json_out:
         json_out.write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2))

@@ -166,6 +166,26 @@ def test_bench_with_a_trainer_trains_beside_every_worker_run(worker_env: dict[st
     assert re.search(r"CTR model version \d+ loaded", Path(doc["worker_log"]).read_text())
 
 
+def test_bench_with_a_pretrained_ctr_model_reranks_from_the_first_block(
+    worker_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``streamrec bench --pretrained-ctr``: a model trained on a first pass over the log is
+    published before the measured worker starts; the worker loads it before it consumes, sets
+    ``W_CTR`` 1 itself, and no trainer or samples run beside it."""
+    out = tmp_path / "bench.json"
+    env = {**worker_env, "STREAMREC_CTR_BUCKETS": "16384"}
+    args = ["bench", "--events", "8000", "--rate", "300", "--seconds", "3", "--pretrained-ctr", "--scale-partitions"]
+    res = _run([*args, "0", "--json", str(out)], env, timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    doc = orjson.loads(out.read_bytes())
+    version = doc["pretrained_ctr_version"]
+    assert version >= 1 and doc["w_ctr"] == 1.0 and doc["samples"] is False and doc["trainer"] is None
+    assert doc["end_to_end_events_per_s"] > 0 and doc["freshness"]["unobserved"] == 0
+    log = Path(doc["worker_log"]).read_text()
+    loaded, consuming = log.find(f"CTR model version {version} loaded"), log.find("user stage consuming")
+    assert 0 <= loaded < consuming and doc["ctr_versions_loaded"] == 1
+
+
 def test_demo_keep_leaves_the_lists_up_until_interrupted(tmp_path: Path) -> None:
     """`streamrec demo --keep`: the printed settings reach the demo's Redis and worker; Ctrl-C
     (SIGINT) stops everything and deletes the demo's keys."""
