@@ -351,9 +351,10 @@ def bench(
 
         s = _settings(config)
         res = profile_stages(s, fetch_ml100k(s.data_dir), block, events, live)
+        reranked = f" (re-ranked by an untrained CTR model, W_CTR={s.w_ctr:g}: its cost)" if s.w_ctr else ""
         typer.echo(
             f"{res['events']:,} {'live ' if live else ''}events, {res['lists']:,} lists, blocks of {block}: "
-            f"{res['events_per_s']:,.0f} events/s in one thread\n"
+            f"{res['events_per_s']:,.0f} events/s in one thread{reranked}\n"
             "| phase | s | µs per event | µs per list |\n|---|---|---|---|"
         )
         for k, v in res["phases"].items():

@@ -6,6 +6,10 @@ and in, the item state with the table entries due, and the table. Brokers and Re
 out (``streamrec bench`` measures the live worker); what remains is the Python and compiled
 work per event and per list, which is what the kernels (``models.kernels``) are for.
 
+With ``W_CTR`` above 0, ranking re-ranks with a CTR model of the configured size at its
+initial weights: what a trained one costs per list, not what it would rank (``streamrec bench
+--pretrained-ctr`` measures a trained one in a live worker).
+
 ``user_memory`` (``streamrec bench --user-memory``) measures what the user state holds per user.
 """
 
@@ -21,8 +25,9 @@ import orjson
 
 from models.deltas import cut, decode, encode, split
 from models.engine import item_step
+from models.events import Event
 from models.items import ItemPartition
-from models.ranking import recommend
+from models.ranking import Rescorer, recommend
 from models.simulation import install_fit
 from models.table import ItemTable, TableEntry
 from models.users import UserPartition
@@ -68,6 +73,8 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
         raw += [orjson.dumps(r) for r in live_events(rows, live)]
     tune_gc()  # as a worker's stages run
     part, items, table = UserPartition(params), ItemPartition(params), ItemTable(params.dim)
+    categories: dict[str, str] = {}
+    rescorer = _untrained_rescorer(settings, categories) if settings.w_ctr > 0 else None
     spent: dict[str, float] = defaultdict(float)
     lists = 0
 
@@ -85,10 +92,15 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
             lists, start = 0, time.perf_counter()
         t = time.perf_counter()
         events = [schema.decode(x) for x in raw[b0 : b0 + size]]
+        if rescorer is not None:  # as the worker learns categories from the events
+            for e in events:
+                c = e.props.get("category") if isinstance(e, Event) and e.props else None
+                if isinstance(c, str):
+                    categories[e.item_id] = c
         t = timed("decode and validate", t)
         eff = part.apply(events, list(range(b0, b0 + len(events))))
         t = timed("user state", t)
-        out = recommend(part, table, eff.users)
+        out = recommend(part, table, eff.users, rescorer=rescorer)
         t = timed("ranking", t)
         docs = [rec_doc(rl, 0, "m") for rl in out]
         lists += len(docs)
@@ -121,6 +133,20 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
             for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
         },
     }
+
+
+def _untrained_rescorer(settings: Settings, categories: dict[str, str]) -> Rescorer:
+    """A CTR re-ranker of the configured size at its initial weights, scoring with one torch
+    thread as a worker does."""
+    import torch
+
+    from models.ctr.din import DIN
+    from models.ctr.rescorer import CtrRescorer
+    from stream_app.trainer import ctr_config
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return CtrRescorer(DIN(ctr_config(settings)), 0, settings.w_ctr, categories)
 
 
 def user_memory(settings: Settings, n_users: int, n_events: int, seed: int = 7) -> dict[str, Any]:

@@ -11,10 +11,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 import redis
 
+from models.ranking import Candidates
 from stream_app.datasets import synthetic_events
 from tests.integration.harness import create_topics, read_topic
 
@@ -141,6 +143,31 @@ def test_stage_profile_times_live_traffic_after_the_log(tmp_path: Path) -> None:
     # the first 6,000 events hold few users, so live blocks repeat them; still ten times the log's
     assert live["lists"] / live["events"] > 10 * log["lists"] / log["events"]
     assert {"ranking", "user state", "item state and due entries"} <= set(live["phases"])
+
+
+def test_stage_profile_reranks_with_a_ctr_model_of_the_configured_size_when_w_ctr_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``W_CTR=1 streamrec bench --stages``: every ranked chunk goes through a CTR re-ranker (at
+    its initial weights: the cost is what is measured), with the deeper pool it scores."""
+    from models.ctr.rescorer import CtrRescorer
+    from stream_app.config import Settings
+    from stream_app.datasets import fetch_ml100k
+    from stream_app.stage_profile import profile_stages
+
+    scored: list[tuple[int, int]] = []
+    score = CtrRescorer.score
+
+    def counted(self: CtrRescorer, c: Candidates) -> np.ndarray:
+        scored.append(c.ids.shape)
+        out: np.ndarray = score(self, c)
+        return out
+
+    monkeypatch.setattr(CtrRescorer, "score", counted)
+    s = Settings(w_ctr=1.0)
+    res = profile_stages(s, fetch_ml100k(s.data_dir), block=100, n_events=3000, live=300)
+    assert res["lists"] > 0 and sum(u for u, _ in scored) >= res["lists"]
+    assert max(w for _, w in scored) == s.params().look_pool > s.n_recs
 
 
 def test_bench_with_a_trainer_trains_beside_every_worker_run(worker_env: dict[str, str], tmp_path: Path) -> None:
