@@ -209,7 +209,7 @@ def freshness(
     db = r.connection_pool.connection_kwargs.get("db", 0)
     old_conf = str(r.config_get("notify-keyspace-events").get("notify-keyspace-events") or "")
     r.config_set("notify-keyspace-events", "K$")
-    ps = r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    ps = r.pubsub(ignore_subscribe_messages=True)
     channel = f"__keyspace@{db}__:"
     if len(watched) == len(distinct):
         ps.psubscribe(channel + store.rec_key("*"))
