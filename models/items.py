@@ -37,7 +37,7 @@ import orjson
 
 from models.arrays import grown
 from models.deltas import DeltaMessage, item_partition
-from models.kernels import add_context, add_found, merge_entries, row_neighbours, search_sorted
+from models.kernels import add_context, add_found, merge_entries, row_neighbours, search_sorted, sum_by_key
 from models.longterm import LongTermOwner
 from models.params import ModelParams
 from models.table import TableEntry, derived_column
@@ -269,8 +269,7 @@ class ItemPartition:
         inc = np.concatenate(pr_w).astype(np.float64) * g[np.concatenate(pr_ev)]
         # one sort for the whole iteration: the distinct (row, col) entries, increments summed
         # in input order; everything below works on them
-        keys, inv = np.unique((rows << 32) | np.concatenate(pr_col), return_inverse=True)
-        summed = np.bincount(inv, weights=inc, minlength=len(keys))
+        keys, summed = sum_by_key((rows << 32) | np.concatenate(pr_col), inc)
         key_rows = keys >> 32
         starts = np.flatnonzero(np.diff(key_rows, prepend=-1))  # where each row's entries begin
         moved_rows = key_rows[starts]

@@ -1,4 +1,5 @@
-"""Kernels against plain references: the top-k selection, the galloping search, the id decode."""
+"""Kernels against plain references: the top-k selection, the galloping search, the id decode,
+the summing of a block's co-occurrence increments by entry."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.kernels import _heap_top, _sorted_best, _top, search_sorted
+from models.kernels import _heap_top, _sorted_best, _top, search_sorted, sum_by_key
 
 
 def _scores(kind: str, m: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,6 +78,26 @@ def test_search_sorted_is_numpys_left_search(keys: list[int], needles: list[int]
     if order != "as drawn":
         x = np.sort(x) if order == "sorted" else np.sort(x)[::-1].copy()
     assert search_sorted(k, x).tolist() == np.searchsorted(k, x).tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 3000),
+    st.sampled_from([1, 3, 1_682, 100_000, 2**31 - 1]),
+    st.integers(0, 2**32 - 1),
+)
+def test_sum_by_key_is_unique_and_bincount_bit_for_bit(n: int, items: int, seed: int) -> None:
+    """The item stage's entries and their summed increments must not depend on which of the two
+    computed them: the same keys, and sums equal to the last bit (both add in input order), for
+    catalogues from one item (one radix pass) to the largest row and column numbers (six)."""
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, items, n) << 32 | rng.integers(0, items, n)
+    keys = np.concatenate([keys, keys[: n // 3]])  # repeated entries, later in the input
+    inc = rng.standard_normal(len(keys)) * 10.0 ** rng.integers(-8, 8, len(keys))
+    want, inv = np.unique(keys, return_inverse=True)
+    got_k, got_v = sum_by_key(keys, inc)
+    assert got_k.tolist() == want.tolist()
+    assert got_v.tobytes() == np.bincount(inv, weights=inc, minlength=len(want)).tobytes()
 
 
 @settings(max_examples=200, deadline=None)
