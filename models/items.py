@@ -33,14 +33,21 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
-import orjson
 
 from models.arrays import grown
 from models.deltas import DeltaMessage, item_partition
-from models.kernels import add_context, add_found, merge_entries, row_neighbours, search_sorted, sum_by_key
+from models.kernels import (
+    add_context,
+    add_found,
+    join_json_lists,
+    merge_entries,
+    row_neighbours,
+    search_sorted,
+    sum_by_key,
+)
 from models.longterm import LongTermOwner
 from models.params import ModelParams
-from models.table import TableEntry, derived_column
+from models.table import QuotedIds, TableEntry
 from models.users import index_vector
 
 _REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
@@ -348,17 +355,24 @@ class ItemPartition:
         ctx = self.context[self.slot_of[np.asarray(items, dtype=np.int64)]]
         norms = np.linalg.norm(ctx, axis=1)
         unit = ctx / np.where(norms > 0, norms, 1.0)[:, None]
-        ids, quoted, sc32 = self.item_ids, self._quoted_ids(), sc.astype(np.float32)
+        ids, sc32 = self.item_ids, sc.astype(np.float32)
+        quoted = self._quoted_ids()
+        # the JSON arrays orjson would make of the neighbour ids, joined from the quoted ids
+        buf, off = join_json_lists(idx, cnt, quoted.buf, quoted.off)
+        blob, at = buf.tobytes(), off.tolist()
         return [
-            # the JSON array orjson would make of the neighbour ids, joined from quoted ids
-            TableEntry(ids[i], self.log_pop(i), b"[%b]" % b",".join(quoted[idx[q, :m]].tolist()), sc32[q, :m], unit[q])
+            TableEntry(ids[i], self.log_pop(i), blob[at[q] : at[q + 1]], sc32[q, :m], unit[q])
             for q, (i, m) in enumerate(zip(items, cnt.tolist(), strict=True))
         ]
 
-    def _quoted_ids(self) -> np.ndarray:
-        """Every item's id as a JSON string (an object array, extended as items come): a table
+    def _quoted_ids(self) -> QuotedIds:
+        """Every item's id as a JSON string, in one buffer extended as items come: a table
         entry's neighbour list is joined from it, with no list of id strings per entry."""
-        return derived_column(self, "_json_ids", self.item_ids, orjson.dumps)
+        q: QuotedIds | None = self.__dict__.get("_json_ids")
+        if q is None:
+            q = self._json_ids = QuotedIds()
+        q.extend(self.item_ids)
+        return q
 
     def all_entries(self) -> list[TableEntry]:
         """Every owned item's entry (a full republication, e.g. to rebuild a lost table)."""

@@ -739,6 +739,41 @@ def sum_by_key(keys: np.ndarray, inc: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 @nb.njit(cache=True, nogil=True)
+def join_json_lists(
+    idx: np.ndarray, cnt: np.ndarray, quoted: np.ndarray, q_off: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row q's first ``cnt[q]`` ids of ``idx`` as a JSON array (``[`` the quoted ids ``,``-joined
+    ``]``, as orjson writes a list of strings), every row's end to end: (bytes, row offsets).
+    Id j's quoted form is ``quoted[q_off[j]:q_off[j + 1]]`` (``models.table.QuotedIds``)."""
+    n = len(cnt)
+    total = 0
+    for q in range(n):
+        total += 2 + max(cnt[q] - 1, 0)
+        for t in range(cnt[q]):
+            j = idx[q, t]
+            total += q_off[j + 1] - q_off[j]
+    out = np.empty(total, dtype=np.uint8)
+    off = np.empty(n + 1, dtype=np.int64)
+    p = 0
+    for q in range(n):
+        off[q] = p
+        out[p] = _OPEN
+        p += 1
+        for t in range(cnt[q]):
+            if t:
+                out[p] = _COMMA
+                p += 1
+            j = idx[q, t]
+            for b in range(q_off[j], q_off[j + 1]):
+                out[p] = quoted[b]
+                p += 1
+        out[p] = _CLOSE
+        p += 1
+    off[n] = p
+    return out, off
+
+
+@nb.njit(cache=True, nogil=True)
 def add_context(
     context: np.ndarray,
     slots: np.ndarray,
@@ -928,6 +963,7 @@ def warm_up() -> None:
     add_found(i0, f0, i0, f0)
     merge_entries(i0, f0, i0, f0)
     sum_by_key(i0, f0)
+    join_json_lists(np.zeros((0, 1), dtype=np.int64), i0, np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int64))
     h_key, h_code = np.zeros(2, dtype=np.uint64), np.full(2, -1, dtype=np.int64)
     id_buf, id_off = np.array([ord("a")], dtype=np.uint8), np.array([0, 1], dtype=np.int64)  # as IdCodes keeps them
     hash_ids(h_key, h_code, id_buf, id_off, 0)

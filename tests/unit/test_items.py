@@ -11,6 +11,7 @@ from typing import Any
 from unittest.mock import patch
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -270,22 +271,27 @@ def test_items_are_routed_to_stable_partitions() -> None:
 
 def test_entry_neighbour_lists_name_the_computed_neighbours_in_order() -> None:
     """A table entry's neighbour ids (joined from quoted ids, ``ItemPartition.entries``) are the
-    JSON array of the computed neighbours, best first, also for ids that need escaping, and
-    after a restore (the quoted ids are a cache, not state)."""
+    JSON array orjson makes of the computed neighbours, best first, also for ids that need
+    escaping, as items keep coming (the quoted ids' buffer grows), and after a restore (the
+    quoted ids are a cache, not state)."""
     odd = ['q"uote', "back\\slash", "ünï", "tab\t"]
-    events = [Event(f"u{k % 7}", odd[k % 4] if k % 3 == 0 else f"i{k % 11}", "view", k, None) for k in range(400)]
+    events = [
+        Event(f"u{k % 7}", odd[k % 4] if k % 3 == 0 else f"i{k % 11 + k // 100 * 11}", "view", k, None)
+        for k in range(400)
+    ]
     part = UserPartition(WIDE)
-    eff = part.apply(events)
-    assert eff.deltas is not None
     s = ItemPartition(WIDE)
-    for m in split(eff.deltas, 0, 0, len(events), part.routes(1), 1):
-        s.apply([m])
-    for state in (s, pickle.loads(pickle.dumps(s))):
-        items = sorted(state.slot)
-        cnt, idx, _ = state.compute_sims(items)
-        for q, e in enumerate(state.entries(items)):
-            want = [state.item_ids[j] for j in idx[q, : cnt[q]].tolist()]
-            assert e.neighbours == want and len(want) == len(e.scores) > 0
+    for b in range(0, len(events), 100):
+        eff = part.apply(events[b : b + 100], list(range(b, b + 100)))
+        assert eff.deltas is not None
+        s.apply(split(eff.deltas, 0, b, b + 100, part.routes(1), 1))
+        for state in (s, pickle.loads(pickle.dumps(s))):
+            items = sorted(state.slot)
+            cnt, idx, _ = state.compute_sims(items)
+            for q, e in enumerate(state.entries(items)):
+                want = [state.item_ids[j] for j in idx[q, : cnt[q]].tolist()]
+                assert e.ids_json == orjson.dumps(want) and e.neighbours == want and len(want) == len(e.scores) > 0
+    assert s.n_items == 4 + 44
 
 
 def test_table_string_columns_follow_the_catalogue_and_stay_out_of_snapshots() -> None:
