@@ -40,12 +40,16 @@ def _scores(kind: str, m: int, rng: np.random.Generator) -> np.ndarray:
 )
 def test_top_is_the_best_k_by_score_then_lower_item(kind: str, m: int, k: int, seed: int) -> None:
     """``_top`` (bucket pre-selection, then a sort or a heap) and ``_heap_top`` both give the first k of
-    a full sort by (score descending, item ascending), whatever the order of the input."""
+    a full sort by (score descending, item ascending), whatever the order of the input; so does
+    ``_top`` with ``sort_few`` for at most 2k scores (all sorted unless they crowd together)."""
     rng = np.random.default_rng(seed)
     s, i = _scores(kind, m, rng), rng.permutation(m).astype(np.int64)
-    want = np.lexsort((i, -s))[:k].tolist()
+    order = np.lexsort((i, -s))
+    want = order[:k].tolist()
     assert _top(s, i, k).tolist() == want
     assert _heap_top(s, i, k).tolist() == want
+    few = max(k, (m + 1) // 2)
+    assert _top(s, i, few, True).tolist() == order[:few].tolist()
 
 
 @settings(max_examples=200, deadline=None)
