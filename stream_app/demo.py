@@ -106,9 +106,7 @@ def _keep_running(
     embedded_redis: bool, env: dict[str, str], events: list[dict[str, Any]], worker: WorkerProcess
 ) -> None:
     """Leave everything up until SIGINT/SIGTERM (or the worker exits), saying how to look at it."""
-    exports = " ".join(
-        f"{k}={shlex.quote(env[k] if k != 'STREAMREC_REDIS_URL' else mask_url(env[k]))}" for k in _SHOWN
-    )
+    exports = " ".join(f"{k}={shlex.quote(env[k] if k != 'STREAMREC_REDIS_URL' else mask_url(env[k]))}" for k in _SHOWN)
     prefix, user = env["STREAMREC_REDIS_PREFIX"], str(events[-1]["user_id"])
     item = str(events[-1]["item_id"])
     redis_port = env["STREAMREC_REDIS_URL"].rsplit(":", 1)[-1].split("/")[0]

@@ -36,6 +36,7 @@ from stream_app.errors import UsageError
 
 log = logging.getLogger(__name__)
 
+
 class BatchHistogram(Collector):
     """A labelled histogram that takes many observations per call (cumulative buckets, seconds
     or counts, as Prometheus expects)."""
