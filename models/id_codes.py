@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.arrays import grown
+from models.arrays import PackedStrings
 from models.kernels import hash_ids, json_id_codes
 
 
@@ -24,9 +24,7 @@ class IdCodes:
     list on each call. A cache: rebuilt from the ids, never pickled."""
 
     def __init__(self) -> None:
-        self.n = 0
-        self.buf = np.zeros(4096, dtype=np.uint8)  # the ids' UTF-8 bytes, end to end
-        self.off = np.zeros(1025, dtype=np.int64)  # id c is buf[off[c]:off[c + 1]]
+        self.ids = PackedStrings(str.encode)  # the ids' UTF-8 bytes, end to end
         self.h_key = np.zeros(2048, dtype=np.uint64)
         self.h_code = np.full(2048, -1, dtype=np.int64)
 
@@ -35,26 +33,18 @@ class IdCodes:
         catalogue now (id -> its position), in one compiled call (a ranked chunk's sources):
         (the codes of those decoded, end to end; per document its count, -1 where the general
         decode must decide)."""
-        if len(ids) > self.n:
+        if len(ids) > self.ids.n:
             self._extend(ids)
         doc_off = np.zeros(len(docs) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, docs), dtype=np.int64, count=len(docs)), out=doc_off[1:])
         buf = np.frombuffer(b"".join(docs), dtype=np.uint8)
-        out, cnt = json_id_codes(buf, doc_off, self.h_key, self.h_code, self.buf, self.off[: self.n + 1])
+        p = self.ids
+        out, cnt = json_id_codes(buf, doc_off, self.h_key, self.h_code, p.buf, p.off[: p.n + 1])
         return out, cnt
 
     def _extend(self, ids: Sequence[str]) -> None:
-        new = [x.encode() for x in ids[self.n :]]
-        lens = np.fromiter(map(len, new), dtype=np.int64, count=len(new))
-        first, n = self.n, len(ids)
-        if n + 1 > len(self.off):
-            self.off = grown(self.off, 2 * (n + 1))
-        self.off[first + 1 : n + 1] = self.off[first] + np.cumsum(lens)
-        end = int(self.off[n])
-        if end > len(self.buf):
-            self.buf = grown(self.buf, 2 * end)
-        self.buf[self.off[first] : end] = np.frombuffer(b"".join(new), dtype=np.uint8)
-        self.n = n
+        first = self.ids.extend(ids)
+        n = self.ids.n
         if 2 * n > len(self.h_key):  # at most half full: rebuild at twice the size
             size = len(self.h_key)
             while 2 * n > size:
@@ -62,4 +52,4 @@ class IdCodes:
             self.h_key = np.zeros(size, dtype=np.uint64)
             self.h_code = np.full(size, -1, dtype=np.int64)
             first = 0
-        hash_ids(self.h_key, self.h_code, self.buf, self.off[: n + 1], first)
+        hash_ids(self.h_key, self.h_code, self.ids.buf, self.ids.off[: n + 1], first)

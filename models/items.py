@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import numpy as np
+import orjson
 
-from models.arrays import grown
+from models.arrays import PackedStrings, grown
 from models.deltas import DeltaMessage, item_partition
 from models.kernels import (
     add_context,
@@ -47,7 +48,7 @@ from models.kernels import (
 )
 from models.longterm import LongTermOwner
 from models.params import ModelParams
-from models.table import QuotedIds, TableEntry
+from models.table import TableEntry
 from models.users import index_vector
 
 _REBASE_AT = 60.0  # rebase when the forward-decay exponent passes this (exp(60) ~ 1e26)
@@ -365,12 +366,12 @@ class ItemPartition:
             for q, (i, m) in enumerate(zip(items, cnt.tolist(), strict=True))
         ]
 
-    def _quoted_ids(self) -> QuotedIds:
+    def _quoted_ids(self) -> PackedStrings:
         """Every item's id as a JSON string, in one buffer extended as items come: a table
         entry's neighbour list is joined from it, with no list of id strings per entry."""
-        q: QuotedIds | None = self.__dict__.get("_json_ids")
+        q: PackedStrings | None = self.__dict__.get("_json_ids")
         if q is None:
-            q = self._json_ids = QuotedIds()
+            q = self._json_ids = PackedStrings(orjson.dumps)
         q.extend(self.item_ids)
         return q
 

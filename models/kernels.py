@@ -193,8 +193,9 @@ def _worse(s1: float, i1: int, s2: float, i2: int) -> bool:
 
 
 # Value buckets for ``_top``'s pre-selection, and the most scores one may hold for ``_sorted_best``
-# to sort all of them (its insertion sort is quadratic within a bucket: each of its 2n buckets
-# is narrower than one of these, so it holds at most twice as many).
+# to sort all of them: its insertion sort is quadratic within a bucket, and from 128 scores on
+# each of its 2n buckets is narrower than one of these, so holds at most twice as many (below
+# 128, n^2 is small anyway).
 _BINS = 256
 _CROWD = 32
 
@@ -751,7 +752,7 @@ def join_json_lists(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row q's first ``cnt[q]`` ids of ``idx`` as a JSON array (``[`` the quoted ids ``,``-joined
     ``]``, as orjson writes a list of strings), every row's end to end: (bytes, row offsets).
-    Id j's quoted form is ``quoted[q_off[j]:q_off[j + 1]]`` (``models.table.QuotedIds``)."""
+    Id j's quoted form is ``quoted[q_off[j]:q_off[j + 1]]`` (``models.arrays.PackedStrings``)."""
     n = len(cnt)
     total = 0
     for q in range(n):

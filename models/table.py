@@ -332,33 +332,6 @@ def derived_column(owner: object, name: str, ids: Sequence[str], derive: Callabl
     return col
 
 
-class QuotedIds:
-    """The ids of a growing id list as JSON strings, end to end in one byte buffer (id ``q`` is
-    ``buf[off[q]:off[q + 1]]``), extended as ids are added: ``kernels.join_json_lists`` joins
-    a whole batch of neighbour lists from it in one call. A cache: its owner rebuilds it after a
-    restore rather than pickling it."""
-
-    def __init__(self) -> None:
-        self.buf = np.zeros(0, dtype=np.uint8)
-        self.off = np.zeros(1, dtype=np.int64)
-        self.n = 0
-        self.used = 0
-
-    def extend(self, ids: Sequence[str]) -> None:
-        if self.n >= len(ids):
-            return
-        quoted = [orjson.dumps(x) for x in ids[self.n :]]
-        data = np.frombuffer(b"".join(quoted), dtype=np.uint8)
-        end = self.used + len(data)
-        if end > len(self.buf):
-            self.buf = grown(self.buf, max(end, 2 * len(self.buf)))
-        self.buf[self.used : end] = data
-        if len(ids) + 1 > len(self.off):
-            self.off = grown(self.off, max(len(ids) + 1, 2 * len(self.off)))
-        self.off[self.n + 1 : len(ids) + 1] = self.used + np.cumsum(np.fromiter(map(len, quoted), dtype=np.int64))
-        self.n, self.used = len(ids), end
-
-
 def top_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest scores, best first, ties broken by lower index."""
     if k <= 0 or scores.size == 0:
