@@ -19,6 +19,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from models import threads
 from models.hashing import stable_hash
 from models.kernels import explore_users, history_items, long_term_top, rank_users, user_sources
 from models.longterm import recency_weights
@@ -373,32 +374,41 @@ def _rank_chunk(
     seen_item = cat[np.concatenate(seen_raw)] if nu else _EMPTY_I
     v_user, v_item, v_score = _vector_candidates(part, table, uids, n, pop, seen_len, seen_item, excluded)
     l_ptr, l_item, l_score = _long_term(table, cat, p, recs, rec_ptr, _ptr(seen_len), seen_item, excluded)
-    return rank_users(
-        s_ptr,
-        src_item,
-        s_w,
-        table.nb_off,
-        table.nb_len,
-        table.slab_item,
-        table.slab_score,
-        _ptr(seen_len),
-        seen_item,
-        excluded,
-        trend,
-        _ptr(np.bincount(v_user, minlength=nu)),
-        v_item,
-        v_score,
-        l_ptr,
-        l_item,
-        l_score,
-        l_item.size > 0,
-        hsum,
-        pop_term,
-        p.w_cooc,
-        p.w_vec,
-        p.w_long,
-        k,
-    )
+    seen_ptr = _ptr(seen_len)
+    v_ptr = _ptr(np.bincount(v_user, minlength=nu))
+    has_long = l_item.size > 0
+    nb_off, nb_len, slab_item, slab_score = table.nb_off, table.nb_len, table.slab_item, table.slab_score
+
+    def rank(r0: int, r1: int) -> tuple[np.ndarray, ...]:
+        return rank_users(
+            s_ptr[r0 : r1 + 1],
+            src_item,
+            s_w,
+            nb_off,
+            nb_len,
+            slab_item,
+            slab_score,
+            seen_ptr[r0 : r1 + 1],
+            seen_item,
+            excluded,
+            trend,
+            v_ptr[r0 : r1 + 1],
+            v_item,
+            v_score,
+            l_ptr[r0 : r1 + 1],
+            l_item,
+            l_score,
+            has_long,
+            hsum[r0:r1],
+            pop_term,
+            p.w_cooc,
+            p.w_vec,
+            p.w_long,
+            k,
+        )
+
+    cnt, items, scores, srcs, tastes = threads.by_users(nu, rank)
+    return cnt, items, scores, srcs, tastes
 
 
 def _ptr(lens: np.ndarray) -> np.ndarray:
@@ -480,18 +490,25 @@ def _long_term(
         return np.zeros(len(rec_ptr), dtype=np.int64), _EMPTY_I, _EMPTY_F
     lens = (np.diff(rec_ptr) - HEAD) >> 1
     items = cat[history_items(recs, rec_ptr)]
-    cnt, item, score = long_term_top(
-        lt.weights,
-        lt.pos,
-        lt.pool,
-        _ptr(lens),
-        items,
-        _age_weights(p.long_half_life, int(lens.max(initial=0))),
-        seen_ptr,
-        seen_item,
-        excluded,
-        p.long_candidates,
-    )
+    age_w = _age_weights(p.long_half_life, int(lens.max(initial=0)))
+    hist_ptr = _ptr(lens)
+    weights, pos, pool = lt.weights, lt.pos, lt.pool
+
+    def top(r0: int, r1: int) -> tuple[np.ndarray, ...]:
+        return long_term_top(
+            weights,
+            pos,
+            pool,
+            hist_ptr[r0 : r1 + 1],
+            items,
+            age_w,
+            seen_ptr[r0 : r1 + 1],
+            seen_item,
+            excluded,
+            p.long_candidates,
+        )
+
+    cnt, item, score = threads.by_users(len(lens), top)
     have = np.arange(item.shape[1]) < cnt[:, None]
     return _ptr(cnt), item[have], score[have]
 

@@ -323,7 +323,7 @@ def bench(
     ),
     items: int = typer.Option(100_000, help="catalogue size for --table-memory"),
     stages: bool = typer.Option(
-        False, "--stages", help="instead: CPU time per phase of one worker's code, in one thread, on ml-100k"
+        False, "--stages", help="instead: time per phase of one worker's code, in one stage thread, on ml-100k"
     ),
     block: int = typer.Option(2000, help="events per block for --stages"),
     live: int = typer.Option(
@@ -354,7 +354,8 @@ def bench(
         reranked = f" (re-ranked by an untrained CTR model, W_CTR={s.w_ctr:g}: its cost)" if s.w_ctr else ""
         typer.echo(
             f"{res['events']:,} {'live ' if live else ''}events, {res['lists']:,} lists, blocks of {block}: "
-            f"{res['events_per_s']:,.0f} events/s in one thread{reranked}\n"
+            f"{res['events_per_s']:,.0f} events/s in one thread (its ranking kernels on RANK_THREADS="
+            f"{s.rank_threads}){reranked}\n"
             "| phase | s | µs per event | µs per list |\n|---|---|---|---|"
         )
         for k, v in res["phases"].items():

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="live traffic: how long an arrived event waits for others to join its block "
         "(0: blocks are what has arrived; larger: fewer, bigger blocks, later lists)",
     )
+    rank_threads: int = Field(
+        2,
+        ge=1,
+        description="threads a block's users are ranked on: the ranking kernels release the GIL, so a "
+        "second core takes part of every block (1: the stage's own thread only; lists are the same)",
+    )
     fetch_wait_max_ms: int = Field(5, ge=0, description="librdkafka fetch.wait.max.ms of the events consumer")
     internal_fetch_wait_ms: int = Field(
         50,

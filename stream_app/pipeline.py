@@ -25,6 +25,7 @@ import orjson
 import redis
 from confluent_kafka import Message, TopicPartition
 
+from models import threads
 from models.ctr.samples import SampleBuilder
 from models.deltas import cut, encode
 from models.engine import user_step
@@ -133,6 +134,7 @@ class Pipeline(StageLoop[UserPartition]):
     # -- the stage's parts -------------------------------------------------------------------
     def prepare(self) -> None:
         warm_up()  # the kernels compiled (or loaded) before the first block, not in it
+        threads.set_threads(self.s.rank_threads)
         self.item_partitions = topic_partitions(self.s, self.s.deltas)
         if self.item_partitions == 0:
             raise RuntimeError(f"the deltas topic {self.s.deltas} does not exist (the worker creates it at start)")

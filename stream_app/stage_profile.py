@@ -4,7 +4,9 @@ Runs a log through the worker's own code in one thread, in blocks, the way one w
 stages takes a backlog: decode, the user state, ranking, serialising the lists, the deltas out
 and in, the item state with the table entries due, and the table. Brokers and Redis are left
 out (``streamrec bench`` measures the live worker); what remains is the Python and compiled
-work per event and per list, which is what the kernels (``models.kernels``) are for.
+work per event and per list, which is what the kernels (``models.kernels``) are for. Phases
+are timed by the clock, as a block waits for them: ranking's kernels run on ``RANK_THREADS``
+threads, as in a worker (``models.threads``).
 
 With ``W_CTR`` above 0, ranking re-ranks with a CTR model of the configured size at its
 initial weights: what a trained one costs per list, not what it would rank (``streamrec bench
@@ -23,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from models import threads
 from models.deltas import cut, decode, encode, split
 from models.engine import item_step
 from models.events import Event
@@ -72,6 +75,7 @@ def profile_stages(settings: Settings, path: Path, block: int, n_events: int = 0
         timed_from = len(raw)
         raw += [orjson.dumps(r) for r in live_events(rows, live)]
     tune_gc()  # as a worker's stages run
+    threads.set_threads(settings.rank_threads)  # as the user stage ranks
     part, items, table = UserPartition(params), ItemPartition(params), ItemTable(params.dim)
     categories: dict[str, str] = {}
     rescorer = _untrained_rescorer(settings, categories) if settings.w_ctr > 0 else None

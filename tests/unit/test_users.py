@@ -383,6 +383,72 @@ def test_a_list_does_not_depend_on_what_was_ranked_before_it() -> None:
         assert alone.item_ids == together[uid], uid
 
 
+@pytest.mark.parametrize("blend", [{"long_refit_events": 1000}, {"w_long": 0.0, "w_vec": 0.2}])
+def test_lists_are_the_same_on_any_number_of_rank_threads(blend: dict) -> None:
+    """A block's users cut into parts ranked on several threads (``RANK_THREADS``) get the
+    lists, scores, reasons and exploration draws one thread gives them, and parts did run off
+    the caller's thread (an idle pool thread may take two parts)."""
+    import threading
+
+    from models import threads
+    from models.ranking import recommend
+
+    sy = TwoStage(ModelParams(**blend))
+    for e in synthetic(n_users=90, n_items=300, n_events=5000, seed=3):
+        sy.learn(e)
+    part, table = sy.parts[0], sy.table
+    users = sorted(part.users)
+    assert len(users) >= 3 * threads.MIN_USERS_PER_PART
+    one = recommend(part, table, users)
+    seen: list[int] = []
+    try:
+        threads.set_threads(3)
+        real = threads.by_users
+
+        def spy(nu: int, call):  # type: ignore[no-untyped-def]
+            def mark(a: int, b: int):  # type: ignore[no-untyped-def]
+                seen.append(threading.get_ident())
+                return call(a, b)
+
+            return real(nu, mark)
+
+        threads.by_users = spy  # type: ignore[assignment]
+        many = recommend(part, table, users)
+    finally:
+        threads.by_users = real  # type: ignore[assignment]
+        threads.set_threads(1)
+    assert many == one
+    assert len(seen) >= 3 and len(set(seen)) >= 2 and threading.get_ident() in seen
+
+
+def test_users_split_across_threads_come_back_in_order() -> None:
+    """``threads.by_users`` covers every user once, in order, in as many parts as threads
+    (no part under ``MIN_USERS_PER_PART``), and joins each output array the same way."""
+    from models import threads
+
+    def call(a: int, b: int) -> tuple[np.ndarray, ...]:
+        r = np.arange(a, b)
+        return r, np.stack([r, -r], axis=1)
+
+    try:
+        for n, nu, parts in [(1, 100, 1), (2, 100, 2), (4, 100, 4), (4, 40, 2), (3, 15, 1), (2, 0, 1)]:
+            threads.set_threads(n)
+            cuts: list[int] = []
+
+            def count(a: int, b: int, cuts: list[int] = cuts) -> tuple[np.ndarray, ...]:
+                cuts.append(a)
+                return call(a, b)
+
+            ids, pairs = threads.by_users(nu, count)
+            assert len(cuts) == parts, (n, nu)
+            assert ids.tolist() == list(range(nu))
+            assert pairs.tolist() == [[r, -r] for r in range(nu)]
+    finally:
+        threads.set_threads(1)
+    with pytest.raises(ValueError, match="at least 1"):
+        threads.set_threads(0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(event_logs(), st.integers(1, 12), st.floats(0.3, 1.0))
 def test_sources_kernel_matches_the_documented_rule_exactly(events: list[Event], k: int, step: float) -> None:
