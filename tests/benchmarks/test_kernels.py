@@ -74,6 +74,26 @@ def test_ranking(benchmark: BenchmarkFixture, warm: Warm) -> None:
     assert len(lists) == len(users) and all(len(rl.items) == sy.params.n_recs for rl in lists)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_ranking_a_live_block(benchmark: BenchmarkFixture, warm: Warm, n_threads: int) -> None:
+    """The lists of every user the state holds (334 after 30,000 events) at once, as a live block
+    of a few hundred events brings them (a list per event or so, where the log's blocks bring
+    one per 45), on one thread and with the
+    users cut into two parts ranked at once (``RANK_THREADS=2``, the worker's default): the same
+    lists, in less time where a core is free."""
+    from models import threads
+
+    sy = warm.system
+    users = sorted(sy.parts[0].users)
+    one = recommend(sy.parts[0], sy.table, users)
+    try:
+        threads.set_threads(n_threads)
+        lists = benchmark(recommend, sy.parts[0], sy.table, users)
+    finally:
+        threads.set_threads(1)
+    assert len(users) > 300 and lists == one
+
+
 def test_item_state_update(benchmark: BenchmarkFixture, warm: Warm) -> None:
     """One block's deltas into the item state (popularity, co-occurrence rows, context vectors)
     and the table entries then due."""
