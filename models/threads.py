@@ -28,15 +28,23 @@ _threads = 1
 _pool: ThreadPoolExecutor | None = None
 
 
-def set_threads(n: int) -> None:
-    """Rank with ``n`` threads from now on (1: in the caller's thread only)."""
+def set_threads(n: int, initializer: Callable[[], None] | None = None) -> None:
+    """Rank with ``n`` threads from now on (1: in the caller's thread only); each extra thread
+    runs ``initializer`` first (the worker names its threads for the OS)."""
     global _threads, _pool
     if n < 1:
         raise ValueError(f"rank threads must be at least 1, not {n}")
     with _lock:
         if n == _threads:
             return
-        old, _pool = _pool, ThreadPoolExecutor(n - 1, thread_name_prefix="streamrec-rank") if n > 1 else None
+        old, _pool = (
+            _pool,
+            (
+                ThreadPoolExecutor(n - 1, thread_name_prefix="streamrec-rank", initializer=initializer)
+                if n > 1
+                else None
+            ),
+        )
         _threads = n
     if old is not None:
         old.shutdown(wait=True)

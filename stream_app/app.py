@@ -32,6 +32,7 @@ from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.item_stage import ItemStage
 from stream_app.kafka_io import ensure_topics
+from stream_app.os_threads import named
 from stream_app.pipeline import Pipeline
 from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
@@ -108,7 +109,7 @@ def create_app(settings: Settings) -> faust.App:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(None, ensure_topics, settings)
             for st in stages:
-                t = threading.Thread(target=_quiet(st.run), name=f"streamrec-{st.name.split()[0]}", daemon=True)
+                t = threading.Thread(target=named(_quiet(st.run)), name=f"streamrec-{st.name.split()[0]}", daemon=True)
                 t.start()
                 self.threads.append(t)
 

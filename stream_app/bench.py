@@ -48,6 +48,7 @@ from models.users import UserPartition
 from stream_app.config import Settings, settings_from_env
 from stream_app.demo import demo_events
 from stream_app.kafka_io import end_offsets, ensure_topics, kafka_common, producer_config, topic_partitions
+from stream_app.os_threads import thread_cpu
 from stream_app.processes import CatchUp, WorkerProcess, wait_stages_caught_up
 from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
@@ -433,6 +434,19 @@ def publish_model(env: dict[str, str], model: tuple[int, bytes] | None) -> None:
 _TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
 
 
+def cpu_shares(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], seconds: float
+) -> dict[str, dict[str, float]]:
+    """Per process, each thread name's share of one core between two ``thread_cpu`` readings
+    ``seconds`` apart, busiest first."""
+    out = {}
+    for proc, now in after.items():
+        was = before.get(proc, {})
+        shares = {name: (t - was.get(name, 0.0)) / seconds for name, t in now.items()}
+        out[proc] = dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+    return out
+
+
 def table_lag_reported(log: str) -> dict[str, int] | None:
     """The table lag a worker reported in ``log`` (its stats lines, every 10 s): how many of a
     partition's events the table missed when a block was ranked; the median of the reports'
@@ -540,7 +554,10 @@ def run_bench(
                 items = [str(e["item_id"]) for e in events]
                 start_ts = max(int(e["ts"]) for e in events) + 1000
                 before = len(w.log())
+                procs = {"user": w, "item": wi} if wi is not None else {"worker": w}
+                cpu0, t_cpu = {k: thread_cpu(x.pid) for k, x in procs.items()}, time.monotonic()
                 fresh = freshness(s, users, items, rate, seconds, start_ts, observe=observe)
+                cpu = cpu_shares(cpu0, {k: thread_cpu(x.pid) for k, x in procs.items()}, time.monotonic() - t_cpu)
                 typer.echo(
                     f"freshness at {fresh['rate_achieved']:,.0f} events/s: p50 {fresh['p50_ms']:.0f} ms, "
                     f"p99 {fresh['p99_ms']:.0f} ms; event -> table p50 {fresh['table']['p50_ms'] or math.nan:.0f} ms"
@@ -582,6 +599,8 @@ def run_bench(
         else None,
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
+        # share of one core per worker thread (OS names, ``stream_app.os_threads``) over the run
+        "worker_cpu_by_thread": cpu,
         "worker_log": str(log_path),
         "ctr_versions_loaded": len(re.findall(r"CTR model version \d+ loaded", w.log())),
         "trainer": trainer or None,  # samples trained on beside the one-worker runs (with_trainer)
@@ -627,6 +646,13 @@ def run_bench(
             f"| event -> its neighbour list in the table: p50 / p99 / max | "
             f"{t['p50_ms']:.1f} / {t['p99_ms']:.1f} / {t['max_ms']:.1f} ms ({t['observed']} of {t['probes']} probes) |"
         )
+    for proc, shares in cpu.items():
+        if shares:
+            busy = ", ".join(f"{name} {x:.0%}" for name, x in shares.items() if x >= 0.01)
+            typer.echo(
+                f"| {proc} process CPU during the freshness run, by thread (share of one core) | "
+                f"{sum(shares.values()):.0%}: {busy} |"
+            )
     if trainer:
         typer.echo(f"| beside a trainer: samples it trained on, one-worker runs | {trainer['samples']:,} |")
     if s.w_ctr > 0:

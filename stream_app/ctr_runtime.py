@@ -15,6 +15,7 @@ from typing import Any
 import redis
 
 from stream_app.config import Settings
+from stream_app.os_threads import named
 from stream_app.redis_store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class ModelWatcher:
         self.rescorer: Any = None  # models.ctr.rescorer.CtrRescorer once a version is published
         self.epsilon: float | None = None  # the trainer's override after drift
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="ctr-model-watcher", daemon=True)
+        self.thread = threading.Thread(target=named(self._run), name="streamrec-ctr-model", daemon=True)
 
     def start(self) -> ModelWatcher:
         self.poll()

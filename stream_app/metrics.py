@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from stream_app.errors import UsageError
+from stream_app.os_threads import named
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +245,7 @@ class MetricsServer:
         self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="streamrec-metrics", daemon=True)
+        self.thread = threading.Thread(target=named(self.httpd.serve_forever), name="streamrec-metrics", daemon=True)
 
     def start(self) -> MetricsServer:
         UP.set(1)

@@ -12,6 +12,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from stream_app.os_threads import name_native
+
 Output = Callable[[], object]  # one iteration's Redis writes
 
 
@@ -27,7 +29,9 @@ class OutputWriter:
     """At most one iteration's writes in flight."""
 
     def __init__(self, name: str, retry: Callable[[Output], object]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"streamrec-{name}-redis")
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"streamrec-{name}-redis", initializer=name_native
+        )
         self._retry = retry
         self._pending: PendingWrite | None = None
 

@@ -38,6 +38,7 @@ from stream_app import metrics
 from stream_app.config import Settings
 from stream_app.ctr_runtime import ModelWatcher
 from stream_app.kafka_io import topic_partitions
+from stream_app.os_threads import name_native
 from stream_app.output import Output
 from stream_app.snapshots import Tag
 from stream_app.stage import PartitionRun, StageLoop, offset_of
@@ -134,7 +135,7 @@ class Pipeline(StageLoop[UserPartition]):
     # -- the stage's parts -------------------------------------------------------------------
     def prepare(self) -> None:
         warm_up()  # the kernels compiled (or loaded) before the first block, not in it
-        threads.set_threads(self.s.rank_threads)
+        threads.set_threads(self.s.rank_threads, initializer=name_native)
         self.item_partitions = topic_partitions(self.s, self.s.deltas)
         if self.item_partitions == 0:
             raise RuntimeError(f"the deltas topic {self.s.deltas} does not exist (the worker creates it at start)")

@@ -23,6 +23,7 @@ from models.longterm import decode_model
 from models.table import ItemTable, TableEntry, decode_watermark
 from stream_app.config import Settings
 from stream_app.kafka_io import end_offsets, kafka_common, topic_partitions
+from stream_app.os_threads import named
 from stream_app.redis_store import RedisStore
 from stream_app.snapshots import Snapshottable, Tag, Write
 
@@ -43,7 +44,7 @@ class TableFeed:
         self._long: tuple[int, list[str], object] | None = None  # decoded, waiting to be installed
         self._long_seen = 0
         self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch_long, name="streamrec-long-model", daemon=True)
+        self._watcher = threading.Thread(target=named(self._watch_long), name="streamrec-long-model", daemon=True)
 
     def start(self) -> None:
         """Restore the newest table snapshot, catch up with the topic's end, start watching for

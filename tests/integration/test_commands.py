@@ -105,6 +105,12 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     assert f["events"] == f["sampled"] == 1500 and f["observed"] == 1500 and f["unobserved"] == 0
     assert 0 < f["p50_ms"] <= f["p95_ms"] <= f["p99_ms"] <= f["max_ms"]
     assert "| end to end, 4 partitions: one worker / two workers |" in res.stdout
+    # the worker's threads by name, each stage's among them, with the share of a core each took
+    # (in clock ticks: a thread that worked less than one in the run reads 0)
+    cpu = doc["worker_cpu_by_thread"]["worker"]
+    assert {"user", "item", "user-redis_0", "item-redis_0", "long-model"} <= set(cpu)
+    assert cpu["user"] > 0 and 0 < sum(cpu.values()) < os.cpu_count()
+    assert "| worker process CPU during the freshness run, by thread (share of one core) |" in res.stdout
 
 
 def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str, str], tmp_path: Path) -> None:
@@ -125,6 +131,9 @@ def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str
     assert "user stage consuming" in user_log and "item stage consuming" not in user_log
     assert "item stage consuming" in item_log and "user stage consuming" not in item_log
     assert "one worker, the stages in two processes" in res.stdout
+    cpu = doc["worker_cpu_by_thread"]
+    assert cpu["user"]["user"] > 0 and "item" not in cpu["user"]
+    assert "item" in cpu["item"] and "user" not in cpu["item"]
     assert "partitions: one worker / two workers" not in res.stdout
 
 
