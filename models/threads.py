@@ -37,14 +37,8 @@ def set_threads(n: int, initializer: Callable[[], None] | None = None) -> None:
     with _lock:
         if n == _threads:
             return
-        old, _pool = (
-            _pool,
-            (
-                ThreadPoolExecutor(n - 1, thread_name_prefix="streamrec-rank", initializer=initializer)
-                if n > 1
-                else None
-            ),
-        )
+        old = _pool
+        _pool = ThreadPoolExecutor(n - 1, "streamrec-rank", initializer) if n > 1 else None
         _threads = n
     if old is not None:
         old.shutdown(wait=True)
