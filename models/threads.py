@@ -44,14 +44,9 @@ def set_threads(n: int, initializer: Callable[[], None] | None = None) -> None:
         old.shutdown(wait=True)
 
 
-def threads() -> int:
-    """The thread count ranking uses now."""
-    return _threads
-
-
 def by_users(nu: int, call: Callable[[int, int], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     """``call(r0, r1)`` ranks users ``[r0, r1)`` and returns per-user arrays (first axis the
-    users); this runs it over ``[0, nu)`` in up to ``threads()`` contiguous parts at once and
+    users); this runs it over ``[0, nu)`` in up to as many contiguous parts as threads at once and
     joins the parts' arrays in user order. One part runs in the caller's thread."""
     pool, n = _pool, _threads
     parts = min(n, nu // MIN_USERS_PER_PART) if pool is not None else 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -68,8 +69,6 @@ def named(target: Callable[..., Any]) -> Callable[..., Any]:
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of process ``pid``'s threads so far, by OS thread name
     (librdkafka's threads together as ``librdkafka``); empty where ``/proc`` cannot tell."""
-    import os
-
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = defaultdict(float)
     try:
