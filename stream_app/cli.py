@@ -410,7 +410,10 @@ def _bench_ctr(s: Settings, n_events: int, threads: int) -> dict[str, Any]:
         f"\nlists ({ls['lists']:,}, progressive): item taken ranked first among its sampled list "
         f"{ls['first']:.4f} by the model, {ls['first_retrieval']:.4f} in the order served"
     )
-    typer.echo(f"trainer: {res['trainer_samples_per_s']:,.0f} samples/s ({threads} torch thread(s))")
+    typer.echo(
+        f"trainer: {res['trainer_samples_per_s']:,.0f} samples/s on {res['trainer_device']} ({threads} torch "
+        f"thread(s)); CPU time {res['trainer_cpu_ms_per_1k_samples']:.1f} ms per 1,000 samples"
+    )
     typer.echo(f"worker inference: {res['inference_scores_per_s']:,.0f} candidate scores/s (median)")
     return res
 

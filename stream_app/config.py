@@ -7,6 +7,7 @@ the defaults below. Every field is documented in the README's configuration tabl
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -154,6 +155,9 @@ class Settings(BaseSettings):
     ctr_hist_len: int = Field(10, ge=1)
     ctr_lr: float = Field(0.01, gt=0)
     ctr_threads: int = Field(1, ge=0, description="torch threads of the trainer; 0: torch's default (every core)")
+    ctr_device: str = Field(
+        "cpu", description="where the trainer trains: cpu, cuda or cuda:N (workers re-rank on the CPU either way)"
+    )
     ctr_publish_batches: int = Field(200, ge=1)
     ctr_publish_interval_s: float = Field(60.0, gt=0)
     ctr_holdout: float = Field(0.05, gt=0, lt=1, description="share of samples held back for the promotion gate")
@@ -171,6 +175,13 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.strip().upper() if isinstance(v, str) else v
+
+    @field_validator("ctr_device")
+    @classmethod
+    def _torch_device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v.strip()):
+            raise ValueError("ctr_device must be cpu, cuda or cuda:N (a GPU's index), e.g. 'cuda:0'")
+        return v.strip()
 
     @field_validator("redis_url")
     @classmethod

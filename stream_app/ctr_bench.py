@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -76,16 +77,17 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
     samples = build_samples(s, events)
     with tempfile.TemporaryDirectory() as tmp:
         t = Trainer(s.model_copy(update={"model_dir": Path(tmp)}), record=True)
-        step_s = 0.0
+        step_s = cpu_s = 0.0
         bs = s.ctr_batch_size
         for k in range(0, len(samples), bs):
-            t0 = time.perf_counter()
-            t.step(samples[k : k + bs])
+            t0, c0 = time.perf_counter(), time.process_time()
+            t.step(samples[k : k + bs])  # ends with the batch's loss read back: synchronised on a GPU
             step_s += time.perf_counter() - t0
+            cpu_s += time.process_time() - c0
         assert t.recorded is not None
         y, p_din, p_lr = (np.concatenate(x) for x in zip(*t.recorded, strict=True))
         cats = {x.item_id: x.category for x in samples if x.category is not None}
-        rescorer = CtrRescorer(t.model, t.version, 1.0, cats)
+        rescorer = CtrRescorer(copy.deepcopy(t.model).cpu(), t.version, 1.0, cats)  # workers score on the CPU
         inference = _inference(s, rescorer, samples)
     return {
         "samples": len(samples),
@@ -97,6 +99,9 @@ def run_ctr_bench(s: Settings, events: list[Event], threads: int) -> dict[str, A
         "ctr": {"auc": exact_auc(y, p_din), "logloss": float(log_losses(y, p_din).mean())},
         "logreg": {"auc": exact_auc(y, p_lr), "logloss": float(log_losses(y, p_lr).mean())},
         "trainer_samples_per_s": t.samples / step_s if step_s else 0.0,
+        # the trainer process's CPU time (every thread), what it takes from workers on its machine
+        "trainer_cpu_ms_per_1k_samples": 1e6 * cpu_s / max(t.samples, 1),
+        "trainer_device": str(t.device),
         "trained": t.samples,
         "versions": t.version,
         "drifts": t.drifts,

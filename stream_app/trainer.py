@@ -52,6 +52,7 @@ from models.ctr.logreg import LogReg
 from models.ctr.train import batch_loss, list_losses, log_losses, logits, optimizers, sigmoid, train_step
 from stream_app import metrics as prom
 from stream_app.config import Settings
+from stream_app.errors import UsageError
 from stream_app.kafka_io import consumer_config
 from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
@@ -61,6 +62,23 @@ log = logging.getLogger(__name__)
 
 def ctr_config(s: Settings) -> CtrConfig:
     return CtrConfig(buckets=s.ctr_buckets, dim=s.ctr_dim, hist_len=s.ctr_hist_len, lr=s.ctr_lr, n_dense=N_DENSE)
+
+
+def train_device(s: Settings) -> torch.device:
+    """The trainer's torch device (``ctr_device``), checked: a GPU that torch cannot use is a
+    settings error at start-up, not a crash at the first batch."""
+    dev = torch.device(s.ctr_device)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise UsageError(
+            f"STREAMREC_CTR_DEVICE={s.ctr_device}, but torch {torch.__version__} sees no CUDA GPU "
+            "(a CPU-only build of torch, or no driver): install a CUDA build of torch, or use cpu"
+        )
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise UsageError(f"STREAMREC_CTR_DEVICE={s.ctr_device}, but torch sees {n} GPU(s): cuda:0 to cuda:{n - 1}")
+    return dev
 
 
 def model_dir(s: Settings) -> Path:
@@ -138,9 +156,10 @@ class Trainer:
     def __init__(self, s: Settings, store: RedisStore | None = None, record: bool = False) -> None:
         self.s = s
         self.cfg = ctr_config(s)
-        torch.manual_seed(s.seed)
-        self.model = DIN(self.cfg)
-        self.baseline = LogReg(self.cfg)
+        self.device = train_device(s)
+        torch.manual_seed(s.seed)  # initialised on the CPU, then moved: the same start on any device
+        self.model = DIN(self.cfg).to(self.device)
+        self.baseline = LogReg(self.cfg).to(self.device)
         self.opts = optimizers(self.model, self.cfg.lr)
         self.base_opts = optimizers(self.baseline, 0.05)
         self.hasher = FeatureHasher(self.cfg.buckets, self.cfg.hist_len, n_dense=self.cfg.n_dense)
@@ -178,7 +197,7 @@ class Trainer:
                 "restore those settings or point STREAMREC_MODEL_DIR elsewhere"
             )
         self.model.load_state_dict(model.state_dict())
-        self.version, self.live = version, model
+        self.version, self.live = version, model.to(self.device)
         log.info("resumed from checkpoint %s (version %d)", ckpts[-1].name, version)
         self._publish_redis(blob)
 
@@ -327,7 +346,11 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
     server = prom.serve(s.metrics_port_for(9109), health.healthz, health.readyz)
     c.subscribe([s.samples_topic], on_assign=lambda _c, tps: health.assigned([tp.partition for tp in tps]))
     log.info(
-        "trainer consuming %s; checkpoints in %s; %d torch thread(s)", s.samples_topic, t.dir, torch.get_num_threads()
+        "trainer consuming %s; checkpoints in %s; training on %s; %d torch thread(s)",
+        s.samples_topic,
+        t.dir,
+        _device_name(t.device),
+        torch.get_num_threads(),
     )
     idle_since = time.monotonic()
     last_report = time.monotonic()
@@ -362,6 +385,10 @@ def run_trainer(s: Settings, stop: threading.Event | None = None, max_idle_s: fl
         if server is not None:
             server.stop()
     return t
+
+
+def _device_name(dev: torch.device) -> str:
+    return f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
 
 
 def _report(t: Trainer, store: RedisStore, bad: int) -> None:

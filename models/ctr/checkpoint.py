@@ -12,7 +12,8 @@ from models.ctr.din import DIN, CtrConfig
 
 def to_bytes(model: DIN, version: int, extra: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
-    torch.save({"version": version, "config": model.cfg.__dict__, "state": model.state_dict(), **extra}, buf)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}  # trained on a GPU or not: loads anywhere
+    torch.save({"version": version, "config": model.cfg.__dict__, "state": state, **extra}, buf)
     return buf.getvalue()
 
 

@@ -88,7 +88,7 @@ class DIN(nn.Module):
         return out
 
     def forward_batch(self, b: CtrBatch) -> torch.Tensor:
-        out: torch.Tensor = self(*to_tensors(b))
+        out: torch.Tensor = self(*to_tensors(b, self.emb.weight.device))
         return out
 
     def score_lists(
@@ -127,11 +127,10 @@ class DIN(nn.Module):
         return out
 
 
-def to_tensors(b: CtrBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
-        torch.from_numpy(b.user),
-        torch.from_numpy(b.item),
-        torch.from_numpy(b.cat),
-        torch.from_numpy(b.hist if b.hist.flags.writeable else b.hist.copy()),
-        torch.from_numpy(b.dense),
-    )
+def to_tensors(
+    b: CtrBatch, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch's inputs as tensors on ``device`` (on the CPU they share the arrays' memory)."""
+    arrays = (b.user, b.item, b.cat, b.hist if b.hist.flags.writeable else b.hist.copy(), b.dense)
+    u, i, c, h, d = (torch.from_numpy(a).to(device) if device is not None else torch.from_numpy(a) for a in arrays)
+    return u, i, c, h, d

@@ -36,5 +36,5 @@ class LogReg(nn.Module):
         return out
 
     def forward_batch(self, b: CtrBatch) -> torch.Tensor:
-        out: torch.Tensor = self(*to_tensors(b))
+        out: torch.Tensor = self(*to_tensors(b, self.w.weight.device))
         return out

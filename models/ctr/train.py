@@ -55,10 +55,10 @@ def batch_loss(logits: torch.Tensor, batch: CtrBatch) -> torch.Tensor:
     """Binary cross-entropy of the ungrouped rows and ``list_loss`` of the served lists, as one
     mean in which every row weighs the same (a list of n rows counts n times its loss): a lone
     list in a batch of single samples must not outweigh them all."""
-    label = torch.from_numpy(batch.label)
+    label = torch.from_numpy(batch.label).to(logits.device)
     if batch.group is None:
         return nn.functional.binary_cross_entropy_with_logits(logits, label)
-    group = torch.from_numpy(batch.group)
+    group = torch.from_numpy(batch.group).to(logits.device)
     point = group < 0
     total = list_loss(logits[~point], label[~point], group[~point], reduce="sum_rows")
     if bool(point.any()):
@@ -79,8 +79,8 @@ def list_loss(
     if group.numel() == 0 or not bool(pos.any()):
         return logits.sum() * 0.0
     g = int(group.max()) + 1
-    mx = torch.full((g,), float("-inf")).scatter_reduce(0, group, logits.detach(), "amax")
-    lse = torch.log(torch.zeros(g).index_add(0, group, torch.exp(logits - mx[group]))) + mx
+    mx = logits.new_full((g,), float("-inf")).scatter_reduce(0, group, logits.detach(), "amax")
+    lse = torch.log(logits.new_zeros(g).index_add(0, group, torch.exp(logits - mx[group]))) + mx
     ce = lse[group[pos]] - logits[pos]
     if reduce == "mean":
         return ce.mean()
@@ -119,7 +119,7 @@ def logits(model: nn.Module, batch: CtrBatch) -> np.ndarray:
     """The model's logits per row, (B,) float64; no gradients."""
     model.eval()
     with torch.inference_mode():
-        out: np.ndarray = model.forward_batch(batch).double().numpy()  # type: ignore[operator]
+        out: np.ndarray = model.forward_batch(batch).double().cpu().numpy()  # type: ignore[operator]
     return out
 
 

@@ -39,6 +39,12 @@ def test_bad_values_fail_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
     monkeypatch.setenv("STREAMREC_HISTORY_LEN", "60")
     assert Settings().params().pair_window == 60
+    for bad in ("gpu", "cuda:", "cuda:x", "cpu,cuda"):
+        monkeypatch.setenv("STREAMREC_CTR_DEVICE", bad)
+        with pytest.raises(ValueError, match="ctr_device must be cpu, cuda or cuda:N"):
+            Settings()
+    monkeypatch.setenv("STREAMREC_CTR_DEVICE", " cuda:1 ")
+    assert Settings().ctr_device == "cuda:1"  # checked against the GPUs when the trainer starts
 
 
 def test_secrets_are_masked_for_logs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from models.ctr.checkpoint import from_bytes
 from models.ctr.features import Sample
 from models.ctr.train import predict
 from stream_app.config import Settings
 from stream_app.ctr_bench import exact_auc
+from stream_app.errors import UsageError
 from stream_app.trainer import Trainer
 from tests.unit.ctr_tasks import group_task, list_task
 
@@ -84,3 +87,22 @@ def test_list_samples_train_the_reranker_beside_the_click_task_and_pass_the_gate
     g = held.group[held.group >= 0]
     assert np.bincount(g, weights=held.label[held.group >= 0]).tolist() == [1.0] * (int(g.max()) + 1)
     assert np.bincount(g).min() == 10
+
+
+def test_a_published_checkpoint_scores_the_same_where_workers_load_it(tmp_path: Path) -> None:
+    # trained on STREAMREC_CTR_DEVICE (the CPU unless set): a worker loads it on its CPU
+    t = Trainer(_settings(tmp_path, ctr_publish_batches=10_000))
+    _feed(t, group_task(20_000, 10))
+    assert t.gate() and t.version == 1
+    version, loaded = from_bytes(next(tmp_path.glob("ctr-*.pt")).read_bytes())
+    assert version == 1 and loaded.emb.weight.device.type == "cpu"
+    b = t.hasher.batch(group_task(2_000, 11))
+    p = predict(loaded, b)
+    assert np.allclose(p, predict(t.model, b), atol=1e-5) and p.std() > 0.05  # a trained model, not a constant
+
+
+def test_a_gpu_that_torch_cannot_use_is_a_clear_error(tmp_path: Path) -> None:
+    beyond = f"cuda:{torch.cuda.device_count()}"  # no such GPU on any machine
+    said = rf"STREAMREC_CTR_DEVICE={beyond}, but torch (\S+ )?sees (no CUDA GPU|\d+ GPU)"
+    with pytest.raises(UsageError, match=said):
+        Trainer(_settings(tmp_path, ctr_device=beyond))
