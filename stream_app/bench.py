@@ -31,7 +31,7 @@ import time
 import tracemalloc
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import orjson
 import psutil
 import typer
 from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 from threadpoolctl import threadpool_limits
 
 from models.deltas import split
@@ -48,7 +49,7 @@ from models.users import UserPartition
 from stream_app.config import Settings, settings_from_env
 from stream_app.demo import demo_events
 from stream_app.kafka_io import end_offsets, ensure_topics, kafka_common, producer_config, topic_partitions
-from stream_app.os_threads import thread_cpu
+from stream_app.os_threads import thread_cpu, thread_waits
 from stream_app.processes import CatchUp, WorkerProcess, wait_stages_caught_up
 from stream_app.redis_io import redis_client
 from stream_app.redis_store import RedisStore
@@ -434,6 +435,29 @@ def publish_model(env: dict[str, str], model: tuple[int, bytes] | None) -> None:
 _TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
 
 
+def lock_waits(p: WorkerProcess) -> dict[str, float]:
+    """Seconds each stage of worker process ``p`` has waited for the other stage's block so far
+    (``streamrec_block_lock_wait_seconds`` on its /metrics); empty if it does not answer."""
+    code, body = p.http_get("/metrics", timeout=5.0)
+    if code != 200:
+        return {}
+    return {
+        smp.labels["stage"]: smp.value
+        for fam in text_string_to_metric_families(body.decode())
+        if fam.name == "streamrec_block_lock_wait_seconds"
+        for smp in fam.samples
+        if smp.name.endswith("_total")
+    }
+
+
+# what the bench reads of each worker process before and after its freshness run
+_PER_THREAD: tuple[Callable[[WorkerProcess], dict[str, float]], ...] = (
+    lambda p: thread_cpu(p.pid),
+    lambda p: thread_waits(p.pid),
+    lock_waits,
+)
+
+
 def cpu_shares(
     before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], seconds: float
 ) -> dict[str, dict[str, float]]:
@@ -555,9 +579,13 @@ def run_bench(
                 start_ts = max(int(e["ts"]) for e in events) + 1000
                 before = len(w.log())
                 procs = {"user": w, "item": wi} if wi is not None else {"worker": w}
-                cpu0, t_cpu = {k: thread_cpu(x.pid) for k, x in procs.items()}, time.monotonic()
+                t_cpu = time.monotonic()
+                before_run = [{k: read(x) for k, x in procs.items()} for read in _PER_THREAD]
                 fresh = freshness(s, users, items, rate, seconds, start_ts, observe=observe)
-                cpu = cpu_shares(cpu0, {k: thread_cpu(x.pid) for k, x in procs.items()}, time.monotonic() - t_cpu)
+                after_run = [{k: read(x) for k, x in procs.items()} for read in _PER_THREAD]
+                cpu, waits, locks = (
+                    cpu_shares(b, a, time.monotonic() - t_cpu) for b, a in zip(before_run, after_run, strict=True)
+                )
                 typer.echo(
                     f"freshness at {fresh['rate_achieved']:,.0f} events/s: p50 {fresh['p50_ms']:.0f} ms, "
                     f"p99 {fresh['p99_ms']:.0f} ms; event -> table p50 {fresh['table']['p50_ms'] or math.nan:.0f} ms"
@@ -601,6 +629,10 @@ def run_bench(
         "freshness": fresh,
         # share of one core per worker thread (OS names, ``stream_app.os_threads``) over the run
         "worker_cpu_by_thread": cpu,
+        # ... the share of the run each thread was ready to run but had no core
+        "worker_runqueue_by_thread": waits,
+        # ... the share of the run each stage's blocks waited for the other stage's block
+        "stage_lock_wait": locks,
         "worker_log": str(log_path),
         "ctr_versions_loaded": len(re.findall(r"CTR model version \d+ loaded", w.log())),
         "trainer": trainer or None,  # samples trained on beside the one-worker runs (with_trainer)
@@ -652,6 +684,19 @@ def run_bench(
             typer.echo(
                 f"| {proc} process CPU during the freshness run, by thread (share of one core) | "
                 f"{sum(shares.values()):.0%}: {busy} |"
+            )
+    for proc, shares in waits.items():
+        if shares:
+            short = ", ".join(f"{name} {x:.0%}" for name, x in shares.items() if x >= 0.01) or "none above 1%"
+            typer.echo(
+                f"| {proc} process threads waiting for a core during the freshness run (share of it) | {short} |"
+            )
+    for proc, shares in locks.items():
+        if len(shares) > 1:  # both stages in one process
+            both = ", ".join(f"{name} stage {x:.0%}" for name, x in shares.items())
+            typer.echo(
+                f"| {proc} process stages waiting for the other stage's block during the freshness run "
+                f"(share of it) | {both} |"
             )
     if trainer:
         typer.echo(f"| beside a trainer: samples it trained on, one-worker runs | {trainer['samples']:,} |")

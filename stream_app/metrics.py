@@ -19,6 +19,7 @@ per value; ``BatchHistogram.observe_many`` bins a numpy array in one call.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -29,11 +30,11 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from stream_app.errors import UsageError
-from stream_app.os_threads import named
+from stream_app.os_threads import named, thread_cpu, thread_waits
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,11 @@ SNAPSHOT_WRITES = Counter("streamrec_snapshot_writes", "State snapshots written 
 REDIS_ERRORS = Counter("streamrec_redis_errors", "Redis connection errors (each is retried)", ["stage"])
 KAFKA_ERRORS = Counter("streamrec_kafka_errors", "Errors reported by the Kafka consumer or producer", ["stage"])
 FORGETS = Counter("streamrec_forgets", "Users forgotten on request (streamrec forget)")
+BLOCK_LOCK_WAIT = Counter(
+    "streamrec_block_lock_wait_seconds",
+    "Time a stage's block waited for the other stage's block in the same process (one block's work at a time)",
+    ["stage"],
+)
 CTR_MODEL_VERSION = Gauge("streamrec_ctr_model_version", "CTR model version the worker ranks with (0: none)")
 UP = Gauge("streamrec_up", "1 while the process runs")
 
@@ -186,6 +192,32 @@ class _StageCollector(Collector):
 
 
 REGISTRY.register(_StageCollector())
+
+
+class _ThreadCollector(Collector):
+    """Each thread's CPU time and run-queue wait, read from ``/proc`` at scrape time (nothing on
+    the hot path): a thread short of cores shows in the second, a busy one in the first."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        pid = os.getpid()
+        for name, doc, values in (
+            ("streamrec_thread_cpu_seconds", "CPU time of the process's threads, by OS name", thread_cpu(pid)),
+            (
+                "streamrec_thread_runqueue_seconds",
+                "Time the process's threads were ready to run but had no core, by OS name",
+                thread_waits(pid),
+            ),
+        ):
+            fam = CounterMetricFamily(name, doc, labels=["thread"])
+            for thread, v in sorted(values.items()):
+                fam.add_metric([thread], v)
+            yield fam
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return []
+
+
+REGISTRY.register(_ThreadCollector())
 
 
 # -- the HTTP server ----------------------------------------------------------------------------

@@ -4,8 +4,10 @@ CPython names its threads for Python only, so ``top -H``, ``ps -L`` and ``/proc`
 thread of a worker as ``python3``. A worker's threads take their Python name, less the
 ``streamrec-`` prefix (the OS keeps 15 bytes), when they start: ``user``, ``item``,
 ``user-redis_0`` (the user stage's Redis writer), ``rank_0`` (a ranking thread), ``long-model``,
-``metrics``. ``thread_cpu`` reads them back per thread; ``streamrec bench`` reports the share
-of a core each took during its freshness run.
+``metrics``. ``thread_cpu`` reads them back per thread, and ``thread_waits`` how long each was
+ready to run but had no core; ``streamrec bench`` reports both for its freshness run, and
+``/metrics`` exports them (``streamrec_thread_cpu_seconds_total``,
+``streamrec_thread_runqueue_seconds_total``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,23 @@ def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of process ``pid``'s threads so far, by OS thread name
     (librdkafka's threads together as ``librdkafka``); empty where ``/proc`` cannot tell."""
     tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu(task: Path) -> float:
+        stat = (task / "stat").read_text()
+        fields = stat[stat.rfind(")") + 2 :].split()  # after the name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    return _by_thread(pid, cpu)
+
+
+def thread_waits(pid: int) -> dict[str, float]:
+    """Seconds process ``pid``'s threads have spent ready to run but waiting for a core (the
+    scheduler's run queue), by OS thread name as ``thread_cpu``; empty where the kernel keeps
+    no scheduler statistics. A thread that waits for a lock or the GIL sleeps: not counted."""
+    return _by_thread(pid, lambda task: int((task / "schedstat").read_text().split()[1]) / 1e9)
+
+
+def _by_thread(pid: int, read: Callable[[Path], float]) -> dict[str, float]:
     out: dict[str, float] = defaultdict(float)
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
@@ -78,9 +97,8 @@ def thread_cpu(pid: int) -> dict[str, float]:
     for task in tasks:
         try:
             name = (task / "comm").read_text().strip()
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended meanwhile
+            value = read(task)
+        except (OSError, IndexError, ValueError):  # the thread ended meanwhile; no such statistics
             continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after the name, which may hold spaces
-        out["librdkafka" if name.startswith("rdk:") else name] += (int(fields[11]) + int(fields[12])) / tick
+        out["librdkafka" if name.startswith("rdk:") else name] += value
     return dict(out)

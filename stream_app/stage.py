@@ -130,6 +130,7 @@ class StageLoop(Generic[S]):
         metrics.track(self)
         for family in (metrics.REDIS_ERRORS, metrics.KAFKA_ERRORS, metrics.SNAPSHOT_WRITES, metrics.EVENTS_CONSUMED):
             family.labels(self.label)  # exported as 0 from the start, so that rate() has a series
+        self._lock_wait = metrics.BLOCK_LOCK_WAIT.labels(self.label)
 
     # -- what a stage defines ----------------------------------------------------------------
     def new_state(self, partition: int) -> S:
@@ -312,6 +313,7 @@ class StageLoop(Generic[S]):
         # the model work overlaps the previous iteration's write, which lands before this
         # iteration's write starts
         with BLOCK_WORK:
+            lock_wait = time.perf_counter() - t1
             out = self.process(drained, now)
         offsets = {p: r.next_offset for p, r in self.runs.items() if r.next_offset != before[p]}
         t2 = time.perf_counter()
@@ -319,6 +321,7 @@ class StageLoop(Generic[S]):
         # flush now would also wait for the deltas this block has just produced
         self._settle(sync=False, commit=False)
         waited += time.perf_counter() - t2
+        self._lock_wait.inc(lock_wait)
         if out is not None or offsets:
             metrics.BLOCK_SECONDS.observe(t2 - t1, self.label)
             metrics.BLOCK_EVENTS.observe(sum(r.next_offset - before[p] for p, r in self.runs.items()), self.label)
@@ -329,11 +332,13 @@ class StageLoop(Generic[S]):
             self._measure_lag()
         if offsets and log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "%s: %d messages in, %d consumed; work %.1f ms, waited for the last outputs %.1f ms",
+                "%s: %d messages in, %d consumed; work %.1f ms (of it %.1f waiting for the other stage's "
+                "block), waited for the last outputs %.1f ms",
                 self.name,
                 len(msgs),
                 sum(r.next_offset - before[p] for p, r in self.runs.items() if p in offsets),
                 1000 * (t2 - t1),
+                1000 * lock_wait,
                 1000 * waited,
             )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stream_app import metrics
 from stream_app.embedded import free_port
 from stream_app.errors import UsageError
+from stream_app.os_threads import named
 
 
 def _samples(name: str) -> dict[str, float]:
@@ -62,6 +64,27 @@ class FakeLoop:
 
     def snapshot_ages(self, now: float) -> dict[int, float]:
         return {p: 1.0 for p in self.partitions}
+
+
+def test_threads_are_exported_by_name_with_their_cpu_time_and_their_wait_for_a_core() -> None:
+    named_now, done = threading.Event(), threading.Event()
+
+    def wait() -> None:
+        named_now.set()  # ``named`` has given the thread its OS name
+        done.wait()
+
+    t = threading.Thread(target=named(wait), name="streamrec-exported", daemon=True)
+    t.start()
+    named_now.wait(5)
+    try:
+        cpu = _samples("streamrec_thread_cpu_seconds")
+        runq = _samples("streamrec_thread_runqueue_seconds")
+    finally:
+        done.set()
+        t.join()
+    key = "streamrec_thread_{}_seconds_total[('thread', 'exported')]"
+    assert key.format("cpu") in cpu and key.format("runqueue") in runq  # a sleeping thread: about 0 each
+    assert sum(cpu.values()) > 0.1  # this process's threads together (the test run so far)
 
 
 def test_health_and_readiness_over_http() -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from stream_app.os_threads import name_native, named, os_name, thread_cpu
+from stream_app.os_threads import name_native, named, os_name, thread_cpu, thread_waits
 
 
 def _burn(seconds: float) -> None:
@@ -46,3 +47,42 @@ def test_os_names_drop_the_prefix_and_keep_15_bytes() -> None:
     assert os_name("streamrec-user-redis_0") == "user-redis_0"
     assert os_name("streamrec-a-very-long-thread-name") == "a-very-long-thr"
     assert os_name("Thread-3") == "Thread-3"
+
+
+def test_threads_that_outnumber_the_cores_wait_for_one_and_it_is_read_back() -> None:
+    """One more thread than there are cores, each hashing (hashlib lets go of the GIL for large
+    inputs, so they run at once): the scheduler makes them take turns, and ``thread_waits`` gives
+    the time they were ready but had no core."""
+    n = (os.cpu_count() or 1) + 1
+    stop = threading.Event()
+    data = b"x" * (1 << 20)
+
+    def hash_until_stopped() -> None:
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    threads = [
+        threading.Thread(target=named(hash_until_stopped), name=f"streamrec-hasher-{k}", daemon=True) for k in range(n)
+    ]
+    pid = os.getpid()
+    before = thread_waits(pid)
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        waited, cpu = thread_waits(pid), thread_cpu(pid)
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not any(name.startswith("hasher") for name in before)
+    names = [f"hasher-{k}" for k in range(n)]
+    assert set(names) <= set(waited) and set(names) <= set(cpu)
+    wait = sum(waited[x] for x in names)
+    busy = sum(cpu[x] for x in names)
+    # n threads wanted n cores for ``elapsed`` seconds and had at most n - 1: about
+    # ``elapsed`` seconds of waiting between them, and no more than n - 1 cores' worth of CPU
+    assert 0.3 * elapsed < wait < n * elapsed, (waited, cpu, elapsed)
+    assert busy < (n - 1) * elapsed + 0.1, (waited, cpu, elapsed)
