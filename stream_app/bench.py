@@ -179,9 +179,11 @@ def freshness(
     start_ts: int,
     seed: int = 11,
     observe: float = 0.1,
+    sent: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Produce at ``rate`` events/s for ``seconds``; measure produce -> list visible in Redis,
-    and (``TableProbe``) event -> neighbour list in the table.
+    and (``TableProbe``) event -> neighbour list in the table. ``sent`` is called once every
+    event is produced, before the last lists are waited for.
 
     Users and items are drawn from the preloaded log (so by activity and popularity), and event
     time continues the log's clock from ``start_ts`` at wall-clock pace. Freshness is measured
@@ -293,6 +295,8 @@ def freshness(
         p.poll(0)
     p.flush(30)
     achieved = n / (time.perf_counter() - t0)
+    if sent is not None:
+        sent()
     deadline_drain = time.perf_counter() + 10
     done.set()
     th.join(15)
@@ -435,26 +439,28 @@ def publish_model(env: dict[str, str], model: tuple[int, bytes] | None) -> None:
 _TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
 
 
-def lock_waits(p: WorkerProcess) -> dict[str, float]:
-    """Seconds each stage of worker process ``p`` has waited for the other stage's block so far
-    (``streamrec_block_lock_wait_seconds`` on its /metrics); empty if it does not answer."""
+def counted(p: WorkerProcess, family: str) -> dict[str, float]:
+    """A counter of worker process ``p``'s /metrics by its ``stage`` label ("" without one);
+    empty if it does not answer or does not export it."""
     code, body = p.http_get("/metrics", timeout=5.0)
     if code != 200:
         return {}
     return {
-        smp.labels["stage"]: smp.value
+        smp.labels.get("stage", ""): smp.value
         for fam in text_string_to_metric_families(body.decode())
-        if fam.name == "streamrec_block_lock_wait_seconds"
+        if fam.name == family
         for smp in fam.samples
         if smp.name.endswith("_total")
     }
 
 
-# what the bench reads of each worker process before and after its freshness run
+# what the bench reads of each worker process before and after its freshness traffic: each
+# thread's CPU and wait for a core, each stage's wait for the other's block and for the table
 _PER_THREAD: tuple[Callable[[WorkerProcess], dict[str, float]], ...] = (
     lambda p: thread_cpu(p.pid),
     lambda p: thread_waits(p.pid),
-    lock_waits,
+    lambda p: counted(p, "streamrec_block_lock_wait_seconds"),
+    lambda p: counted(p, "streamrec_table_wait_seconds"),
 )
 
 
@@ -579,12 +585,19 @@ def run_bench(
                 start_ts = max(int(e["ts"]) for e in events) + 1000
                 before = len(w.log())
                 procs = {"user": w, "item": wi} if wi is not None else {"worker": w}
+                # the worker's threads while the traffic flows (not while the last lists are awaited)
                 t_cpu = time.monotonic()
                 before_run = [{k: read(x) for k, x in procs.items()} for read in _PER_THREAD]
-                fresh = freshness(s, users, items, rate, seconds, start_ts, observe=observe)
-                after_run = [{k: read(x) for k, x in procs.items()} for read in _PER_THREAD]
-                cpu, waits, locks = (
-                    cpu_shares(b, a, time.monotonic() - t_cpu) for b, a in zip(before_run, after_run, strict=True)
+                after_run: list[dict[str, dict[str, float]]] = []
+                traffic_s: list[float] = []
+
+                def traffic_over() -> None:
+                    traffic_s.append(time.monotonic() - t_cpu)
+                    after_run.extend({k: read(x) for k, x in procs.items()} for read in _PER_THREAD)
+
+                fresh = freshness(s, users, items, rate, seconds, start_ts, observe=observe, sent=traffic_over)
+                cpu, waits, locks, tables = (
+                    cpu_shares(b, a, traffic_s[0]) for b, a in zip(before_run, after_run, strict=True)
                 )
                 typer.echo(
                     f"freshness at {fresh['rate_achieved']:,.0f} events/s: p50 {fresh['p50_ms']:.0f} ms, "
@@ -633,6 +646,8 @@ def run_bench(
         "worker_runqueue_by_thread": waits,
         # ... the share of the run each stage's blocks waited for the other stage's block
         "stage_lock_wait": locks,
+        # ... the share of the run the user stage held blocks back for the item table
+        "user_stage_table_wait": tables,
         "worker_log": str(log_path),
         "ctr_versions_loaded": len(re.findall(r"CTR model version \d+ loaded", w.log())),
         "trainer": trainer or None,  # samples trained on beside the one-worker runs (with_trainer)
@@ -682,20 +697,26 @@ def run_bench(
         if shares:
             busy = ", ".join(f"{name} {x:.0%}" for name, x in shares.items() if x >= 0.01)
             typer.echo(
-                f"| {proc} process CPU during the freshness run, by thread (share of one core) | "
+                f"| {proc} process CPU during the freshness traffic, by thread (share of one core) | "
                 f"{sum(shares.values()):.0%}: {busy} |"
             )
     for proc, shares in waits.items():
         if shares:
             short = ", ".join(f"{name} {x:.0%}" for name, x in shares.items() if x >= 0.01) or "none above 1%"
             typer.echo(
-                f"| {proc} process threads waiting for a core during the freshness run (share of it) | {short} |"
+                f"| {proc} process threads waiting for a core during the freshness traffic (share of it) | {short} |"
+            )
+    for proc, shares in tables.items():
+        if shares and proc != "item":  # the processes with a user stage
+            typer.echo(
+                f"| {proc} process: the user stage holding blocks back for the item table during the freshness "
+                f"traffic (share of it) | {shares.get('', 0.0):.0%} |"
             )
     for proc, shares in locks.items():
         if len(shares) > 1:  # both stages in one process
             both = ", ".join(f"{name} stage {x:.0%}" for name, x in shares.items())
             typer.echo(
-                f"| {proc} process stages waiting for the other stage's block during the freshness run "
+                f"| {proc} process stages waiting for the other stage's block during the freshness traffic "
                 f"(share of it) | {both} |"
             )
     if trainer:

@@ -113,6 +113,10 @@ BLOCK_LOCK_WAIT = Counter(
     "Time a stage's block waited for the other stage's block in the same process (one block's work at a time)",
     ["stage"],
 )
+TABLE_WAIT = Counter(
+    "streamrec_table_wait_seconds",
+    "Time the user stage held blocks back until the item table came within TABLE_MAX_LAG of them",
+)
 CTR_MODEL_VERSION = Gauge("streamrec_ctr_model_version", "CTR model version the worker ranks with (0: none)")
 UP = Gauge("streamrec_up", "1 while the process runs")
 

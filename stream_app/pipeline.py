@@ -217,7 +217,9 @@ class Pipeline(StageLoop[UserPartition]):
         """A block waits for the item table: wait for the table topic instead of the events."""
         if not any(p in self._waiting and p not in self._waited_out for p in self.runs):
             return False
+        t0 = time.perf_counter()
         self.feed.poll(timeout=self.s.poll_timeout_ms / 1000)
+        metrics.TABLE_WAIT.inc(time.perf_counter() - t0)
         return True
 
     def _table_current(self, run: PartitionRun[UserPartition], first: int, now: float) -> bool:

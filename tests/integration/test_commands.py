@@ -110,14 +110,16 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     cpu = doc["worker_cpu_by_thread"]["worker"]
     assert {"user", "item", "user-redis_0", "item-redis_0", "long-model"} <= set(cpu)
     assert cpu["user"] > 0 and 0 < sum(cpu.values()) < os.cpu_count()
-    assert "| worker process CPU during the freshness run, by thread (share of one core) |" in res.stdout
+    assert "| worker process CPU during the freshness traffic, by thread (share of one core) |" in res.stdout
     # ... the share of the run each waited for a core, and each stage for the other's block
     runq = doc["worker_runqueue_by_thread"]["worker"]
     assert {"user", "item"} <= set(runq) and all(0 <= x < 1 for x in runq.values()), runq
     locks = doc["stage_lock_wait"]["worker"]
     assert set(locks) == {"user", "item"} and all(0 <= x < 1 for x in locks.values()), locks
-    assert "| worker process threads waiting for a core during the freshness run (share of it) |" in res.stdout
-    assert "| worker process stages waiting for the other stage's block during the freshness run" in res.stdout
+    assert 0 <= doc["user_stage_table_wait"]["worker"][""] < 1
+    assert "| worker process threads waiting for a core during the freshness traffic (share of it) |" in res.stdout
+    assert "| worker process stages waiting for the other stage's block during the freshness traffic" in res.stdout
+    assert "| worker process: the user stage holding blocks back for the item table during the" in res.stdout
 
 
 def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str, str], tmp_path: Path) -> None:
@@ -144,6 +146,8 @@ def test_bench_split_roles_runs_the_stages_as_two_processes(worker_env: dict[str
     # each process holds one stage: nothing to wait for but a core
     assert set(doc["stage_lock_wait"]["user"]) == {"user"} and set(doc["stage_lock_wait"]["item"]) == {"item"}
     assert "waiting for the other stage's block" not in res.stdout
+    assert "| user process: the user stage holding blocks back for the item table" in res.stdout
+    assert "| item process: the user stage" not in res.stdout
     assert "partitions: one worker / two workers" not in res.stdout
 
 

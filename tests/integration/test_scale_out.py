@@ -20,6 +20,7 @@ import orjson
 import pytest
 import redis
 
+from stream_app.bench import counted
 from stream_app.config import Settings
 from stream_app.kafka_io import end_offsets, topic_partitions
 from stream_app.processes import WorkerProcess, committed, wait_caught_up, wait_stages_caught_up
@@ -228,6 +229,8 @@ def test_the_table_lag_bound_holds_and_a_user_stage_alone_goes_on_after_waiting(
     u = WorkerProcess(alone, tmp_path / "user.log").start()
     try:
         wait_caught_up(broker, s.group_id, s.events_topic, 1, u)
+        waited = counted(u, "streamrec_table_wait_seconds")  # exported for operators
     finally:
         assert u.stop() == 0, u.log()[-3000:]
     assert "the item table is more than 5000 events behind" in u.log()
+    assert 0.5 <= waited[""] < 30, waited  # about TABLE_WAIT_S, then no more waiting
