@@ -31,6 +31,7 @@ import time
 import tracemalloc
 import uuid
 import zlib
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -439,6 +440,35 @@ def publish_model(env: dict[str, str], model: tuple[int, bytes] | None) -> None:
 _TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
 
 
+def machine_cpu(workers: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of the processes on this machine, by role: the worker processes (named
+    as in ``workers``), their child processes (the long-term fits), this process (the load
+    generator), the kernel's threads, the others by process name; and ``machine``, the busy time
+    of every core (interrupts and processes that ended meanwhile included)."""
+    t = psutil.cpu_times()
+    out: dict[str, float] = defaultdict(float)
+    out["machine"] = t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+    role = {pid: name for name, pid in workers.items()}
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "ppid", "name", "cpu_times"]):
+        ct = p.info["cpu_times"]
+        if ct is None:  # gone, or not ours to read
+            continue
+        pid, ppid = p.info["pid"], p.info["ppid"]
+        if pid in role:
+            label = f"{role[pid]} process"
+        elif ppid in role:
+            label = f"{role[ppid]}'s child processes"
+        elif pid == me:
+            label = "load generator (this process)"
+        elif 2 in (pid, ppid):  # kthreadd and its threads, whose names change with their work
+            label = "kernel threads"
+        else:
+            label = p.info["name"] or "?"
+        out[label] += ct.user + ct.system
+    return dict(out)
+
+
 def counted(p: WorkerProcess, family: str) -> dict[str, float]:
     """A counter of worker process ``p``'s /metrics by its ``stage`` label ("" without one);
     empty if it does not answer or does not export it."""
@@ -586,17 +616,20 @@ def run_bench(
                 before = len(w.log())
                 procs = {"user": w, "item": wi} if wi is not None else {"worker": w}
                 # the worker's threads while the traffic flows (not while the last lists are awaited)
+                pids = {k: x.pid for k, x in procs.items()}
                 t_cpu = time.monotonic()
                 before_run = [{k: read(x) for k, x in procs.items()} for read in _PER_THREAD]
+                before_run.append({"machine": machine_cpu(pids)})
                 after_run: list[dict[str, dict[str, float]]] = []
                 traffic_s: list[float] = []
 
                 def traffic_over() -> None:
                     traffic_s.append(time.monotonic() - t_cpu)
                     after_run.extend({k: read(x) for k, x in procs.items()} for read in _PER_THREAD)
+                    after_run.append({"machine": machine_cpu(pids)})
 
                 fresh = freshness(s, users, items, rate, seconds, start_ts, observe=observe, sent=traffic_over)
-                cpu, waits, locks, tables = (
+                cpu, waits, locks, tables, machine = (
                     cpu_shares(b, a, traffic_s[0]) for b, a in zip(before_run, after_run, strict=True)
                 )
                 typer.echo(
@@ -648,6 +681,8 @@ def run_bench(
         "stage_lock_wait": locks,
         # ... the share of the run the user stage held blocks back for the item table
         "user_stage_table_wait": tables,
+        # ... every process on the machine, in cores ("machine": all of them, busy)
+        "machine_cpu": machine["machine"],
         "worker_log": str(log_path),
         "ctr_versions_loaded": len(re.findall(r"CTR model version \d+ loaded", w.log())),
         "trainer": trainer or None,  # samples trained on beside the one-worker runs (with_trainer)
@@ -706,6 +741,14 @@ def run_bench(
             typer.echo(
                 f"| {proc} process threads waiting for a core during the freshness traffic (share of it) | {short} |"
             )
+    cores = dict(machine["machine"])
+    if cores:
+        total = cores.pop("machine", 0.0)
+        cores["other"] = total - sum(cores.values())
+        each = ", ".join(f"{name} {x:.2f}" for name, x in sorted(cores.items(), key=lambda kv: -kv[1]) if x >= 0.01)
+        typer.echo(
+            f"| the machine during the freshness traffic: cores busy, of {os.cpu_count()} | {total:.2f}: {each} |"
+        )
     for proc, shares in tables.items():
         if shares and proc != "item":  # the processes with a user stage
             typer.echo(

@@ -117,6 +117,11 @@ def test_bench_measures_one_and_two_workers_and_writes_json(worker_env: dict[str
     locks = doc["stage_lock_wait"]["worker"]
     assert set(locks) == {"user", "item"} and all(0 <= x < 1 for x in locks.values()), locks
     assert 0 <= doc["user_stage_table_wait"]["worker"][""] < 1
+    # ... and every process on the machine, in cores
+    m = doc["machine_cpu"]
+    assert m["machine"] > m["worker process"] > 0 and m["load generator (this process)"] > 0, m
+    assert m["machine"] <= os.cpu_count() + 0.1, m
+    assert f"| the machine during the freshness traffic: cores busy, of {os.cpu_count()} |" in res.stdout
     assert "| worker process threads waiting for a core during the freshness traffic (share of it) |" in res.stdout
     assert "| worker process stages waiting for the other stage's block during the freshness traffic" in res.stdout
     assert "| worker process: the user stage holding blocks back for the item table during the" in res.stdout
