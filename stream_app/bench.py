@@ -486,7 +486,7 @@ def counted(p: WorkerProcess, family: str) -> dict[str, float]:
 
 # what the bench reads of each worker process before and after its freshness traffic: each
 # thread's CPU and wait for a core, each stage's wait for the other's block and for the table
-_PER_THREAD: tuple[Callable[[WorkerProcess], dict[str, float]], ...] = (
+_READINGS: tuple[Callable[[WorkerProcess], dict[str, float]], ...] = (
     lambda p: thread_cpu(p.pid),
     lambda p: thread_waits(p.pid),
     lambda p: counted(p, "streamrec_block_lock_wait_seconds"),
@@ -618,14 +618,14 @@ def run_bench(
                 # the worker's threads while the traffic flows (not while the last lists are awaited)
                 pids = {k: x.pid for k, x in procs.items()}
                 t_cpu = time.monotonic()
-                before_run = [{k: read(x) for k, x in procs.items()} for read in _PER_THREAD]
+                before_run = [{k: read(x) for k, x in procs.items()} for read in _READINGS]
                 before_run.append({"machine": machine_cpu(pids)})
                 after_run: list[dict[str, dict[str, float]]] = []
                 traffic_s: list[float] = []
 
                 def traffic_over() -> None:
                     traffic_s.append(time.monotonic() - t_cpu)
-                    after_run.extend({k: read(x) for k, x in procs.items()} for read in _PER_THREAD)
+                    after_run.extend({k: read(x) for k, x in procs.items()} for read in _READINGS)
                     after_run.append({"machine": machine_cpu(pids)})
 
                 fresh = freshness(s, users, items, rate, seconds, start_ts, observe=observe, sent=traffic_over)
@@ -673,7 +673,7 @@ def run_bench(
         else None,
         "worker_rss_mb": rss / 2**20,
         "freshness": fresh,
-        # share of one core per worker thread (OS names, ``stream_app.os_threads``) over the run
+        # share of one core per worker thread (OS names, ``stream_app.os_threads``) over the traffic
         "worker_cpu_by_thread": cpu,
         # ... the share of the run each thread was ready to run but had no core
         "worker_runqueue_by_thread": waits,
