@@ -497,8 +497,8 @@ _READINGS: tuple[Callable[[WorkerProcess], dict[str, float]], ...] = (
 def cpu_shares(
     before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], seconds: float
 ) -> dict[str, dict[str, float]]:
-    """Per process, each thread name's share of one core between two ``thread_cpu`` readings
-    ``seconds`` apart, busiest first."""
+    """Per process, each key's growth between two readings ``seconds`` apart, per second (for
+    seconds of CPU or of waiting: its share of one core, or of the time), largest first."""
     out = {}
     for proc, now in after.items():
         was = before.get(proc, {})

@@ -5,7 +5,7 @@ thread of a worker as ``python3``. A worker's threads take their Python name, le
 ``streamrec-`` prefix (the OS keeps 15 bytes), when they start: ``user``, ``item``,
 ``user-redis_0`` (the user stage's Redis writer), ``rank_0`` (a ranking thread), ``long-model``,
 ``metrics``. ``thread_cpu`` reads them back per thread, and ``thread_waits`` how long each was
-ready to run but had no core; ``streamrec bench`` reports both for its freshness run, and
+ready to run but had no core; ``streamrec bench`` reports both for its freshness traffic, and
 ``/metrics`` exports them (``streamrec_thread_cpu_seconds_total``,
 ``streamrec_thread_runqueue_seconds_total``).
 """
