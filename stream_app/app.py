@@ -5,7 +5,8 @@ The high-rate topics are consumed by the stages this worker runs (``STREAMREC_RO
 stage (``stream_app.pipeline``, the events topic) and the item stage (``stream_app.item_stage``,
 the internal deltas topic), each a batched confluent-kafka loop in its own thread, wrapped here
 as a faust Service, because faust's per-event overhead would cap a worker far below the
-throughput target (see ``stream_app.stage``).
+throughput target (see ``stream_app.stage``). With ``SPLIT_STAGES`` the item stage runs in a
+child process instead (``stream_app.item_process``), which this process starts and watches.
 
 Low-rate topic: ``items`` (``STREAMREC_ITEMS_TOPIC``), catalogue updates
 ``{"item_id": "42", "available": false}``. Unavailable items are kept in the Redis set
@@ -30,6 +31,7 @@ from faust.types.auth import CredentialsT
 
 from stream_app import metrics
 from stream_app.config import Settings
+from stream_app.item_process import ItemProcess
 from stream_app.item_stage import ItemStage
 from stream_app.kafka_io import ensure_topics
 from stream_app.os_threads import named
@@ -59,17 +61,21 @@ def parse_catalog_update(raw: bytes) -> tuple[str, bool]:
     return item, available
 
 
-def create_app(settings: Settings) -> faust.App:
-    """Build the app: the stages' service, the catalogue agent and a stats timer."""
+def create_app(settings: Settings, item_process: ItemProcess | None = None) -> faust.App:
+    """Build the app: the stages' service, the catalogue agent and a stats timer. With an
+    ``item_process`` (``SPLIT_STAGES``), the item stage runs there and this process watches it."""
     client = redis_client(settings)
     store = RedisStore(client, settings.redis_prefix)
     roles = settings.role_set
     stages: list[StageLoop[Any]] = []
     pipeline = Pipeline(settings, client) if "user" in roles else None
-    items = ItemStage(settings, redis_client(settings)) if "item" in roles else None
+    items = ItemStage(settings, redis_client(settings)) if "item" in roles and item_process is None else None
     stages = [x for x in (pipeline, items) if x is not None]
+    healthz, readyz = metrics.stages_health(stages, settings.health_stale_s)
+    if item_process is not None:
+        healthz, readyz = with_item_process(healthz, readyz, item_process)
     # bound before faust starts, so that a port in use is a one-line error, not a crash
-    server = metrics.serve(settings.metrics_port_for(9108), *metrics.stages_health(stages, settings.health_stale_s))
+    server = metrics.serve(settings.metrics_port_for(9108), healthz, readyz)
     faust_dir = settings.data_dir / "faust" / settings.group_id
     faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -121,10 +127,17 @@ def create_app(settings: Settings) -> faust.App:
                     if not t.is_alive() and not st.stop_event.is_set():
                         await app.crash(st.error or RuntimeError(f"{st.name} thread exited"))
                         return
+                if item_process is not None and not item_process.stopping:
+                    code = item_process.exit_code()
+                    if code is not None:  # a supervisor restarts the worker, and with it the child
+                        await app.crash(RuntimeError(f"the item stage process exited with code {code}"))
+                        return
 
         async def on_stop(self) -> None:
             for st in stages:
                 st.stop()
+            if item_process is not None:  # alongside the user stage's own graceful stop
+                await asyncio.get_running_loop().run_in_executor(None, item_process.stop)
             for t in self.threads:
                 await asyncio.get_running_loop().run_in_executor(None, t.join, 60)
             log_stats()  # the last report: what happened since the previous one
@@ -167,6 +180,32 @@ def create_app(settings: Settings) -> faust.App:
             )
 
     return app
+
+
+def with_item_process(
+    healthz: metrics.Check, readyz: metrics.Check, child: ItemProcess
+) -> tuple[metrics.Check, metrics.Check]:
+    """This process's ``/healthz`` and ``/readyz`` with those of its item stage process: healthy
+    and ready only when both are; the partitions of both stages in one document."""
+
+    def health() -> tuple[bool, str]:
+        ok, why = healthz()
+        if not ok:
+            return ok, why
+        return child.healthz()
+
+    def ready() -> tuple[bool, str]:
+        ok, body = readyz()
+        doc = orjson.loads(body)
+        child_ok, child_doc = child.readyz()
+        doc["partitions"].update(child_doc.get("partitions", {}))
+        if not child_ok:
+            why = child_doc.get("reason", "item stage process not ready")
+            doc["reason"] = f"{doc['reason']}; {why}" if "reason" in doc else why
+        doc["ready"] = ok and child_ok
+        return doc["ready"], orjson.dumps(doc).decode()
+
+    return health, ready
 
 
 def broker_credentials(s: Settings) -> CredentialsT | None:
@@ -224,6 +263,18 @@ def run_worker(settings: Settings) -> Any:
 
     check_services(settings)
     return_large_blocks_to_the_os()
-    app = create_app(settings)
+    child = ItemProcess(settings) if settings.item_process else None
+    if child is not None:
+        child.start()  # before this process starts threads of its own
+    try:
+        app = create_app(settings, child)
+    except BaseException:
+        if child is not None:
+            child.stop()
+        raise
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    return worker.execute_from_commandline()
+    try:
+        return worker.execute_from_commandline()
+    finally:
+        if child is not None:  # stopped already on a graceful stop; not when the worker crashed
+            child.stop()

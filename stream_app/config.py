@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     redis_password: SecretStr = Field(SecretStr(""), description="Redis password; overrides one in redis_url")
     # the two stages (README "Scaling out")
     roles: str = Field("user,item", description="stages this worker runs: user, item, or both (comma-separated)")
+    split_stages: bool = Field(
+        False,
+        description="with both roles: run the item stage in a child process of the worker, so that the stages "
+        'share no interpreter (better with spare cores; README "Scaling out")',
+    )
+    item_metrics_port: int = Field(
+        9110, ge=0, le=65535, description="/metrics, /healthz, /readyz of that child process; 0: off"
+    )
     item_partitions: int = Field(0, ge=0, description="partitions of the internal topics; 0: as many as events")
     deltas_topic: str = ""  # empty: "<events_topic>.deltas"
     table_topic: str = ""  # empty: "<events_topic>.table"
@@ -303,6 +311,11 @@ class Settings(BaseSettings):
     @property
     def role_set(self) -> frozenset[str]:
         return frozenset(r.strip() for r in self.roles.split(",") if r.strip())
+
+    @property
+    def item_process(self) -> bool:
+        """Whether this worker runs its item stage in a child process (``split_stages``)."""
+        return self.split_stages and self.role_set == {"user", "item"}
 
     def event_schema(self) -> EventSchema:
         return EventSchema(types=frozenset(self.event_types), max_bytes=self.max_event_bytes)

@@ -38,7 +38,8 @@ def committed(conn: KafkaConn, group: str, topic: str, partitions: int) -> dict[
 class WorkerProcess:
     """``streamrec worker`` (or another ``command``, e.g. ``trainer``) as a subprocess in its own
     process group (so kill -9 hits it all). Unless ``env`` names one, it gets a free port of its
-    own for /metrics, /healthz and /readyz (several run side by side)."""
+    own for /metrics, /healthz and /readyz (several run side by side), and one for its item stage
+    process, should it start one (``SPLIT_STAGES``)."""
 
     env: dict[str, str]
     log_path: Path
@@ -46,7 +47,11 @@ class WorkerProcess:
     command: str = "worker"
 
     def start(self) -> WorkerProcess:
-        self.env = {"STREAMREC_METRICS_PORT": str(free_port()), **self.env}
+        self.env = {
+            "STREAMREC_METRICS_PORT": str(free_port()),
+            "STREAMREC_ITEM_METRICS_PORT": str(free_port()),
+            **self.env,
+        }
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "stream_app.cli", self.command],

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 import pytest
 import redis
 
 from stream_app.bench import counted
 from stream_app.config import Settings
+from stream_app.embedded import free_port
 from stream_app.kafka_io import end_offsets, topic_partitions
 from stream_app.processes import WorkerProcess, committed, wait_caught_up, wait_stages_caught_up
 from stream_app.redis_store import RedisStore
@@ -234,3 +236,59 @@ def test_the_table_lag_bound_holds_and_a_user_stage_alone_goes_on_after_waiting(
         assert u.stop() == 0, u.log()[-3000:]
     assert "the item table is more than 5000 events behind" in u.log()
     assert 0.5 <= waited[""] < 30, waited  # about TABLE_WAIT_S, then no more waiting
+
+
+def _item_child(w: WorkerProcess) -> psutil.Process:
+    """The worker's item stage process (``SPLIT_STAGES``), once it has started."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        kids = psutil.Process(w.pid).children()
+        if kids:
+            (kid,) = kids  # the long-term fits run in the child's own children, not here
+            return kid
+        time.sleep(0.05)
+    raise AssertionError("no item stage process started:\n" + w.log()[-3000:])
+
+
+def test_a_worker_with_its_item_stage_in_a_child_process_gives_the_same_outputs(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], reference: Outputs, tmp_path: Path
+) -> None:
+    """``SPLIT_STAGES=true``: one command, the item stage in a child process with ``ROLES=item``;
+    the same item-level outputs as the reference, both stages' partitions in the worker's
+    ``/readyz``, and a graceful stop of both."""
+    env, s = preloaded(broker, worker_env, ml100k, "split")
+    env = {**env, "STREAMREC_SPLIT_STAGES": "true", "STREAMREC_ITEM_METRICS_PORT": str(free_port())}
+    w = WorkerProcess(env, tmp_path / "w.log").start()
+    child = _item_child(w)
+    assert child.environ()["STREAMREC_ROLES"] == "item"
+    doc = w.wait_ready()
+    assert sorted(doc["partitions"]) == ["item", "user"], doc
+    assert sorted(doc["partitions"]["user"]) == sorted(doc["partitions"]["item"]) == list(range(PARTS))
+    wait_stages_caught_up(s, PARTS, w)
+    assert w.stop() == 0, w.log()[-3000:]
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    log = w.log()
+    assert "assigned item partitions" in log and "item stage: started as process" in log
+    assert_same(collect(env, items_of(ml100k)), reference)
+
+
+def test_the_item_stage_process_goes_with_its_worker_and_the_worker_with_it(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """kill -9 of the worker: its item stage process stops too (and snapshots, on SIGTERM from
+    the kernel). The item stage process dying: the worker crashes, for a supervisor to restart."""
+    env, s = preloaded(broker, worker_env, ml100k[:20_000], "orphan")
+    env = {**env, "STREAMREC_SPLIT_STAGES": "true", "STREAMREC_ITEM_METRICS_PORT": str(free_port())}
+    w = WorkerProcess(env, tmp_path / "w.log").start()
+    child = _item_child(w)
+    w.wait_ready()
+    w.kill9()
+    child.wait(60)  # stopping on the SIGTERM the kernel sent it (not our child: no exit code here)
+    assert not child.is_running()
+
+    w = WorkerProcess(env, tmp_path / "w2.log").start()
+    child = _item_child(w)
+    w.wait_ready()
+    child.kill()
+    assert w.proc is not None and w.proc.wait(60) != 0
+    assert "the item stage process exited with code -9" in w.log()

@@ -98,6 +98,18 @@ def test_roles_are_checked() -> None:
         Settings(roles="users,items")
 
 
+def test_only_a_worker_with_both_roles_splits_its_stages() -> None:
+    from stream_app.errors import UsageError
+    from stream_app.item_process import ItemProcess
+
+    assert Settings(split_stages=True).item_process
+    assert not Settings(split_stages=True, roles="user").item_process
+    assert not Settings().item_process
+    with pytest.raises(UsageError, match="ITEM_METRICS_PORT=9108 is the worker's own"):
+        ItemProcess(Settings(split_stages=True, item_metrics_port=9108))
+    assert ItemProcess(Settings(split_stages=True, metrics_port=0, item_metrics_port=0)).port == 0
+
+
 def test_only_the_events_consumer_fetches_with_fetch_wait_max_ms() -> None:
     """Tansu holds a fetch for its whole wait: the events consumer keeps the short one that
     lists wait on; the deltas consumer (and the table reader) use the internal one."""
