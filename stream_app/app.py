@@ -268,12 +268,7 @@ def run_worker(settings: Settings) -> Any:
         child.start()  # before this process starts threads of its own
     try:
         app = create_app(settings, child)
-    except BaseException:
-        if child is not None:
-            child.stop()
-        raise
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    try:
+        worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
         return worker.execute_from_commandline()
     finally:
         if child is not None:  # stopped already on a graceful stop; not when the worker crashed

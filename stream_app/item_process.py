@@ -24,14 +24,13 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 import orjson
 
 from stream_app.config import Settings
 from stream_app.errors import UsageError
+from stream_app.processes import local_get
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,6 @@ class ItemProcess:
                 f"STREAMREC_ITEM_METRICS_PORT={self.port} is the worker's own metrics port: give the item "
                 "process another (or 0 to turn its metrics off)"
             )
-        self.stale_s = settings.health_stale_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
 
@@ -81,11 +79,6 @@ class ItemProcess:
         )
         log.info("item stage: started as process %d (metrics on port %s)", self.proc.pid, self.port or "off")
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def exit_code(self) -> int | None:
         """None while the child runs."""
         return None if self.proc is None else self.proc.poll()
@@ -106,22 +99,13 @@ class ItemProcess:
             return self.proc.wait(10)
 
     # -- what the worker's /healthz and /readyz add ------------------------------------------
-    def _get(self, path: str) -> tuple[int, bytes]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except OSError as e:
-            return 0, str(e).encode()
-
     def healthz(self) -> tuple[bool, str]:
         code = self.exit_code()
         if code is not None:
             return False, f"item stage process exited with code {code}"
         if not self.port:
             return True, "ok"
-        status, body = self._get("/healthz")
+        status, body = local_get(self.port, "/healthz")
         if status == 0:
             return True, "ok"  # not serving yet (starting), or its port is taken: it exits then
         return status == 200, f"item stage process: {body.decode(errors='replace').strip()}"
@@ -132,7 +116,7 @@ class ItemProcess:
             return False, {"reason": "item stage process is not running"}
         if not self.port:
             return True, {}  # no way to ask: alive is all that is known
-        status, body = self._get("/readyz")
+        status, body = local_get(self.port, "/readyz")
         try:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -34,6 +34,18 @@ def committed(conn: KafkaConn, group: str, topic: str, partitions: int) -> dict[
         c.close()
 
 
+def local_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``path`` of a process's endpoints on this machine's ``port``: (status, body); (0, b"")
+    while nothing listens there."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0, b""
+
+
 @dataclass
 class WorkerProcess:
     """``streamrec worker`` (or another ``command``, e.g. ``trainer``) as a subprocess in its own
@@ -95,14 +107,7 @@ class WorkerProcess:
 
     def http_get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         """GET one of the process's endpoints: (status, body); (0, b"") while nothing listens."""
-        url = f"http://127.0.0.1:{self.metrics_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return 0, b""
+        return local_get(self.metrics_port, path, timeout)
 
     def readiness(self) -> dict[str, Any] | None:
         """The /readyz document (``ready``, ``partitions`` per stage), None while not serving."""
