@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 _FIT_WAIT_S = 120.0  # on a graceful stop, how long to wait for a long-term fit to finish
 _TRENDING_EVERY_S = 1.0  # the trending list is written at most this often (and on every handover)
+# a partition also publishes once this share of ``table_max_lag`` events is unpublished, so that a
+# user stage working through a backlog does not wait out the interval for the table (below)
+_PUBLISH_SHARE = 0.25
 
 
 @dataclass
@@ -81,6 +84,7 @@ class ItemStage(StageLoop[ItemPartition]):
         self._sims_left = 0  # lists still to publish in this round
         self._trending_at = 0.0
         self._published_at = 0.0  # the last publication check (table entries and watermarks)
+        self._unpublished: dict[int, int] = {}  # item partition -> source events since its last check
         self._fits: ProcessPoolExecutor | None = None
         self._pending_fits: list[PendingFit] = []
         self._waiting_fit: tuple[int, list[str], FitInput] | None = None  # due while a fit ran: started next
@@ -118,6 +122,7 @@ class ItemStage(StageLoop[ItemPartition]):
         return state, changed
 
     def attach(self, run: PartitionRun[ItemPartition]) -> None:
+        self._unpublished.pop(run.partition, None)
         if run.partition != 0:
             return
         self._pending_fits.clear()  # an earlier ownership's fits: a new owner numbers its own
@@ -129,14 +134,22 @@ class ItemStage(StageLoop[ItemPartition]):
         assert sink is not None
         budget = self._sim_budget(now)
         want_trending = now - self._trending_at >= _TRENDING_EVERY_S
-        publish = now - self._published_at >= self.s.table_publish_interval_s
-        if publish:
+        every = now - self._published_at >= self.s.table_publish_interval_s
+        if every:
             self._published_at = now
+        by_volume = self.s.table_max_lag * _PUBLISH_SHARE
         sims: list[tuple[str, list[tuple[str, float]]]] = []
         trending: list[tuple[str, float]] | None = None
         st = self.stats
         for run in self.runs.values():
             msgs = self._decode(run) if run.buffer else []
+            # Publication checks come every ``table_publish_interval_s``, and for a partition also
+            # as soon as its messages since the last one span ``by_volume`` source events: a user
+            # stage may run ``table_max_lag`` events ahead of the table, and in a backlog it covers
+            # that in less than the interval (measured: it waited for the table a third of its time)
+            unpublished = self._unpublished.get(run.partition, 0) + sum(m.end - m.start for m in msgs)
+            publish = every or unpublished >= by_volume
+            self._unpublished[run.partition] = 0 if publish else unpublished
             due = publish and run.state.applied != run.published
             if not msgs and not due and not (budget > len(sims) and run.state.sim_dirty):
                 continue

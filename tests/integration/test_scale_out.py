@@ -238,6 +238,34 @@ def test_the_table_lag_bound_holds_and_a_user_stage_alone_goes_on_after_waiting(
     assert 0.5 <= waited[""] < 30, waited  # about TABLE_WAIT_S, then no more waiting
 
 
+def test_a_backlog_does_not_wait_out_the_publish_interval_for_the_table(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The item stage publishes its watermark once a partition's unpublished events reach a
+    quarter of TABLE_MAX_LAG, not only every TABLE_PUBLISH_INTERVAL_S: with an interval longer
+    than the run, a user stage taking a backlog still finds the table within the bound (it
+    would otherwise wait TABLE_WAIT_S and rank with a stale table)."""
+    env = {
+        **fresh_env(worker_env, "volume"),
+        "STREAMREC_TABLE_MAX_LAG": "3000",
+        "STREAMREC_TABLE_PUBLISH_INTERVAL_S": "3600",
+        "STREAMREC_TABLE_WAIT_S": "30",
+    }
+    s = settings_from(env)
+    create_topics(broker, s.events_topic, 1)
+    produce(broker, s.events_topic, keyed(ml100k[:20_000]))
+    w = WorkerProcess(env, tmp_path / "w.log").start()
+    try:
+        wait_stages_caught_up(s, 1, w)
+        waited = counted(w, "streamrec_table_wait_seconds")
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
+    lags = [tuple(map(int, x)) for x in re.findall(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)", w.log())]
+    assert lags and max(x[2] for x in lags) <= 3000, lags
+    assert "item table is more than" not in w.log()
+    assert waited[""] < 15, waited  # the table kept up: never a TABLE_WAIT_S of 30 s
+
+
 def _item_child(w: WorkerProcess) -> psutil.Process:
     """The worker's item stage process (``SPLIT_STAGES``), once it has started."""
     deadline = time.monotonic() + 30
