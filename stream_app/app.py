@@ -69,6 +69,8 @@ def create_app(settings: Settings, item_process: ItemProcess | None = None) -> f
     roles = settings.role_set
     stages: list[StageLoop[Any]] = []
     pipeline = Pipeline(settings, client) if "user" in roles else None
+    if pipeline is not None and item_process is not None:
+        pipeline.item_stage_ready = item_process.ready  # blocks wait for it at start
     items = ItemStage(settings, redis_client(settings)) if "item" in roles and item_process is None else None
     stages = [x for x in (pipeline, items) if x is not None]
     healthz, readyz = metrics.stages_health(stages, settings.health_stale_s)

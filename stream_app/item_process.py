@@ -110,6 +110,10 @@ class ItemProcess:
             return True, "ok"  # not serving yet (starting), or its port is taken: it exits then
         return status == 200, f"item stage process: {body.decode(errors='replace').strip()}"
 
+    def ready(self) -> bool:
+        """Whether the child is ready (its stage has its partitions; without a port: it runs)."""
+        return self.readyz()[0]
+
     def readyz(self) -> tuple[bool, dict[str, Any]]:
         """Whether the child is ready, and its /readyz document (partitions by stage)."""
         if self.exit_code() is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,9 @@ class Pipeline(StageLoop[UserPartition]):
         self.watcher = ModelWatcher(settings, self.store, self.categories) if settings.w_ctr > 0 else None
         self._ranker: tuple[Any, float | None, str] = (None, None, settings.model_version)
         self._arrivals: list[int] = []  # Kafka timestamps (ms) of the iteration's valid events
+        # ``SPLIT_STAGES``: whether the item stage process is ready (set by the app); None once it is
+        self.item_stage_ready: Callable[[], bool] | None = None
+        self._asked_at = 0.0
 
     @property
     def table(self) -> ItemTable:
@@ -189,8 +193,9 @@ class Pipeline(StageLoop[UserPartition]):
         lists: list[RecList] = []
         forgotten: list[str] = []  # users forgotten in this iteration: their rec: keys are deleted
         self._arrivals = []
+        started = self._item_stage_started(now)
         for run in self.runs.values():
-            while run.buffer:
+            while run.buffer and started:
                 n = split_block(run.buffer, run.next_offset, self.s.batch_size, self._caught_up(run, drained))
                 if n == 0 or not self._table_current(run, offset_of(run.buffer[0]), now):
                     break
@@ -215,11 +220,33 @@ class Pipeline(StageLoop[UserPartition]):
 
     def waiting(self) -> bool:
         """A block waits for the item table: wait for the table topic instead of the events."""
+        if self.item_stage_ready is not None and any(r.buffer for r in self.runs.values()):
+            self.feed.poll(timeout=self.s.poll_timeout_ms / 1000)  # blocks wait for the item stage to start
+            return True
         if not any(p in self._waiting and p not in self._waited_out for p in self.runs):
             return False
         t0 = time.perf_counter()
         self.feed.poll(timeout=self.s.poll_timeout_ms / 1000)
         metrics.TABLE_WAIT.inc(time.perf_counter() - t0)
+        return True
+
+    def _item_stage_started(self, now: float) -> bool:
+        """Whether blocks may go ahead: with the item stage in a child process (``SPLIT_STAGES``),
+        not before that process is ready. Both start together, and the child (its own interpreter,
+        its group join) is usually ready seconds later: a user stage that went ahead would run
+        ``table_max_lag`` events ahead of an empty table and wait there, or, past
+        ``table_wait_s``, rank its blocks against it. Asked at most every 0.1 s; once ready,
+        never again (later, the table lag bound holds blocks back)."""
+        ready = self.item_stage_ready
+        if ready is None:
+            return True
+        if now - self._asked_at < 0.1:
+            return False
+        self._asked_at = now
+        if not ready():
+            return False
+        self.item_stage_ready = None
+        log.info("user stage: the item stage process is ready")
         return True
 
     def _table_current(self, run: PartitionRun[UserPartition], first: int, now: float) -> bool:

@@ -9,6 +9,7 @@ of an item-stage worker, each restarted, mid-replay; a second worker joining mid
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from stream_app.bench import counted
 from stream_app.config import Settings
 from stream_app.embedded import free_port
 from stream_app.kafka_io import end_offsets, topic_partitions
-from stream_app.processes import WorkerProcess, committed, wait_caught_up, wait_stages_caught_up
+from stream_app.processes import WorkerProcess, committed, local_get, wait_caught_up, wait_stages_caught_up
 from stream_app.redis_store import RedisStore
 from tests.integration.conftest import fresh_run, settings_from, worker_env_of
 from tests.integration.harness import create_topics, item_counts, produce, same_order_up_to_ties
@@ -120,8 +121,8 @@ def wait_until(cond: Callable[[], bool], workers: list[WorkerProcess], what: str
         time.sleep(0.05)
 
 
-def progress(broker: str, s: Settings) -> int:
-    return sum(max(o, 0) for o in committed(broker, s.group_id, s.events_topic, PARTS).values())
+def progress(broker: str, s: Settings, partitions: int = PARTS) -> int:
+    return sum(max(o, 0) for o in committed(broker, s.group_id, s.events_topic, partitions).values())
 
 
 def finish(broker: str, s: Settings, workers: list[WorkerProcess], partitions: int = PARTS) -> None:
@@ -267,13 +268,16 @@ def test_a_backlog_does_not_wait_out_the_publish_interval_for_the_table(
 
 
 def _item_child(w: WorkerProcess) -> psutil.Process:
-    """The worker's item stage process (``SPLIT_STAGES``), once it has started."""
+    """The worker's item stage process (``SPLIT_STAGES``), once it has started: exec'd, with the
+    environment the worker gives it (between fork and exec it still has the worker's)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         kids = psutil.Process(w.pid).children()
         if kids:
             (kid,) = kids  # the long-term fits run in the child's own children, not here
-            return kid
+            with contextlib.suppress(psutil.Error):
+                if kid.environ().get("STREAMREC_SPLIT_STAGES") == "false":
+                    return kid
         time.sleep(0.05)
     raise AssertionError("no item stage process started:\n" + w.log()[-3000:])
 
@@ -298,6 +302,36 @@ def test_a_worker_with_its_item_stage_in_a_child_process_gives_the_same_outputs(
     log = w.log()
     assert "assigned item partitions" in log and "item stage: started as process" in log
     assert_same(collect(env, items_of(ml100k)), reference)
+
+
+def test_the_user_stage_waits_for_its_item_stage_process_to_start(
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """``SPLIT_STAGES=true`` with a backlog: the user stage commits no block before the item
+    stage process is ready (it would otherwise run TABLE_MAX_LAG events ahead of an item stage
+    still starting and wait there, or past TABLE_WAIT_S rank against an empty table)."""
+    port = free_port()
+    env = {
+        **fresh_env(worker_env, "childstart"),
+        "STREAMREC_SPLIT_STAGES": "true",
+        "STREAMREC_ITEM_METRICS_PORT": str(port),
+    }
+    s = settings_from(env)
+    create_topics(broker, s.events_topic, 1)
+    produce(broker, s.events_topic, keyed(ml100k[:20_000]))
+    w = WorkerProcess(env, tmp_path / "w.log").start()
+    try:
+        deadline = time.monotonic() + 120
+        while progress(broker, s, 1) == 0:  # the first commit; then, the child must be ready already
+            assert w.alive() and time.monotonic() < deadline, w.log()[-3000:]
+            time.sleep(0.02)
+        assert local_get(port, "/readyz")[0] == 200, w.log()[-3000:]
+        wait_stages_caught_up(s, 1, w)
+    finally:
+        assert w.stop() == 0, w.log()[-3000:]
+    log = w.log()
+    assert "user stage: the item stage process is ready" in log
+    assert "item table is more than" not in log
 
 
 def test_the_item_stage_process_goes_with_its_worker_and_the_worker_with_it(
