@@ -440,6 +440,18 @@ def publish_model(env: dict[str, str], model: tuple[int, bytes] | None) -> None:
 _TABLE_LAG = re.compile(r"table_lag_events p50=(\d+) p99=(\d+) max=(\d+)")
 
 
+def worker_processes(pid: int) -> list[psutil.Process]:
+    """A worker process and the item stage process it started, if any (``SPLIT_STAGES``); not
+    the long-term fit processes (Python's multiprocessing, not ``stream_app.cli``)."""
+    p = psutil.Process(pid)
+    out = [p]
+    for c in p.children():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            if "stream_app.cli" in c.cmdline():
+                out.append(c)
+    return out
+
+
 def machine_cpu(workers: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of the processes on this machine, by role: the worker processes (named
     as in ``workers``), their child processes (the long-term fits), this process (the load
@@ -609,7 +621,7 @@ def run_bench(
                         "(the whole log was committed before the first commit was seen: too short to measure a "
                         "rate; preload more --events)"
                     )
-                rss = sum(psutil.Process(x.pid).memory_info().rss for x in (w, wi) if x is not None)
+                rss = sum(p.memory_info().rss for x in (w, wi) if x is not None for p in worker_processes(x.pid))
                 users = [str(e["user_id"]) for e in events]
                 items = [str(e["item_id"]) for e in events]
                 start_ts = max(int(e["ts"]) for e in events) + 1000
