@@ -291,13 +291,16 @@ def test_a_worker_with_its_item_stage_in_a_child_process_gives_the_same_outputs(
     env, s = preloaded(broker, worker_env, ml100k, "split")
     env = {**env, "STREAMREC_SPLIT_STAGES": "true", "STREAMREC_ITEM_METRICS_PORT": str(free_port())}
     w = WorkerProcess(env, tmp_path / "w.log").start()
-    child = _item_child(w)
-    assert child.environ()["STREAMREC_ROLES"] == "item"
-    doc = w.wait_ready()
-    assert sorted(doc["partitions"]) == ["item", "user"], doc
-    assert sorted(doc["partitions"]["user"]) == sorted(doc["partitions"]["item"]) == list(range(PARTS))
-    wait_stages_caught_up(s, PARTS, w)
-    assert w.stop() == 0, w.log()[-3000:]
+    try:
+        child = _item_child(w)
+        assert child.environ()["STREAMREC_ROLES"] == "item"
+        doc = w.wait_ready()
+        assert sorted(doc["partitions"]) == ["item", "user"], doc
+        assert sorted(doc["partitions"]["user"]) == sorted(doc["partitions"]["item"]) == list(range(PARTS))
+        wait_stages_caught_up(s, PARTS, w)
+    finally:
+        code = w.stop()  # also when an assertion failed: no worker outlives the test
+    assert code == 0, w.log()[-3000:]
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     log = w.log()
     assert "assigned item partitions" in log and "item stage: started as process" in log
@@ -342,15 +345,21 @@ def test_the_item_stage_process_goes_with_its_worker_and_the_worker_with_it(
     env, s = preloaded(broker, worker_env, ml100k[:20_000], "orphan")
     env = {**env, "STREAMREC_SPLIT_STAGES": "true", "STREAMREC_ITEM_METRICS_PORT": str(free_port())}
     w = WorkerProcess(env, tmp_path / "w.log").start()
-    child = _item_child(w)
-    w.wait_ready()
-    w.kill9()
+    try:
+        child = _item_child(w)
+        w.wait_ready()
+    finally:
+        if w.alive():
+            w.kill9()
     child.wait(60)  # stopping on the SIGTERM the kernel sent it (not our child: no exit code here)
     assert not child.is_running()
 
     w = WorkerProcess(env, tmp_path / "w2.log").start()
-    child = _item_child(w)
-    w.wait_ready()
-    child.kill()
-    assert w.proc is not None and w.proc.wait(60) != 0
+    try:
+        child = _item_child(w)
+        w.wait_ready()
+        child.kill()
+        assert w.proc is not None and w.proc.wait(60) != 0
+    finally:
+        w.stop()  # no worker outlives the test
     assert "the item stage process exited with code -9" in w.log()
