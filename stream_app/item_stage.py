@@ -146,7 +146,7 @@ class ItemStage(StageLoop[ItemPartition]):
             # Publication checks come every ``table_publish_interval_s``, and for a partition also
             # as soon as its messages since the last one span ``by_volume`` source events: a user
             # stage may run ``table_max_lag`` events ahead of the table, and in a backlog it covers
-            # that in less than the interval (measured: it waited for the table a third of its time)
+            # that in less than the interval (measured: about half its time, stages apart; history.md)
             unpublished = self._unpublished.get(run.partition, 0) + sum(m.end - m.start for m in msgs)
             publish = every or unpublished >= by_volume
             self._unpublished[run.partition] = 0 if publish else unpublished
