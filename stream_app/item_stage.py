@@ -84,7 +84,6 @@ class ItemStage(StageLoop[ItemPartition]):
         self._sims_left = 0  # lists still to publish in this round
         self._trending_at = 0.0
         self._published_at = 0.0  # the last publication check (table entries and watermarks)
-        self._unpublished: dict[int, int] = {}  # item partition -> source events since its last check
         self._fits: ProcessPoolExecutor | None = None
         self._pending_fits: list[PendingFit] = []
         self._waiting_fit: tuple[int, list[str], FitInput] | None = None  # due while a fit ran: started next
@@ -122,7 +121,6 @@ class ItemStage(StageLoop[ItemPartition]):
         return state, changed
 
     def attach(self, run: PartitionRun[ItemPartition]) -> None:
-        self._unpublished.pop(run.partition, None)
         if run.partition != 0:
             return
         self._pending_fits.clear()  # an earlier ownership's fits: a new owner numbers its own
@@ -144,12 +142,13 @@ class ItemStage(StageLoop[ItemPartition]):
         for run in self.runs.values():
             msgs = self._decode(run) if run.buffer else []
             # Publication checks come every ``table_publish_interval_s``, and for a partition also
-            # as soon as its messages since the last one span ``by_volume`` source events: a user
+            # as soon as the source events past its last watermark reach ``by_volume``: a user
             # stage may run ``table_max_lag`` events ahead of the table, and in a backlog it covers
             # that in less than the interval (measured: about half its time, stages apart; history.md)
-            unpublished = self._unpublished.get(run.partition, 0) + sum(m.end - m.start for m in msgs)
+            unpublished = sum(m.end - m.start for m in msgs) + sum(
+                a - run.published.get(src, 0) for src, a in run.state.applied.items()
+            )
             publish = every or unpublished >= by_volume
-            self._unpublished[run.partition] = 0 if publish else unpublished
             due = publish and run.state.applied != run.published
             if not msgs and not due and not (budget > len(sims) and run.state.sim_dirty):
                 continue
