@@ -77,7 +77,8 @@ def create_app(settings: Settings, item_process: ItemProcess | None = None) -> f
     if item_process is not None:
         healthz, readyz = with_item_process(healthz, readyz, item_process)
     # bound before faust starts, so that a port in use is a one-line error, not a crash
-    server = metrics.serve(settings.metrics_port_for(9108), healthz, readyz)
+    child_metrics = item_process.metrics_text if item_process is not None else None
+    server = metrics.serve(settings.metrics_port_for(9108), healthz, readyz, child_metrics)
     faust_dir = settings.data_dir / "faust" / settings.group_id
     faust_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(

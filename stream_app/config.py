@@ -61,12 +61,16 @@ class Settings(BaseSettings):
     # the two stages (README "Scaling out")
     roles: str = Field("user,item", description="stages this worker runs: user, item, or both (comma-separated)")
     split_stages: bool = Field(
-        False,
+        True,
         description="with both roles: run the item stage in a child process of the worker, so that the stages "
-        'share no interpreter (better with spare cores; README "Scaling out")',
+        'share no interpreter (false: one process, less memory; README "Scaling out")',
     )
-    item_metrics_port: int = Field(
-        9110, ge=0, le=65535, description="/metrics, /healthz, /readyz of that child process; 0: off"
+    item_metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="/metrics, /healthz, /readyz of that child process (the worker's include them); unset: a free "
+        "port picked at start; 0: off",
     )
     item_partitions: int = Field(0, ge=0, description="partitions of the internal topics; 0: as many as events")
     deltas_topic: str = ""  # empty: "<events_topic>.deltas"

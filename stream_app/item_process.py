@@ -12,7 +12,8 @@ The child lives and dies with the worker: it is stopped (SIGTERM, so that it sna
 commits) when the worker stops, it gets SIGTERM from the kernel if the worker is killed
 (``PR_SET_PDEATHSIG``), and the worker crashes if the child exits on its own, so that a
 supervisor restarts both. Its ``/metrics``, ``/healthz`` and ``/readyz`` are served on
-``ITEM_METRICS_PORT``; the worker's own ``/healthz`` and ``/readyz`` include the child's.
+``ITEM_METRICS_PORT`` (unset: a free port picked at start); the worker's own endpoints include
+the child's, so that one scrape and one probe cover the worker whichever way its stages run.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import orjson
 
 from stream_app.config import Settings
+from stream_app.embedded import free_port
 from stream_app.errors import UsageError
 from stream_app.processes import local_get
 
@@ -52,7 +54,8 @@ class ItemProcess:
     """``streamrec worker`` with ``ROLES=item`` as a child of this worker."""
 
     def __init__(self, settings: Settings) -> None:
-        self.port = settings.item_metrics_port
+        port = settings.item_metrics_port
+        self.port = free_port() if port is None else port
         if self.port and self.port == settings.metrics_port_for(9108):
             raise UsageError(
                 f"STREAMREC_ITEM_METRICS_PORT={self.port} is the worker's own metrics port: give the item "
@@ -108,7 +111,16 @@ class ItemProcess:
         status, body = local_get(self.port, "/healthz")
         if status == 0:
             return True, "ok"  # not serving yet (starting), or its port is taken: it exits then
-        return status == 200, f"item stage process: {body.decode(errors='replace').strip()}"
+        if status == 200:
+            return True, "ok"  # the same answer as a worker in one process
+        return False, f"item stage process: {body.decode(errors='replace').strip()}"
+
+    def metrics_text(self) -> str | None:
+        """The child's ``/metrics`` (None while it does not answer, or without a port)."""
+        if not self.port:
+            return None
+        status, body = local_get(self.port, "/metrics")
+        return body.decode(errors="replace") if status == 200 else None
 
     def ready(self) -> bool:
         """Whether the child is ready (its stage has its partitions; without a port: it runs)."""

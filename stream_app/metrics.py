@@ -29,8 +29,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from stream_app.errors import UsageError
@@ -253,17 +255,63 @@ def stages_health(stages: Sequence[Stage], stale_s: float) -> tuple[Check, Check
     return healthz, readyz
 
 
-class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread."""
+def merged_exposition(own: Iterable[Metric], other: str, label: tuple[str, str]) -> bytes:
+    """This process's metric families with those of another process's ``/metrics`` text, in one
+    exposition: a family both export is written once (Prometheus rejects a name twice), and every
+    sample of the other process carries ``label`` (e.g. ``process="item"``), so that no series of
+    one process shadows the same series of the other (its memory, a shared counter)."""
+    key, value = label
+    families = {f.name: f for f in own}
+    for fam in text_string_to_metric_families(other):
+        samples = [s._replace(labels={**s.labels, key: value}) for s in fam.samples]
+        # the text format writes a counter's ``_created`` samples as a gauge of their own, which
+        # this process's counter family holds (and writes so) itself
+        base = families.get(fam.name.removesuffix("_created"))
+        if fam.name.endswith("_created") and base is not None and base.type in ("counter", "histogram"):
+            base.samples.extend(samples)
+            continue
+        mine = families.get(fam.name)
+        if mine is not None and mine.type == fam.type:
+            mine.samples.extend(samples)
+        elif mine is None:
+            fam.samples = samples
+            families[fam.name] = fam
+        # else: the same name with another type (another release?): this process's family only
 
-    def __init__(self, port: int, healthz: Check, readyz: Check, host: str = "0.0.0.0") -> None:
+    class _Families(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return iter(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families())
+    return generate_latest(registry)
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread. ``child_metrics``: the
+    ``/metrics`` text of a child process to serve with this one's (None while it has none)."""
+
+    def __init__(
+        self,
+        port: int,
+        healthz: Check,
+        readyz: Check,
+        host: str = "0.0.0.0",
+        child_metrics: Callable[[], str | None] | None = None,
+    ) -> None:
         routes: dict[str, Check] = {"/healthz": healthz, "/readyz": readyz}
+
+        def exposition() -> bytes:
+            other = child_metrics() if child_metrics is not None else None
+            if other is None:
+                return generate_latest(REGISTRY)
+            return merged_exposition(REGISTRY.collect(), other, ("process", "item"))
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    code, body, ctype = 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+                    code, body, ctype = 200, exposition(), CONTENT_TYPE_LATEST
                 elif path in routes:
                     ok, why = routes[path]()
                     code, body, ctype = (200 if ok else 503), (why + "\n").encode(), "text/plain; charset=utf-8"
@@ -294,12 +342,14 @@ class MetricsServer:
         self.httpd.server_close()
 
 
-def serve(port: int, healthz: Check, readyz: Check) -> MetricsServer | None:
+def serve(
+    port: int, healthz: Check, readyz: Check, child_metrics: Callable[[], str | None] | None = None
+) -> MetricsServer | None:
     """Start the server on ``port`` (None when 0: turned off)."""
     if port == 0:
         return None
     try:
-        server = MetricsServer(port, healthz, readyz)
+        server = MetricsServer(port, healthz, readyz, child_metrics=child_metrics)
     except OSError as e:
         raise UsageError(
             f"cannot serve metrics on port {port} ({e.strerror}): set STREAMREC_METRICS_PORT to a free port, "

@@ -37,10 +37,23 @@ def total(samples: dict[str, dict[Any, float]], name: str) -> float:
     return sum(samples.get(name, {}).values())
 
 
+def by_stage(samples: dict[Any, float]) -> dict[Any, float]:
+    """Samples labelled by stage, with the ``process`` label that a worker whose item stage runs in
+    a child process (``SPLIT_STAGES``) gives that child's samples dropped."""
+    return {tuple(kv for kv in labels if kv[0] != "process"): v for labels, v in samples.items()}
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["item-stage-process", "one-process"])
 def test_worker_and_trainer_export_what_the_dashboard_shows(
-    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path
+    broker: str, worker_env: dict[str, str], ml100k: list[dict[str, Any]], tmp_path: Path, split: bool
 ) -> None:
-    env = {**worker_env, "STREAMREC_SAMPLES": "true", "STREAMREC_SNAPSHOT_INTERVAL_S": "1"}
+    """The same metrics on the worker's port whichever way its stages run."""
+    env = {
+        **worker_env,
+        "STREAMREC_SAMPLES": "true",
+        "STREAMREC_SNAPSHOT_INTERVAL_S": "1",
+        "STREAMREC_SPLIT_STAGES": str(split).lower(),
+    }
     s = settings_from(env)
     create_topics(broker, s.events_topic, 2)
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
@@ -73,7 +86,10 @@ def test_worker_and_trainer_export_what_the_dashboard_shows(
         assert total(w, "streamrec_freshness_seconds_count") == len(valid)  # one arrival per valid event
         assert total(w, "streamrec_lists_written_total") > 0
         assert total(w, "streamrec_snapshot_writes_total") > 0
-        assert w["streamrec_partitions_assigned"] == {(("stage", "item"),): 2, (("stage", "user"),): 2}
+        assert by_stage(w["streamrec_partitions_assigned"]) == {(("stage", "item"),): 2, (("stage", "user"),): 2}
+        # the item stage's samples come from its process, and say so
+        assert (("process", "item"), ("stage", "item")) in w["streamrec_partitions_assigned"] or not split
+        lags = by_stage(lags)
         assert set(lags) == {(("partition", str(p)), ("stage", st)) for p in (0, 1) for st in ("item", "user")}
         assert not any(lags.values()), lags
         # the trainer exports what it reports to Redis (too few samples here for a useful model)

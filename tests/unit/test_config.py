@@ -72,7 +72,8 @@ def test_the_example_file_names_every_setting_with_its_default() -> None:
     example = tomllib.loads((Path(__file__).parents[2] / "streamrec.example.toml").read_text())
     documented = set(example) - {"event_types"}
     # unset by default (TOML has no null): shown commented out
-    fields = set(Settings.model_fields) - {"event_types", "model_dir", "data_dir", "config", "metrics_port"}
+    unset = {"event_types", "model_dir", "data_dir", "config", "metrics_port", "item_metrics_port"}
+    fields = set(Settings.model_fields) - unset
     assert documented == fields, (sorted(fields - documented), sorted(documented - fields))
     defaults = Settings.model_construct()
 
@@ -102,12 +103,15 @@ def test_only_a_worker_with_both_roles_splits_its_stages() -> None:
     from stream_app.errors import UsageError
     from stream_app.item_process import ItemProcess
 
-    assert Settings(split_stages=True).item_process
+    assert Settings().item_process  # the default
     assert not Settings(split_stages=True, roles="user").item_process
-    assert not Settings().item_process
+    assert not Settings(split_stages=False).item_process
     with pytest.raises(UsageError, match="ITEM_METRICS_PORT=9108 is the worker's own"):
-        ItemProcess(Settings(split_stages=True, item_metrics_port=9108))
-    assert ItemProcess(Settings(split_stages=True, metrics_port=0, item_metrics_port=0)).port == 0
+        ItemProcess(Settings(item_metrics_port=9108))
+    assert ItemProcess(Settings(metrics_port=0, item_metrics_port=0)).port == 0
+    # unset: a free port, picked when the worker starts (several workers may share a machine)
+    a, b = ItemProcess(Settings()).port, ItemProcess(Settings()).port
+    assert a > 0 and b > 0 and 9108 not in (a, b)
 
 
 def test_only_the_events_consumer_fetches_with_fetch_wait_max_ms() -> None:

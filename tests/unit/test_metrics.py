@@ -125,3 +125,52 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
+
+
+def test_a_child_process_metrics_are_served_with_the_worker_s_own() -> None:
+    """``SPLIT_STAGES``: one /metrics for both processes. A family both export is written once
+    (Prometheus refuses a second HELP for a name), the child's samples carry process="item", and
+    the worker's own metrics are served alone while the child does not answer."""
+    metrics.EVENTS_CONSUMED.labels("user").inc(3)
+    child = "\n".join(
+        [
+            "# HELP streamrec_events_consumed_total Messages consumed from the stage's topic",
+            "# TYPE streamrec_events_consumed_total counter",
+            'streamrec_events_consumed_total{stage="item"} 7.0',
+            "# HELP streamrec_events_consumed_created Messages consumed from the stage's topic",
+            "# TYPE streamrec_events_consumed_created gauge",
+            'streamrec_events_consumed_created{stage="item"} 1.7e+09',
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.",
+            "# TYPE process_resident_memory_bytes gauge",
+            "process_resident_memory_bytes 2.5e+08",
+            "# HELP streamrec_only_in_the_child_total a family this process does not have",
+            "# TYPE streamrec_only_in_the_child_total counter",
+            'streamrec_only_in_the_child_total{stage="item"} 2.0',
+            "",
+        ]
+    )
+    answers: list[str | None] = [child, None]
+    server = metrics.serve(free_port(), *metrics.stages_health([], 5.0), child_metrics=lambda: answers.pop(0))
+    assert server is not None
+    try:
+        code, body = _get(server.port, "/metrics")
+        assert code == 200
+        text = body.decode()
+        helps = [line.split()[2] for line in text.splitlines() if line.startswith("# HELP")]
+        assert len(helps) == len(set(helps))
+        got = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        assert got[("streamrec_events_consumed_total", (("stage", "user"),))] >= 3
+        assert got[("streamrec_events_consumed_total", (("process", "item"), ("stage", "item")))] == 7
+        assert ("streamrec_events_consumed_created", (("process", "item"), ("stage", "item"))) in got
+        assert got[("streamrec_only_in_the_child_total", (("process", "item"), ("stage", "item")))] == 2
+        mine = [v for (name, labels), v in got.items() if name == "process_resident_memory_bytes" and not labels]
+        assert len(mine) == 1 and got[("process_resident_memory_bytes", (("process", "item"),))] == 2.5e8
+        # the child not answering: this process's metrics alone
+        code, body = _get(server.port, "/metrics")
+        assert code == 200 and b'process="item"' not in body and b"streamrec_up 1.0" in body
+    finally:
+        server.stop()
