@@ -452,6 +452,22 @@ def worker_processes(pid: int) -> list[psutil.Process]:
     return out
 
 
+def worker_threads(read: Callable[[int], dict[str, float]], pid: int) -> dict[str, float]:
+    """``read`` (``thread_cpu``, ``thread_waits``: by thread name) of a worker and of its item
+    stage process, if any (``SPLIT_STAGES``): the stages' threads have names of their own; other
+    threads of the child whose names the worker's threads have too (``metrics``, librdkafka's)
+    get " (item process)" after theirs."""
+    try:
+        children = worker_processes(pid)[1:]
+    except psutil.Error:  # the worker is gone: ``read`` tells so (empty)
+        children = []
+    out = read(pid)
+    for child in children:
+        for name, v in read(child.pid).items():
+            out[f"{name} (item process)" if name in out else name] = v
+    return out
+
+
 def machine_cpu(workers: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of the processes on this machine, by role: the worker processes (named
     as in ``workers``), their child processes (the long-term fits), this process (the load
@@ -499,8 +515,8 @@ def counted(p: WorkerProcess, family: str) -> dict[str, float]:
 # what the bench reads of each worker process before and after its freshness traffic: each
 # thread's CPU and wait for a core, each stage's wait for the other's block and for the table
 _READINGS: tuple[Callable[[WorkerProcess], dict[str, float]], ...] = (
-    lambda p: thread_cpu(p.pid),
-    lambda p: thread_waits(p.pid),
+    lambda p: worker_threads(thread_cpu, p.pid),
+    lambda p: worker_threads(thread_waits, p.pid),
     lambda p: counted(p, "streamrec_block_lock_wait_seconds"),
     lambda p: counted(p, "streamrec_table_wait_seconds"),
 )

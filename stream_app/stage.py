@@ -271,9 +271,15 @@ class StageLoop(Generic[S]):
     def _iteration(self) -> None:
         assert self.consumer is not None
         want = self.consume_batch or max(self.s.batch_size, 500)
-        wait = 0.0 if self.waiting() else self.s.poll_timeout_ms / 1000
+        waiting = self.waiting()
+        wait = 0.0 if waiting else self.s.poll_timeout_ms / 1000
         delay = self.s.block_delay_ms / 1000
-        if self._live and delay < wait:
+        held = waiting and sum(len(r.buffer) for r in self.runs.values()) >= want
+        if held:
+            # blocks are held back (the item table, a starting item stage): what is buffered
+            # already makes the next blocks, and a backlog stays in the broker, not in memory
+            msgs = []
+        elif self._live and delay < wait:
             # live traffic: start a block as soon as an event arrives, with what else arrives
             # within block_delay_ms (a consume call waits until it has ``want`` messages)
             msgs = self.consumer.consume(num_messages=1, timeout=wait)
@@ -281,8 +287,8 @@ class StageLoop(Generic[S]):
                 msgs.extend(self.consumer.consume(num_messages=want - 1, timeout=delay))
         else:
             msgs = self.consumer.consume(num_messages=want, timeout=wait)
-        drained = len(msgs) < want  # the local fetch queue ran dry: all that has arrived is here
-        self._live = drained
+        drained = len(msgs) < want and not held  # the local fetch queue ran dry: all that has arrived is here
+        self._live = drained or (held and self._live)
         if msgs:
             metrics.EVENTS_CONSUMED.labels(self.label).inc(len(msgs))
         for m in msgs:

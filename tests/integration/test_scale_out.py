@@ -311,7 +311,8 @@ def test_the_user_stage_waits_for_its_item_stage_process_to_start(
 ) -> None:
     """``SPLIT_STAGES=true`` with a backlog: the user stage commits no block before the item
     stage process is ready (it would otherwise run TABLE_MAX_LAG events ahead of an item stage
-    still starting and wait there, or past TABLE_WAIT_S rank against an empty table)."""
+    still starting and wait there, or past TABLE_WAIT_S rank against an empty table), and
+    meanwhile takes no more of the backlog into memory than its next block needs."""
     port = free_port()
     env = {
         **fresh_env(worker_env, "childstart"),
@@ -322,10 +323,14 @@ def test_the_user_stage_waits_for_its_item_stage_process_to_start(
     create_topics(broker, s.events_topic, 1)
     produce(broker, s.events_topic, keyed(ml100k[:20_000]))
     w = WorkerProcess(env, tmp_path / "w.log").start()
+    held = 0  # the most events the user stage had consumed while the child was not ready
     try:
         deadline = time.monotonic() + 120
         while progress(broker, s, 1) == 0:  # the first commit; then, the child must be ready already
             assert w.alive() and time.monotonic() < deadline, w.log()[-3000:]
+            consumed = counted(w, "streamrec_events_consumed").get("user", 0.0)
+            if local_get(port, "/readyz")[0] != 200:  # not ready after the reading: so before it
+                held = max(held, int(consumed))
             time.sleep(0.02)
         assert local_get(port, "/readyz")[0] == 200, w.log()[-3000:]
         wait_stages_caught_up(s, 1, w)
@@ -334,6 +339,9 @@ def test_the_user_stage_waits_for_its_item_stage_process_to_start(
     log = w.log()
     assert "user stage: the item stage process is ready" in log
     assert "item table is more than" not in log
+    # a consume call takes up to a block (BATCH_SIZE) while less than one is buffered; the rest
+    # of the backlog of 20,000 waits in the broker
+    assert 0 < held < 2 * s.batch_size, held
 
 
 def test_the_item_stage_process_goes_with_its_worker_and_the_worker_with_it(
