@@ -117,6 +117,7 @@ class StageLoop(Generic[S]):
         )
         self.writer = OutputWriter(self.name.split()[0], self.retry)
         self._live = False  # the last consume call ran dry: no backlog, latency matters
+        self._held_poll_at = 0.0  # the last consume call while blocks were held back
         # writes that landed, not yet committed: (messages produced by their submission, offsets)
         self._landed: list[tuple[int, dict[int, int]]] = []
         self._write_mark = 0
@@ -277,8 +278,13 @@ class StageLoop(Generic[S]):
         held = waiting and sum(len(r.buffer) for r in self.runs.values()) >= want
         if held:
             # blocks are held back (the item table, a starting item stage): what is buffered
-            # already makes the next blocks, and a backlog stays in the broker, not in memory
+            # already makes the next blocks, and a backlog stays in the broker, not in memory.
+            # A message a second keeps the consumer polling, as its group requires
+            # (max.poll.interval.ms) however long the wait.
             msgs = []
+            if time.monotonic() - self._held_poll_at >= 1.0:
+                self._held_poll_at = time.monotonic()
+                msgs = self.consumer.consume(num_messages=1, timeout=0)
         elif self._live and delay < wait:
             # live traffic: start a block as soon as an event arrives, with what else arrives
             # within block_delay_ms (a consume call waits until it has ``want`` messages)
