@@ -45,3 +45,22 @@ def test_lists_are_written_after_the_server_lost_its_scripts(redis_url: str, run
     # and the guard still holds on the reloaded script
     store.write([_list("u1", 2, "c")], model="m")
     assert store.get_rec("u1")["items"][0]["item_id"] == "a"  # type: ignore[index]
+
+
+def test_an_error_reply_fails_the_write_and_leaves_the_connection_in_step(redis_url: str, run_id: str) -> None:
+    """The commands of a write go out at once and every reply is read: an error reply (here a
+    ``rec:`` key that someone made a hash) fails the write after the others have run, and the
+    connection serves the next commands with their own replies."""
+    import pytest
+
+    client = redis.Redis.from_url(redis_url, max_connections=1)  # one connection: the same one again
+    store = RedisStore(client, f"t{run_id}:")
+    client.hset(store.rec_key("broken"), "x", "1")
+    with pytest.raises(redis.exceptions.ResponseError, match="WRONGTYPE"):
+        store.write([_list("u1", 1, "a"), _list("broken", 1, "b")], sims=[("a", [("b", 0.5)])], model="m")
+    assert client.ping() is True  # its own reply
+    assert store.get_sim("a") == [{"item_id": "b", "score": 0.5}]  # the command after the error ran
+    assert store.get_rec("u1") is not None  # and the script had set the lists before the bad key
+    client.delete(store.rec_key("broken"))
+    assert store.write([_list("u2", 1, "c"), _list("broken", 2, "d")], model="m") == 2
+    assert [d["items"][0]["item_id"] if d else None for d in store.get_recs(["u2", "broken"])] == ["c", "d"]
