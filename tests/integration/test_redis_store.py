@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 import redis
 
 from models.ranking import RecList
@@ -51,8 +52,6 @@ def test_an_error_reply_fails_the_write_and_leaves_the_connection_in_step(redis_
     """The commands of a write go out at once and every reply is read: an error reply (here a
     ``rec:`` key that someone made a hash) fails the write after the others have run, and the
     connection serves the next commands with their own replies."""
-    import pytest
-
     client = redis.Redis.from_url(redis_url, max_connections=1)  # one connection: the same one again
     store = RedisStore(client, f"t{run_id}:")
     client.hset(store.rec_key("broken"), "x", "1")
